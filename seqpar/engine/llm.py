@@ -1,0 +1,360 @@
+"""LLM: the public entry point. Validates, starts the ranks, and drives generation from rank 0."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+from seqpar.distributed.launch import (RESET_STATS, SHUTDOWN, STEP, END_CALL, MEASURE, Spawner,
+                                       free_port, in_torchrun)
+from seqpar.engine.policy import NEVER, SPPolicy
+from seqpar.engine.sampler import SamplingParams, sample
+from seqpar.engine.scheduler import Scheduler, Sequence
+from seqpar.engine.worker import Worker, follower, rank_threads
+from seqpar.loader.resolve import resolve_model
+
+log = logging.getLogger("seqpar")
+COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (max_tokens or max_model_len)."""
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class _Request:
+    prompt: str | None
+    ids: list[int]
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+class LLM:
+    """A Llama-family model served over tensor_parallel_size ranks. See DESIGN.md for the API."""
+
+    def __init__(self, model: str = "smollm2", tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, sequence_parallel: str = "auto",
+                 overlap: bool = False, compile: bool = False, dtype: str = "float32",
+                 max_model_len: int | None = None, seed: int = 0, *, sp_min_tokens: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 device: str | None = None, threads_per_rank: int | None = None):
+        _setup_logging()
+        self._spawner = None
+        self._closed = True
+        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
+                                  sp_min_tokens, overlap)
+        if compile:
+            raise ValueError("compile=True: the compiled SP path is not implemented yet")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_dir = resolve_model(model)
+        model_cfg = ModelConfig.from_dir(model_dir)
+        if max_model_len is None:
+            max_model_len = model_cfg.max_position_embeddings
+        elif max_model_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={model_cfg.max_position_embeddings}")
+        self.cfg = EngineConfig(model_dir, model_cfg, parallel, dtype, max_model_len, max_num_seqs,
+                                max_num_batched_tokens, seed, device, threads_per_rank)
+        world = parallel.world_size
+        if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
+            raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+        self.tokenizer = _load_tokenizer(model_dir)
+        self.eos_ids = _eos_ids(model_dir, model_cfg, self.tokenizer)
+
+        # Start the ranks: validation is over, nothing above started a process.
+        self._torchrun = world > 1 and in_torchrun()
+        if self._torchrun:
+            self.rank = int(os.environ["RANK"])
+            if int(os.environ["WORLD_SIZE"]) != world:
+                raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks; "
+                                 f"tensor_parallel_size x pipeline_parallel_size = {world}")
+            init_method = "env://"
+        else:
+            self.rank = 0
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        self._threads = torch.get_num_threads()
+        if world > 1:
+            torch.set_num_threads(rank_threads(self.cfg))
+        self._closed = False
+        # Ends the ranks when the LLM is collected or the interpreter exits without close().
+        self._spawner_box = [None]
+        weakref.finalize(self, LLM._shutdown, self._spawner_box)
+        with self._guard():
+            if world > 1 and not self._torchrun:
+                self._spawner = Spawner(world, follower, (self.cfg, init_method))
+                self._spawner_box[0] = self._spawner
+                self._spawner.wait_ready()
+            self.worker = Worker(self.cfg, self.rank, init_method)
+            self.channel = self.worker.channel
+            threshold = self._sp_threshold()
+        self.policy = SPPolicy(sequence_parallel, tensor_parallel_size, threshold)
+        self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self._next_index = 0
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def _sp_threshold(self) -> int | None:
+        parallel = self.cfg.parallel
+        if parallel.sequence_parallel != "auto" or parallel.world_size == 1:
+            return None
+        if parallel.sp_min_tokens is not None:
+            log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
+            return parallel.sp_min_tokens
+        if not self._torchrun:
+            self.channel.send(MEASURE)
+        threshold = self.worker.measure()
+        said = "never (TP is faster at every size measured)" if threshold >= NEVER else \
+            f"{threshold} tokens"
+        log.info(f"seqpar: measured SP threshold: {said}")
+        return threshold
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        self._check_open()
+        if self._torchrun and self.rank != 0:
+            # Follow rank 0's plans for this call, then return the outputs it broadcasts.
+            self.worker.follow()
+            box = [None]
+            dist.broadcast_object_list(box, 0, group=self.channel.group)
+            return box[0]
+        requests = self._normalize(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(requests)
+        if len(params) != len(requests):
+            raise ValueError(f"{len(params)} sampling params for {len(requests)} prompts")
+        with self._guard():
+            outputs = self._run(requests, params)
+            if self._torchrun:
+                self.channel.send(END_CALL)
+                dist.broadcast_object_list([outputs], 0, group=self.channel.group)
+        return outputs
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (list of {role, content}) or several."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.cfg.model_dir} has no tokenizer with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": _as_ids(self.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=True, tokenize=True))} for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _run(self, requests: list[_Request], params: list[SamplingParams]) -> list[RequestOutput]:
+        cfg = self.cfg
+        sched = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                          cfg.parallel.tensor_parallel_size)
+        seqs = []
+        for req, p in zip(requests, params):
+            gen = torch.Generator().manual_seed(p.seed if p.seed is not None
+                                                else cfg.seed * 1_000_003 + self._next_index)
+            self._next_index += 1
+            seq = Sequence(len(seqs), req.ids, p, gen)
+            seqs.append(seq)
+            sched.add(seq)
+        while sched.has_work():
+            step_seqs, counts = sched.schedule()
+            total = sum(counts)
+            plan = sched.build_plan(step_seqs, counts, self.policy.decide(total), self.worker.device)
+            self.steps["sp" if plan.sp else "tp"] += 1
+            self.steps["padded_tokens"] += plan.padded - total
+            self.channel.send(STEP, plan.encode())
+            logits = self.worker.execute(plan)
+            sampled = []
+            for seq, n in zip(step_seqs, counts):
+                seq.computed += n
+                if seq.computed == len(seq.all_ids):
+                    sampled.append(seq)
+            tokens, logprobs = sample(logits, [s.params for s in sampled],
+                                      [s.generator for s in sampled])
+            for seq, token, lp in zip(sampled, tokens, logprobs):
+                self._append(sched, seq, token, lp)
+        return [RequestOutput(req.prompt, req.ids, s.output_ids, s.text, s.finish_reason,
+                              s.logprobs if s.params.logprobs is not None else None)
+                for req, s in zip(requests, seqs)]
+
+    def _append(self, sched: Scheduler, seq: Sequence, token: int, logprob: dict | None) -> None:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        reason = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq.all_ids) >= self.cfg.max_model_len:
+            reason = "length"
+        if p.stop and self.tokenizer is not None:
+            text = self._decode(seq.output_ids)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut]
+                sched.finish(seq, "stop")
+                return
+        if reason is not None:
+            seq.text = self._decode(seq.output_ids)
+            sched.finish(seq, reason)
+
+    def _decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _normalize(self, prompts) -> list[_Request]:
+        """str | list[str] | list[int] | list[list[int]] | {"prompt_token_ids"|"prompt": ..} | list of those."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts:
+            raise ValueError("prompts must be a non-empty str, list of token ids, dict or list of those")
+        requests = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, dict):
+                if "prompt_token_ids" in p:
+                    p = list(p["prompt_token_ids"])
+                elif "prompt" in p:
+                    p = p["prompt"]
+                else:
+                    raise ValueError(f"prompt {i}: a dict needs 'prompt_token_ids' or 'prompt'")
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text but {self.cfg.model_dir} has no tokenizer "
+                                     "files; pass token ids instead")
+                req = _Request(p, _as_ids(self.tokenizer(p)["input_ids"]))
+            else:
+                req = _Request(None, [int(t) for t in p])
+            self._check_prompt(i, req.ids)
+            requests.append(req)
+        return requests
+
+    def _check_prompt(self, i: int, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if len(ids) > self.cfg.max_model_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, longer than "
+                             f"max_model_len={self.cfg.max_model_len}")
+        vocab = self.cfg.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocab (size {vocab})")
+
+    # ---- statistics and lifetime ------------------------------------------------------------
+
+    def comm_stats(self) -> dict:
+        """Collective calls and bytes on rank 0 (every rank issues the same), and step counts."""
+        self._check_open()
+        stats = {op: {"calls": 0, "bytes": 0} for op in COMM_OPS}
+        stats.update(self.worker.comm.snapshot())
+        stats["steps"] = dict(self.steps)
+        return stats
+
+    def reset_comm_stats(self) -> None:
+        self._check_open()
+        self.worker.comm.reset()
+        self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        if not self._torchrun:
+            self.channel.send(RESET_STATS)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM is closed")
+
+    def _guard(self):
+        return _RankGuard(self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._spawner is not None and self._spawner.alive():
+                self.channel.send(SHUTDOWN)
+        except Exception:
+            pass  # a rank already gone; stop() below kills the rest
+        LLM._shutdown(self._spawner_box)
+        torch.set_num_threads(self._threads)
+
+    @staticmethod
+    def _shutdown(box) -> None:
+        spawner = box[0]
+        if spawner is not None:
+            spawner.stop()
+            box[0] = None
+        if dist.is_initialized() and not in_torchrun():
+            dist.destroy_process_group()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _RankGuard:
+    """On rank 0 (spawn mode): turn a collective broken by a dying rank into that rank's error."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        spawner = self.llm._spawner
+        if exc is None or spawner is None or isinstance(exc, ValueError):
+            return False
+        reason = spawner.failure(wait=5.0)
+        self.llm._closed = True
+        LLM._shutdown(self.llm._spawner_box)
+        if reason is not None:
+            raise RuntimeError(reason) from exc
+        return False
+
+
+def _as_ids(encoded) -> list[int]:
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    return list(encoded)
+
+
+def _load_tokenizer(model_dir: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((model_dir / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer  # slow import: only where a tokenizer exists
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer) -> set[int]:
+    ids = set(cfg.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        import json
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,81 @@
+"""Continuous batching on rank 0: which sequences and how many of their tokens run in each step."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from seqpar.engine.plan import StepPlan
+from seqpar.engine.sampler import SamplingParams
+
+
+@dataclass
+class Sequence:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    computed: int = 0
+    """Tokens already in the KV cache."""
+    slot: int = -1
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Scheduler:
+    """Decodes first (one token each), then prompt chunks, within a token budget per step."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, world_size: int):
+        self.max_tokens = max_num_batched_tokens
+        self.world_size = world_size
+        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], list[int]]:
+        """Pick this step's (sequences, token counts)."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+        budget = self.max_tokens
+        seqs, counts = [], []
+        # Decoding sequences first so they never starve behind long prompts.
+        ordered = sorted(self.running, key=lambda s: s.computed < len(s.prompt_ids))
+        for seq in ordered:
+            if budget == 0:
+                break
+            n = min(len(seq.all_ids) - seq.computed, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return seqs, counts
+
+    def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool,
+                   device="cpu") -> StepPlan:
+        ids = []
+        for seq, n in zip(seqs, counts):
+            ids.extend(seq.all_ids[seq.computed:seq.computed + n])
+        return StepPlan(
+            sp=sp, token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            slots=[s.slot for s in seqs], starts=[s.computed for s in seqs], lens=counts,
+            sample=[s.computed + n == len(s.all_ids) for s, n in zip(seqs, counts)],
+            world_size=self.world_size)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)

@@ -1,0 +1,137 @@
+"""Tensor-parallel linear layers. Activations are flat [tokens, features].
+
+Column-parallel layers split the output features over the TP ranks and, on a sequence-parallel
+step, all-gather their token-sharded input first. Row-parallel layers split the input features and
+finish with an all-reduce (TP step) or a reduce-scatter along tokens (SP step). The step's mode is
+read from the plan at forward time, never fixed at construction.
+
+Each parameter carries a `weight_loader(param, tensor_slice, shard_id)` that reads only this
+rank's rows or columns from a lazily-sliced checkpoint tensor (safetensors `get_slice`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqpar.config import divide
+from seqpar.distributed.comm import Comm
+
+
+class _ParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, comm: Comm, bias: bool,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.bias = None
+
+    def weight_loader(self, param: nn.Parameter, tensor_slice, shard_id=None) -> None:
+        raise NotImplementedError
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y = x W^T with W's output rows split over ranks. [T, in] -> [T, out / N] on each rank."""
+
+    def __init__(self, in_features: int, out_features: int, comm: Comm, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.out_per_rank = divide(out_features, comm.world_size, "output features")
+        super().__init__(in_features, self.out_per_rank, comm, bias, dtype)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        if plan.sp:
+            x = self.comm.all_gather_tokens(x)  # [T_pad / N, in] -> [T_pad, in]
+        return F.linear(x, self.weight, self.bias)
+
+    def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
+                   rows: int) -> None:
+        param.data[dst_start:dst_start + rows].copy_(tensor_slice[src_start:src_start + rows])
+
+    def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
+        rows = param.shape[0]
+        self._load_rows(param, tensor_slice, 0, self.comm.rank * rows, rows)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up): [T, in] -> [T, sum(out) / N].
+
+    Rank r's weight is [gate rows of r; up rows of r], so silu(gate) * up stays rank-local.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], comm: Comm, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.local_sizes = [divide(o, comm.world_size, "output features") for o in out_sizes]
+        super().__init__(in_features, sum(out_sizes), comm, bias, dtype)
+
+    def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
+        size = self.local_sizes[shard_id]
+        offset = sum(self.local_sizes[:shard_id])
+        self._load_rows(param, tensor_slice, offset, self.comm.rank * size, size)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul, split by heads: [T, H] -> [T, (hq + 2 hkv) * D].
+
+    hq = heads / N query heads per rank. With fewer KV heads than ranks, each KV head is
+    replicated on N / kv ranks: rank r holds KV head r // (N / kv), the one its query heads use.
+    """
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, comm: Comm,
+                 bias: bool = False, dtype: torch.dtype = torch.float32):
+        n = comm.world_size
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, n, f"tensor_parallel_size={n}: num_attention_heads")
+        if num_kv_heads >= n:
+            self.num_kv_heads = divide(num_kv_heads, n, f"tensor_parallel_size={n}: num_key_value_heads")
+            self.kv_head_start = comm.rank * self.num_kv_heads
+        else:
+            replicas = divide(n, num_kv_heads, f"num_key_value_heads={num_kv_heads}: tensor_parallel_size")
+            self.num_kv_heads = 1
+            self.kv_head_start = comm.rank // replicas
+        local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        _ParallelLinear.__init__(self, hidden, local_out, comm, bias, dtype)
+
+    def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
+        d = self.head_dim
+        q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
+        if shard_id == "q":
+            self._load_rows(param, tensor_slice, 0, self.comm.rank * q_rows, q_rows)
+        else:
+            dst = q_rows if shard_id == "k" else q_rows + kv_rows
+            self._load_rows(param, tensor_slice, dst, self.kv_head_start * d, kv_rows)
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = x W^T with W's input columns split over ranks, partial sums reduced.
+
+    [T, in / N] -> TP step: [T, out] (all-reduce); SP step: [T_pad / N, out] (reduce-scatter,
+    rows past T zero-padded first).
+    """
+
+    def __init__(self, in_features: int, out_features: int, comm: Comm, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.in_per_rank = divide(in_features, comm.world_size, "input features")
+        super().__init__(self.in_per_rank, out_features, comm, bias, dtype)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if plan.sp:
+            y = self.comm.reduce_scatter_tokens(y, plan.padded)
+        else:
+            y = self.comm.all_reduce(y)
+        # The bias is added once, after the reduction.
+        return y if self.bias is None else y + self.bias
+
+    def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank
+            param.data.copy_(tensor_slice[:])
+            return
+        cols = param.shape[1]
+        start = self.comm.rank * cols
+        param.data.copy_(tensor_slice[:, start:start + cols])

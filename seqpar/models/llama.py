@@ -1,0 +1,186 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as one tensor-parallel model.
+
+It reads like a single-device model: every collective lives inside the parallel layers, which read
+the step's mode (TP or SP) from the plan at forward time. Shapes below: T real tokens, T_pad the
+padded count (a multiple of N on SP steps), S sampled rows, "rows" = T on a TP step and T_pad / N
+on an SP step (this rank's token shard of the residual stream).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from seqpar.config import ModelConfig
+from seqpar.distributed.comm import Comm
+from seqpar.layers.attention import Attention
+from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                  RowParallelLinear)
+from seqpar.layers.norm import RMSNorm
+from seqpar.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        d = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads, comm,
+                                          bias=cfg.qkv_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, comm, bias=cfg.o_bias,
+                                        dtype=dtype)
+        hq, hkv = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.split = [hq * d, hkv * d, hkv * d]
+        self.rotary = rotary
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = Attention(hq, hkv, d, cfg.sliding_window)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        t, d = plan.num_tokens, self.attn.head_dim
+        # [rows, H] -> [T_pad or T, (hq + 2 hkv) * D]; pad rows are dropped before attention.
+        qkv = self.qkv_proj(x, plan)[:t]
+        q, k, v = qkv.split(self.split, dim=-1)
+        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(plan.positions, q, k)
+        return self.o_proj(self.attn(q, k, v, plan), plan)  # [T, hq * D] -> [rows, H]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu)")
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], comm,
+                                                       bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, comm, bias=cfg.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        # Token-wise throughout, so on an SP step pad rows ride along: [T_pad, 2I/N] -> [rows, H].
+        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, plan)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, comm, rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, comm, dtype)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, plan):
+        """h, residual: [rows, H] -> [rows, H], [rows, H]. Norms run on this rank's rows only."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, plan)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, plan), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint projection name -> (our fused parameter, shard id)
+    FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.cfg, self.comm = cfg, comm
+        self.model = LlamaModel(cfg, comm, dtype, max_positions)
+        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied_to=tied)
+
+    @torch.inference_mode()
+    def forward(self, plan) -> torch.Tensor | None:
+        """Run one step; return float32 logits [S, V] of the sampled rows on rank 0, else None."""
+        h = self.model.embed_tokens(plan.token_ids, plan)  # [rows, H]
+        residual = None
+        for layer in self.model.layers:
+            h, residual = layer(h, residual, plan)
+        # Only the sampled rows go through the final norm and the LM head.
+        if plan.sp:
+            # Each rank normalizes the sampled rows it owns ([K, H], K = most rows any rank owns),
+            # then one all-gather brings every rank's [K, H] together: [N * K, H] -> [S, H].
+            local = plan.local_sample_rows(self.comm.rank)
+            x, _ = self.model.norm(h[local], residual[local])
+            x = self.comm.all_gather_tokens(x)[plan.sample_gather_index]
+        else:
+            rows = plan.sample_rows
+            x, _ = self.model.norm(h[rows], residual[rows])
+        logits = self.lm_head(x)
+        return None if logits is None else logits.float()
+
+    def load_weights(self, model_dir: Path) -> None:
+        """Read this rank's shard of every parameter from the checkpoint's safetensors files."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected = {(name, shard) for name, shard in self._expected_shards(params)}
+        loaded = set()
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for ckpt_name in f.keys():
+                    target = self._target(ckpt_name)
+                    if target is None:
+                        continue
+                    name, shard = target
+                    if name not in params:
+                        raise ValueError(f"{file.name}: tensor {ckpt_name} has no place in a "
+                                         f"{self.cfg.model_type} model with this config")
+                    param = params[name]
+                    loader = getattr(param, "weight_loader", _load_whole)
+                    loader(param, f.get_slice(ckpt_name), shard)
+                    loaded.add((name, shard))
+        missing = sorted(f"{n}{'' if s is None else f' [{s}]'}" for n, s in expected - loaded)
+        if missing:
+            raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. "
+                             f"{', '.join(missing[:5])}")
+
+    def _target(self, ckpt_name: str):
+        if "rotary_emb" in ckpt_name:
+            return None
+        if self.cfg.tie_word_embeddings and ckpt_name == "lm_head.weight":
+            return None  # the embedding already provides it
+        parts = ckpt_name.split(".")
+        for i, part in enumerate(parts):
+            if part in self.FUSED:
+                fused, shard = self.FUSED[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+        return ckpt_name, None
+
+    def _expected_shards(self, params):
+        inverse = {}
+        for proj, (fused, shard) in self.FUSED.items():
+            inverse.setdefault(fused, []).append(shard)
+        for name in params:
+            if self.cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            fused = name.split(".")[-2]
+            for shard in inverse.get(fused, [None]):
+                yield name, shard
+
+
+def _load_whole(param: torch.nn.Parameter, tensor_slice, shard_id=None) -> None:
+    """Replicated parameters (norm weights): every rank reads the whole tensor."""
+    if list(tensor_slice.get_shape()) != list(param.shape):
+        raise ValueError(f"checkpoint shape {tensor_slice.get_shape()} != expected {list(param.shape)}")
+    param.data.copy_(tensor_slice[:])

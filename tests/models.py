@@ -1,0 +1,70 @@
+"""Tiny random HF checkpoints for every supported family, saved locally, and the HF reference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# name -> (config class name, config kwargs). Shapes are tiny but keep every structural case:
+# GQA, KV-head replication (kv < tp), a vocab no tp divides, tied and untied embeddings, biases,
+# q/k norms, Llama-3 rope scaling.
+COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    # 6 heads / 2 KV heads: tp=2 shards KV heads, tp=3 replicates them? no: 2 % 3 -> invalid; see TP
+    "llama-gqa": ("LlamaConfig", dict(vocab_size=1001, num_attention_heads=6, num_key_value_heads=2,
+                                      tie_word_embeddings=False,
+                                      rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 64},
+                                      rope_theta=500000.0)),
+    # 6 heads / 1 KV head: every tp > 1 replicates the KV head; tied embeddings.
+    "llama-mqa-tied": ("LlamaConfig", dict(vocab_size=997, num_attention_heads=6, num_key_value_heads=1,
+                                           tie_word_embeddings=True, attention_bias=True)),
+    "mistral": ("MistralConfig", dict(vocab_size=1000, num_attention_heads=6, num_key_value_heads=6,
+                                      tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(vocab_size=1003, num_attention_heads=6, num_key_value_heads=3,
+                                  tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(vocab_size=1002, num_attention_heads=6, num_key_value_heads=3,
+                                  head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def valid_tp(family: str) -> list[int]:
+    kv = FAMILIES[family][1]["num_key_value_heads"]
+    return [tp for tp in (1, 2, 3) if kv % tp == 0 or tp % kv == 0]
+
+
+def build(family: str, root: Path) -> Path:
+    """Save a random checkpoint of `family` under root/family (once) and return its directory."""
+    import transformers
+    out = root / family
+    if (out / "config.json").is_file():
+        return out
+    cls_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**COMMON, **kwargs)
+    torch.manual_seed(sum(map(ord, family)))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so logits are not all ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    model.save_pretrained(out)
+    return out
+
+
+def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
+    """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens, pad_token_id=0)
+            new = out[0, len(ids):].tolist()
+            logits = model(out).logits[0, len(ids) - 1:-1].float()
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(new)[:, None])[:, 0]
+            results.append((new, lp.tolist()))
+    return results
