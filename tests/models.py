@@ -11,21 +11,22 @@ import torch
 COMMON = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
-    # 6 heads / 2 KV heads: tp=2 shards KV heads, tp=3 replicates them? no: 2 % 3 -> invalid; see TP
-    "llama-gqa": ("LlamaConfig", dict(vocab_size=1001, num_attention_heads=6, num_key_value_heads=2,
-                                      tie_word_embeddings=False,
+    # GQA (2 query heads per KV head), head_dim set apart from hidden/heads, Llama-3 rope scaling,
+    # untied; vocab 1001 is divisible by neither 2 nor 3.
+    "llama-gqa": ("LlamaConfig", dict(vocab_size=1001, num_attention_heads=12, num_key_value_heads=6,
+                                      head_dim=8, tie_word_embeddings=False, rope_theta=500000.0,
                                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 64},
-                                      rope_theta=500000.0)),
-    # 6 heads / 1 KV head: every tp > 1 replicates the KV head; tied embeddings.
+                                                    "original_max_position_embeddings": 64})),
+    # One KV head: every tp > 1 replicates it; tied embeddings; biases on q, k, v and o.
     "llama-mqa-tied": ("LlamaConfig", dict(vocab_size=997, num_attention_heads=6, num_key_value_heads=1,
                                            tie_word_embeddings=True, attention_bias=True)),
+    # A sliding window shorter than the longest test sequence.
     "mistral": ("MistralConfig", dict(vocab_size=1000, num_attention_heads=6, num_key_value_heads=6,
-                                      tie_word_embeddings=False, sliding_window=None)),
-    "qwen2": ("Qwen2Config", dict(vocab_size=1003, num_attention_heads=6, num_key_value_heads=3,
+                                      tie_word_embeddings=False, sliding_window=12)),
+    "qwen2": ("Qwen2Config", dict(vocab_size=1003, num_attention_heads=6, num_key_value_heads=1,
                                   tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", dict(vocab_size=1002, num_attention_heads=6, num_key_value_heads=3,
+    "qwen3": ("Qwen3Config", dict(vocab_size=1002, num_attention_heads=12, num_key_value_heads=6,
                                   head_dim=16, tie_word_embeddings=False)),
 }
 
@@ -54,17 +55,24 @@ def build(family: str, root: Path) -> Path:
 
 
 def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
-    """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time."""
+    """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time,
+    by full forwards without a cache (the simplest independent reference)."""
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     results = []
     with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                                 min_new_tokens=max_tokens, pad_token_id=0)
-            new = out[0, len(ids):].tolist()
-            logits = model(out).logits[0, len(ids) - 1:-1].float()
-            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(new)[:, None])[:, 0]
-            results.append((new, lp.tolist()))
+        for prompt in prompts:
+            ids, logprobs = list(prompt), []
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                token = int(logits.argmax())
+                logprobs.append(torch.log_softmax(logits, -1)[token].item())
+                ids.append(token)
+            results.append((ids[len(prompt):], logprobs))
     return results
+
+
+def chosen_logprobs(output) -> list[float]:
+    """The chosen token's logprob at each step of a seqpar RequestOutput."""
+    return [step[token] for step, token in zip(output.logprobs, output.token_ids)]

@@ -19,6 +19,7 @@ from seqpar.engine.sampler import SamplingParams, sample
 from seqpar.engine.scheduler import Scheduler, Sequence
 from seqpar.engine.worker import Worker, follower, rank_threads
 from seqpar.loader.resolve import resolve_model
+from seqpar.report import sp_blockers
 
 log = logging.getLogger("seqpar")
 COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
@@ -108,16 +109,21 @@ class LLM:
                 self._spawner.wait_ready()
             self.worker = Worker(self.cfg, self.rank, init_method)
             self.channel = self.worker.channel
-            threshold = self._sp_threshold()
+            blockers = sp_blockers(self.worker.model)
+            if blockers and sequence_parallel != "off":
+                log.warning("seqpar: this model runs without sequence parallelism: "
+                            + "; ".join(blockers))
+                sequence_parallel = "off"
+            threshold = self._sp_threshold(sequence_parallel)
         self.policy = SPPolicy(sequence_parallel, tensor_parallel_size, threshold)
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
         self._next_index = 0
 
     # ---- start-up ---------------------------------------------------------------------------
 
-    def _sp_threshold(self) -> int | None:
+    def _sp_threshold(self, mode: str) -> int | None:
         parallel = self.cfg.parallel
-        if parallel.sequence_parallel != "auto" or parallel.world_size == 1:
+        if mode != "auto" or parallel.world_size == 1:
             return None
         if parallel.sp_min_tokens is not None:
             log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")

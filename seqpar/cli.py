@@ -1,0 +1,110 @@
+"""`seqpar generate | check | bench`: flag names follow vLLM where one exists."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="HF directory (config.json + *.safetensors), a .gguf file, or an alias "
+                        "(smollm2, the default)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="TP ranks")
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages")
+    p.add_argument("--sp", "--sequence-parallel", dest="sp", choices=["off", "on", "auto"],
+                   default="auto", help="sequence parallelism: off, on every step, or auto "
+                                        "(on steps above a threshold measured at start-up)")
+    p.add_argument("--sp-min-tokens", type=int, default=None,
+                   help="with --sp auto: use this token threshold instead of measuring one")
+    p.add_argument("--overlap", action="store_true", help="collective matmul on SP steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile + the SP graph pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output per sequence (default: the model's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _llm_kwargs(args) -> dict:
+    return dict(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size, sequence_parallel=args.sp,
+                sp_min_tokens=args.sp_min_tokens, overlap=args.overlap, compile=args.compile,
+                dtype=args.dtype, max_model_len=args.max_model_len, device=args.device)
+
+
+def cmd_generate(args) -> int:
+    from seqpar import LLM, SamplingParams
+
+    prompts = args.prompt or ["What is the capital of France?"]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    with LLM(**_llm_kwargs(args), seed=args.seed or 0) as llm:
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outs = llm.generate(prompts, params)
+        for prompt, out in zip(prompts, outs):
+            if len(prompts) > 1:
+                print(f"--- {prompt}")
+            print(out.text.strip() if args.chat else prompt + out.text)
+        if args.stats:
+            print(json.dumps(llm.comm_stats(), indent=2))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from seqpar.report import support_report
+
+    try:
+        print(support_report(**_llm_kwargs(args)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqpar check: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from seqpar.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqpar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from prompts")
+    gen.add_argument("prompt", nargs="*", help="prompts (default: a question about France)")
+    _add_model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--stats", action="store_true", help="print comm_stats() as JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    check = sub.add_parser("check", help="validate a model x tp x pp and print the parallel plan")
+    _add_model_args(check)
+    check.set_defaults(func=cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmark suite (see `seqpar bench --help`)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"seqpar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""What runs where: the parallel plan of a model x tp x pp, per module kind, without starting ranks.
+
+Sequence parallelism is fenced explicitly rather than guessed: every module kind declares how it
+runs on an SP step. Token-wise modules (norms, the residual add) run on this rank's token shard;
+column-parallel inputs are all-gathered, row-parallel outputs reduce-scattered; attention mixes
+tokens, so it runs only between an all-gather and a reduce-scatter. A module kind not listed here
+sitting in the residual stream would make SP unsafe: the model then runs TP and says why.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+from seqpar.distributed.comm import Comm
+from seqpar.layers.attention import Attention
+from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                  QKVParallelLinear, RowParallelLinear)
+from seqpar.layers.norm import RMSNorm
+from seqpar.layers.rotary import RotaryEmbedding
+
+# module kind -> (runs SP?, how, on an SP step)
+SP_ROLES: dict[type, tuple[bool, str]] = {
+    VocabParallelEmbedding: (True, "reduce-scatter along tokens instead of all-reduce"),
+    ParallelLMHead: (True, "all-gathers only the sampled rows, then gathers vocab shards"),
+    RMSNorm: (True, "token-wise: residual add + norm on this rank's T_pad/N rows"),
+    QKVParallelLinear: (True, "all-gather tokens right before the matmul"),
+    MergedColumnParallelLinear: (True, "all-gather tokens right before the matmul"),
+    ColumnParallelLinear: (True, "all-gather tokens right before the matmul"),
+    RowParallelLinear: (True, "reduce-scatter along tokens instead of all-reduce"),
+    Attention: (True, "mixes tokens: runs on the gathered T real tokens (pad rows dropped), "
+                      "sharded by heads"),
+    RotaryEmbedding: (True, "position-wise, inside attention on gathered tokens"),
+}
+CONTAINERS = (nn.ModuleList,)
+
+
+def sp_blockers(model: nn.Module) -> list[str]:
+    """Module kinds in `model` whose SP behaviour is unknown (empty: SP is safe)."""
+    unknown = set()
+    for module in model.modules():
+        kind = type(module)
+        if kind in SP_ROLES or isinstance(module, CONTAINERS) or module is model:
+            continue
+        if any(isinstance(child, tuple(SP_ROLES)) for child in module.children()) or \
+                next(module.children(), None) is not None:
+            continue  # a composite made of known parts (decoder layer, attention block, MLP)
+        unknown.add(kind.__name__)
+    return sorted(f"{name}: not declared token-wise, so SP would be unsafe" for name in unknown)
+
+
+def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                   sequence_parallel: str = "auto", sp_min_tokens: int | None = None,
+                   overlap: bool = False, compile: bool = False, dtype: str = "float32",
+                   max_model_len: int | None = None, device: str | None = None) -> str:
+    """Validate the configuration (raising ValueError naming the number at fault) and describe it."""
+    from seqpar.loader.resolve import resolve_model
+    from seqpar.models import MODELS
+
+    parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
+                              sp_min_tokens, overlap)
+    model_dir = resolve_model(model)
+    cfg = ModelConfig.from_dir(model_dir)
+    engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings)
+    tp = parallel.tensor_parallel_size
+    with torch.device("meta"):
+        net = MODELS[cfg.model_type](cfg, Comm(None, 0, tp), engine.torch_dtype,
+                                     engine.max_model_len)
+    qkv = net.model.layers[0].self_attn.qkv_proj
+    lines = [
+        f"model      {model_dir}",
+        f"           {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads x {cfg.head_dim}, "
+        f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+        f"{', tied embeddings' if cfg.tie_word_embeddings else ''}",
+        f"parallel   tp={tp} pp={parallel.pipeline_parallel_size} sp={sequence_parallel}: "
+        f"{parallel.world_size} rank(s)",
+        f"per rank   {qkv.num_heads} query heads, {qkv.num_kv_heads} KV head(s)"
+        + (f" (each KV head replicated on {tp // cfg.num_kv_heads} ranks)"
+           if cfg.num_kv_heads < tp else "")
+        + f", {cfg.intermediate_size // tp} MLP columns, vocab rows "
+          f"{net.model.embed_tokens.per_rank} (vocab padded to "
+          f"{net.model.embed_tokens.per_rank * tp})",
+        f"stage 0    layers 0-{cfg.num_layers - 1}, embedding, final norm, LM head",
+        "",
+        "module kind                  SP  on an SP step",
+    ]
+    seen = []
+    for module in net.modules():
+        if type(module) in SP_ROLES and type(module) not in seen:
+            seen.append(type(module))
+    for kind in seen:
+        ok, how = SP_ROLES[kind]
+        lines.append(f"{kind.__name__:<28} {'yes' if ok else 'no ':<3} {how}")
+    blockers = sp_blockers(net)
+    for b in blockers:
+        lines.append(f"{'':<28} no  {b}")
+    lines += [
+        "",
+        "per layer  TP step: 2 x all_reduce [T, H]",
+        "           SP step: 2 x (all_gather [T_pad/N -> T_pad, H], reduce_scatter "
+        "[T_pad, H -> T_pad/N])",
+        "           residual stream between layers: TP [T, H] on every rank; SP [T_pad/N, H]",
+    ]
+    if tp == 1:
+        lines.append("sequence parallelism: not applicable at tp=1 (no collectives)")
+    elif blockers:
+        lines.append("sequence parallelism: OFF for this model (see above); it runs TP")
+    else:
+        lines.append("sequence parallelism: supported by every module kind")
+    return "\n".join(lines)

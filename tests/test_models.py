@@ -1,0 +1,59 @@
+"""seqpar against HF transformers on the same weights: every family, tp 1-3, SP off / on / auto.
+
+One LLM per (family, tp); the SP mode is switched between calls, which the engine allows because
+layers read each step's mode from its plan (invariant 4).
+"""
+import pytest
+
+from models import FAMILIES, chosen_logprobs, hf_reference
+from seqpar import LLM, SamplingParams
+
+MAX_TOKENS = 6
+_reference = {}
+
+
+def prompts_for(tp: int) -> list[list[int]]:
+    """Lengths 1, tp-1, tp+1 and primes, so SP pads every possible remainder."""
+    lengths = sorted({1, max(tp - 1, 1), tp + 1, 5, 7, 13, 23})
+    return [[(7 * i + 3 * n) % 900 + 3 for i in range(n)] for n in lengths]
+
+
+def reference(model_dir, prompts):
+    key = (str(model_dir), tuple(map(tuple, prompts)))
+    if key not in _reference:
+        _reference[key] = hf_reference(model_dir, prompts, MAX_TOKENS)
+    return _reference[key]
+
+
+def assert_matches(outputs, expected, what):
+    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
+        assert out.token_ids == tokens, f"{what}: prompt {i} greedy tokens differ from HF"
+        worst = max(abs(a - b) for a, b in zip(chosen_logprobs(out), logprobs))
+        assert worst < 2e-4, f"{what}: prompt {i} logprob differs from HF by {worst:.2e}"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_matches_hf(tiny, family, tp):
+    model_dir = tiny(family)
+    prompts = prompts_for(tp)
+    expected = reference(model_dir, prompts)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=2, ignore_eos=True)
+    # A 16-token budget chunks the longer prompts, so steps mix prefill chunks and decodes.
+    with LLM(str(model_dir), tensor_parallel_size=tp, sequence_parallel="auto",
+             max_num_batched_tokens=16, threads_per_rank=1) as llm:
+        measured = llm.policy.threshold
+        modes = [("off", None), ("on", None), ("auto", measured), ("auto", 8)] if tp > 1 else [("off", None)]
+        for mode, threshold in modes:
+            llm.policy.mode, llm.policy.threshold = mode, threshold
+            llm.reset_comm_stats()
+            what = f"{family} tp={tp} sp={mode}" + (f" threshold={threshold}" if threshold else "")
+            # The whole batch at once, then each prompt alone (steps of exactly its length).
+            assert_matches(llm.generate(prompts, params), expected, what + " batched")
+            for prompt, exp in zip(prompts, expected):
+                assert_matches(llm.generate([prompt], params), [exp], what + " alone")
+            steps = llm.comm_stats()["steps"]
+            if tp > 1 and mode == "on":
+                assert steps["tp"] == 0 and steps["sp"] > 0
+            if tp > 1 and mode == "auto" and threshold == 8:
+                assert steps["tp"] > 0 and steps["sp"] > 0, "threshold 8 should mix TP and SP steps"
