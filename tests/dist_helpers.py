@@ -84,5 +84,6 @@ def run_ranks(fn, world_size: int, *args, timeout: float = TIMEOUT_S) -> list:
                 p.join()
         results.close()
     if failure is not None:
-        pytest.fail(failure, pytrace=False)
+        codes = [p.exitcode for p in procs]  # negative: killed by that signal (-9: by us)
+        pytest.fail(f"{failure}\nexit codes by rank: {codes}", pytrace=False)
     return [done[r] for r in range(world_size)]

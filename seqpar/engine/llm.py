@@ -93,6 +93,9 @@ class LLM:
                                  f"tensor_parallel_size x pipeline_parallel_size = {world}")
             init_method = "env://"
         else:
+            if world > 1 and dist.is_initialized():
+                raise RuntimeError("a torch.distributed process group is already running in this "
+                                   "process (another LLM with several ranks?); close it first")
             self.rank = 0
             init_method = f"tcp://127.0.0.1:{free_port()}"
         self._threads = torch.get_num_threads()
@@ -100,7 +103,8 @@ class LLM:
             torch.set_num_threads(rank_threads(self.cfg))
         self._closed = False
         # Ends the ranks when the LLM is collected or the interpreter exits without close().
-        self._spawner_box = [None]
+        # [spawner, owns the process group]: what _shutdown must end, shared with the finalizer.
+        self._spawner_box = [None, world > 1 and not self._torchrun]
         weakref.finalize(self, LLM._shutdown, self._spawner_box)
         with self._guard():
             if world > 1 and not self._torchrun:
@@ -301,12 +305,12 @@ class LLM:
 
     @staticmethod
     def _shutdown(box) -> None:
-        spawner = box[0]
+        spawner, owns_group = box
         if spawner is not None:
             spawner.stop()
-            box[0] = None
-        if dist.is_initialized() and not in_torchrun():
+        if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        box[:] = [None, False]
 
     def __enter__(self):
         return self
@@ -325,10 +329,12 @@ class _RankGuard:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        spawner = self.llm._spawner
-        if exc is None or spawner is None or isinstance(exc, ValueError):
+        if exc is None:
             return False
-        reason = spawner.failure(wait=5.0)
+        spawner = self.llm._spawner
+        # A ValueError is the caller's own mistake, raised before any step ran; anything else
+        # on rank 0 is most likely a collective broken by another rank, which says why.
+        reason = None if spawner is None or isinstance(exc, ValueError) else spawner.failure(5.0)
         self.llm._closed = True
         LLM._shutdown(self.llm._spawner_box)
         if reason is not None:

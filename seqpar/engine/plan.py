@@ -94,9 +94,9 @@ class StepPlan:
 
     @classmethod
     def decode(cls, data: torch.Tensor, world_size: int, device="cpu") -> "StepPlan":
-        values = data.tolist()
-        sp, n = bool(values[0]), values[1]
-        fields = [values[2 + i * n: 2 + (i + 1) * n] for i in range(4)]
+        sp, n = data[:2].tolist()
+        values = data[2:2 + 4 * n].tolist()  # only the per-sequence fields, not the token ids
+        fields = [values[i * n:(i + 1) * n] for i in range(4)]
         token_ids = data[2 + 4 * n:].to(device)
-        return cls(sp, token_ids, fields[0], fields[1], fields[2], [bool(x) for x in fields[3]],
+        return cls(bool(sp), token_ids, fields[0], fields[1], fields[2], [bool(x) for x in fields[3]],
                    world_size)

@@ -75,6 +75,4 @@ def follower(rank: int, cfg: EngineConfig, init_method: str) -> None:
     """Spawned rank's body: build, then follow until rank 0 shuts down."""
     torch.set_num_threads(rank_threads(cfg))
     worker = Worker(cfg, rank, init_method)
-    worker.follow()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    worker.follow()  # the process then exits, closing its connections; no teardown handshake

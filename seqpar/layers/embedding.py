@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqpar.distributed.comm import Comm
+from seqpar.layers.linear import check_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,6 +21,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, tensor_slice, shard_id=None) -> None:
+        check_shape(tensor_slice, (self.vocab_size, param.shape[1]))
         end = min(self.start + self.per_rank, self.vocab_size)
         param.data.zero_()  # rows past the real vocab stay zero
         if end > self.start:

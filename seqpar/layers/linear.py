@@ -36,6 +36,13 @@ class _ParallelLinear(nn.Module):
         raise NotImplementedError
 
 
+def check_shape(tensor_slice, expected: tuple) -> None:
+    """Raise a ValueError when a checkpoint tensor's full shape is not what the config implies."""
+    shape = tuple(tensor_slice.get_shape() if hasattr(tensor_slice, "get_shape") else tensor_slice.shape)
+    if shape != tuple(expected):
+        raise ValueError(f"shape {list(shape)} in the checkpoint, {list(expected)} expected from the config")
+
+
 class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T with W's output rows split over ranks. [T, in] -> [T, out / N] on each rank."""
 
@@ -55,6 +62,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         rows = param.shape[0]
+        check_shape(tensor_slice, (rows * self.comm.world_size, *param.shape[1:]))
         self._load_rows(param, tensor_slice, 0, self.comm.rank * rows, rows)
 
 
@@ -72,6 +80,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         size = self.local_sizes[shard_id]
         offset = sum(self.local_sizes[:shard_id])
+        check_shape(tensor_slice, (size * self.comm.world_size, *param.shape[1:]))
         self._load_rows(param, tensor_slice, offset, self.comm.rank * size, size)
 
 
@@ -86,6 +95,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  bias: bool = False, dtype: torch.dtype = torch.float32):
         n = comm.world_size
         self.head_dim = head_dim
+        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
         self.num_heads = divide(num_heads, n, f"tensor_parallel_size={n}: num_attention_heads")
         if num_kv_heads >= n:
             self.num_kv_heads = divide(num_kv_heads, n, f"tensor_parallel_size={n}: num_key_value_heads")
@@ -99,6 +109,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         d = self.head_dim
+        check_shape(tensor_slice, (self.total_heads[shard_id] * d, *param.shape[1:]))
         q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
         if shard_id == "q":
             self._load_rows(param, tensor_slice, 0, self.comm.rank * q_rows, q_rows)
@@ -130,8 +141,10 @@ class RowParallelLinear(_ParallelLinear):
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank
+            check_shape(tensor_slice, param.shape)
             param.data.copy_(tensor_slice[:])
             return
         cols = param.shape[1]
+        check_shape(tensor_slice, (param.shape[0], cols * self.comm.world_size))
         start = self.comm.rank * cols
         param.data.copy_(tensor_slice[:, start:start + cols])

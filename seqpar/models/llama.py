@@ -19,7 +19,7 @@ from seqpar.distributed.comm import Comm
 from seqpar.layers.attention import Attention
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                  RowParallelLinear)
+                                  RowParallelLinear, check_shape)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
 
@@ -148,7 +148,10 @@ class LlamaForCausalLM(nn.Module):
                                          f"{self.cfg.model_type} model with this config")
                     param = params[name]
                     loader = getattr(param, "weight_loader", _load_whole)
-                    loader(param, f.get_slice(ckpt_name), shard)
+                    try:
+                        loader(param, f.get_slice(ckpt_name), shard)
+                    except ValueError as e:
+                        raise ValueError(f"{file.name}: {ckpt_name}: {e}") from None
                     loaded.add((name, shard))
         missing = sorted(f"{n}{'' if s is None else f' [{s}]'}" for n, s in expected - loaded)
         if missing:
@@ -181,6 +184,5 @@ class LlamaForCausalLM(nn.Module):
 
 def _load_whole(param: torch.nn.Parameter, tensor_slice, shard_id=None) -> None:
     """Replicated parameters (norm weights): every rank reads the whole tensor."""
-    if list(tensor_slice.get_shape()) != list(param.shape):
-        raise ValueError(f"checkpoint shape {tensor_slice.get_shape()} != expected {list(param.shape)}")
+    check_shape(tensor_slice, param.shape)
     param.data.copy_(tensor_slice[:])
