@@ -103,8 +103,9 @@ class LLM:
             torch.set_num_threads(rank_threads(self.cfg))
         self._closed = False
         # Ends the ranks when the LLM is collected or the interpreter exits without close().
-        # [spawner, owns the process group]: what _shutdown must end, shared with the finalizer.
-        self._spawner_box = [None, world > 1 and not self._torchrun]
+        # [spawner, owns the process group, control channel]: what _shutdown must end, shared
+        # with the finalizer.
+        self._spawner_box = [None, world > 1 and not self._torchrun, None]
         weakref.finalize(self, LLM._shutdown, self._spawner_box)
         with self._guard():
             if world > 1 and not self._torchrun:
@@ -112,7 +113,7 @@ class LLM:
                 self._spawner_box[0] = self._spawner
                 self._spawner.wait_ready()
             self.worker = Worker(self.cfg, self.rank, init_method)
-            self.channel = self.worker.channel
+            self.channel = self._spawner_box[2] = self.worker.channel
             blockers = sp_blockers(self.worker.model)
             if blockers and sequence_parallel != "off":
                 log.warning("seqpar: this model runs without sequence parallelism: "
@@ -295,22 +296,24 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._spawner is not None and self._spawner.alive():
-                self.channel.send(SHUTDOWN)
-        except Exception:
-            pass  # a rank already gone; stop() below kills the rest
         LLM._shutdown(self._spawner_box)
         torch.set_num_threads(self._threads)
 
     @staticmethod
     def _shutdown(box) -> None:
-        spawner, owns_group = box
+        spawner, owns_group, channel = box
         if spawner is not None:
-            spawner.stop()
+            asked = False
+            try:
+                if channel is not None and spawner.alive():
+                    channel.send(SHUTDOWN)
+                    asked = True
+            except Exception:
+                pass  # a rank already gone: stop() ends the rest
+            spawner.stop(timeout=10.0 if asked else 0.0)
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
-        box[:] = [None, False]
+        box[:] = [None, False, None]
 
     def __enter__(self):
         return self
@@ -336,6 +339,7 @@ class _RankGuard:
         # on rank 0 is most likely a collective broken by another rank, which says why.
         reason = None if spawner is None or isinstance(exc, ValueError) else spawner.failure(5.0)
         self.llm._closed = True
+        self.llm._spawner_box[2] = None  # the ranks cannot be asked politely any more
         LLM._shutdown(self.llm._spawner_box)
         if reason is not None:
             raise RuntimeError(reason) from exc
