@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Commands rank 0 broadcasts to the followers.
-STEP, RESET_STATS, END_CALL, SHUTDOWN, MEASURE = range(5)
+STEP, RESET_STATS, END_CALL, SHUTDOWN, MEASURE, MEMORY_ON, MEMORY_REPORT = range(7)
 
 DATA_TIMEOUT = datetime.timedelta(minutes=10)
 CONTROL_TIMEOUT = datetime.timedelta(days=30)

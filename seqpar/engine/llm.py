@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
-from seqpar.distributed.launch import (RESET_STATS, SHUTDOWN, STEP, END_CALL, MEASURE, Spawner,
-                                       free_port, in_torchrun)
+from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, RESET_STATS,
+                                       SHUTDOWN, STEP, Spawner, free_port, in_torchrun)
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.engine.sampler import SamplingParams, sample
 from seqpar.engine.scheduler import Scheduler, Sequence
@@ -105,7 +105,7 @@ class LLM:
         # Ends the ranks when the LLM is collected or the interpreter exits without close().
         # [spawner, owns the process group, control channel]: what _shutdown must end, shared
         # with the finalizer.
-        self._spawner_box = [None, world > 1 and not self._torchrun, None]
+        self._spawner_box = [None, world > 1 and not dist.is_initialized(), None]
         weakref.finalize(self, LLM._shutdown, self._spawner_box)
         with self._guard():
             if world > 1 and not self._torchrun:
@@ -278,6 +278,18 @@ class LLM:
         stats["steps"] = dict(self.steps)
         return stats
 
+    def profile_memory(self, prompts, sampling_params: SamplingParams | None = None) -> list[int]:
+        """Generate, and return each rank's peak activation memory (bytes) over the steps run."""
+        self._check_open()
+        if self._torchrun:
+            raise RuntimeError("profile_memory runs with spawned ranks, not under torchrun")
+        self.channel.send(MEMORY_ON)
+        self.worker.peak_bytes = 0
+        self.generate(prompts, sampling_params)
+        with self._guard():
+            self.channel.send(MEMORY_REPORT)
+            return self.worker.report_memory()
+
     def reset_comm_stats(self) -> None:
         self._check_open()
         self.worker.comm.reset()
@@ -296,6 +308,10 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        if self._torchrun:
+            # Every rank calls close(); no rank tears its connections down while another still
+            # uses them (gloo aborts the process when a peer vanishes mid-teardown).
+            dist.barrier(group=self.channel.group)
         LLM._shutdown(self._spawner_box)
         torch.set_num_threads(self._threads)
 

@@ -8,8 +8,9 @@ import torch.distributed as dist
 
 from seqpar.config import EngineConfig
 from seqpar.distributed.comm import Comm
-from seqpar.distributed.launch import (END_CALL, MEASURE, RESET_STATS, SHUTDOWN, STEP,
-                                       ControlChannel, backend_for, init_groups)
+from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, RESET_STATS,
+                                       SHUTDOWN, STEP, ControlChannel, backend_for, init_groups)
+from seqpar.engine.memory import PeakMemory
 from seqpar.engine.plan import StepPlan
 from seqpar.engine.policy import measure_sp_threshold
 from seqpar.layers.attention import KVCache
@@ -43,11 +44,29 @@ class Worker:
             attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, dtype, self.device,
                                  cfg.max_model_len)
         self.sp_threshold: int | None = None
+        self.peak_bytes: int | None = None
+        """While not None: the largest peak activation memory of the steps run since MEMORY_ON."""
         if world > 1:
             dist.barrier(group=group)  # every rank loaded: a failed load surfaces here
 
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        return self.model(plan)
+        if self.peak_bytes is None:
+            return self.model(plan)
+        with PeakMemory(self.device) as memory:
+            out = self.model(plan)
+        self.peak_bytes = max(self.peak_bytes, memory.peak)
+        return out
+
+    def report_memory(self) -> list[int] | None:
+        """Gather every rank's peak since MEMORY_ON to rank 0 (a list there, None elsewhere)."""
+        mine = torch.tensor([self.peak_bytes or 0], dtype=torch.int64)
+        self.peak_bytes = None
+        group = self.channel.group
+        if group is None:
+            return [int(mine)]
+        parts = [torch.zeros_like(mine) for _ in range(self.comm.world_size)] if self.comm.rank == 0 else None
+        dist.gather(mine, parts, dst=0, group=group)
+        return None if parts is None else [int(p) for p in parts]
 
     def measure(self) -> int:
         self.sp_threshold, self.sp_table = measure_sp_threshold(
@@ -65,6 +84,10 @@ class Worker:
                 self.measure()
             elif cmd == RESET_STATS:
                 self.comm.reset()
+            elif cmd == MEMORY_ON:
+                self.peak_bytes = 0
+            elif cmd == MEMORY_REPORT:
+                self.report_memory()
             elif cmd in (END_CALL, SHUTDOWN):
                 return
             else:
