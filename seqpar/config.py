@@ -121,6 +121,7 @@ class ParallelConfig:
     sp_min_tokens: int | None = None
     """With "auto": run SP on steps of at least this many tokens instead of the measured threshold."""
     overlap: bool = False
+    """Collective matmul on SP steps ("auto" measures from which token count it pays)."""
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -136,8 +137,6 @@ class ParallelConfig:
                 f"pipeline_parallel_size={self.pipeline_parallel_size}: pipeline parallelism is not "
                 "implemented yet; use 1"
             )
-        if self.overlap:
-            raise ValueError("overlap=True: collective matmul is not implemented yet")
 
     @property
     def world_size(self) -> int:

@@ -43,11 +43,16 @@ def test_matches_hf(tiny, family, tp):
     with LLM(str(model_dir), tensor_parallel_size=tp, sequence_parallel="auto",
              max_num_batched_tokens=16, threads_per_rank=1) as llm:
         measured = llm.policy.threshold
-        modes = [("off", None), ("on", None), ("auto", measured), ("auto", 8)] if tp > 1 else [("off", None)]
-        for mode, threshold in modes:
-            llm.policy.mode, llm.policy.threshold = mode, threshold
+        # (mode, SP threshold, overlap, overlap threshold): the last mixes TP, SP and SP + overlap.
+        modes = [("off", None, False, None), ("on", None, False, None), ("on", None, True, None),
+                 ("auto", measured, False, None), ("auto", 8, True, 12)]
+        for mode, threshold, overlap, overlap_threshold in modes if tp > 1 else modes[:1]:
+            policy = llm.policy
+            policy.mode, policy.threshold = mode, threshold
+            policy.overlap, policy.overlap_threshold = overlap, overlap_threshold
             llm.reset_comm_stats()
-            what = f"{family} tp={tp} sp={mode}" + (f" threshold={threshold}" if threshold else "")
+            what = (f"{family} tp={tp} sp={mode}" + (f" threshold={threshold}" if threshold else "")
+                    + (" overlap" if overlap else ""))
             # The whole batch at once, then each prompt alone (steps of exactly its length).
             assert_matches(llm.generate(prompts, params), expected, what + " batched")
             for prompt, exp in zip(prompts, expected):
@@ -55,5 +60,10 @@ def test_matches_hf(tiny, family, tp):
             steps = llm.comm_stats()["steps"]
             if tp > 1 and mode == "on":
                 assert steps["tp"] == 0 and steps["sp"] > 0
+            stats = llm.comm_stats()
             if tp > 1 and mode == "auto" and threshold == 8:
                 assert steps["tp"] > 0 and steps["sp"] > 0, "threshold 8 should mix TP and SP steps"
+            if tp > 1 and overlap:
+                assert stats["all_gather_ring"]["calls"] > 0 and stats["reduce_scatter_ring"]["calls"] > 0
+            if mode == "on" and overlap:
+                assert stats["reduce_scatter"]["calls"] == 1 * steps["sp"], "only the embedding scatters"

@@ -21,7 +21,8 @@ def test_random_plans_across_three_ranks(tiny):
             llm.policy.mode = "off"
             expected = llm.generate(prompts, params)
             choose = random.Random(rng.random())
-            llm.policy.decide = lambda tokens: choose.random() < 0.5  # rank 0 only; the plan carries it
+            # Rank 0 alone decides each step (TP, SP or SP + overlap); the plan carries it.
+            llm.policy.decide = lambda tokens: (choose.random() < 0.6, choose.random() < 0.5)
             llm.reset_comm_stats()
             got = llm.generate(prompts, params)
             del llm.policy.decide

@@ -101,6 +101,22 @@ class Comm:
         dist.gather(x, None, dst=group_dst(self.group, 0), group=self.group)
         return None
 
+    def ring_exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list:
+        """Start sending `send` to rank + 1 and receiving `recv` from rank - 1; returns handles."""
+        n = self.world_size
+        nxt, prev = group_dst(self.group, (self.rank + 1) % n), group_dst(self.group, (self.rank - 1) % n)
+        return [dist.isend(send, nxt, group=self.group), dist.irecv(recv, prev, group=self.group)]
+
+    @staticmethod
+    def ring_wait(handles: list) -> None:
+        for handle in handles:
+            handle.wait()
+
+    def count_ring(self, op: str, nbytes: int) -> None:
+        """One ring collective (see layers/overlap.py), counted like the plain one: its logical
+        payload, of which each rank sends (N - 1) / N over the ring, as a ring collective does."""
+        self._count(op, nbytes)
+
     def snapshot(self) -> dict:
         return {op: {"calls": c, "bytes": b} for op, (c, b) in sorted(self.stats.items())}
 

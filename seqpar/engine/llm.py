@@ -119,27 +119,29 @@ class LLM:
                 log.warning("seqpar: this model runs without sequence parallelism: "
                             + "; ".join(blockers))
                 sequence_parallel = "off"
-            threshold = self._sp_threshold(sequence_parallel)
-        self.policy = SPPolicy(sequence_parallel, tensor_parallel_size, threshold)
+            thresholds = self._thresholds(sequence_parallel)
+        self.policy = SPPolicy(sequence_parallel, tensor_parallel_size, thresholds[0],
+                               overlap=overlap, overlap_threshold=thresholds[1])
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
         self._next_index = 0
 
     # ---- start-up ---------------------------------------------------------------------------
 
-    def _sp_threshold(self, mode: str) -> int | None:
+    def _thresholds(self, mode: str) -> tuple[int | None, int | None]:
+        """(SP threshold, overlap threshold) in tokens for "auto": given, or measured on all ranks."""
         parallel = self.cfg.parallel
         if mode != "auto" or parallel.world_size == 1:
-            return None
+            return None, None
         if parallel.sp_min_tokens is not None:
             log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
-            return parallel.sp_min_tokens
+            return parallel.sp_min_tokens, parallel.sp_min_tokens
         if not self._torchrun:
             self.channel.send(MEASURE)
-        threshold = self.worker.measure()
-        said = "never (TP is faster at every size measured)" if threshold >= NEVER else \
-            f"{threshold} tokens"
-        log.info(f"seqpar: measured SP threshold: {said}")
-        return threshold
+        sp, overlap = self.worker.measure()
+        said = lambda t: "never" if t >= NEVER else f"{t} tokens"  # noqa: E731
+        log.info(f"seqpar: measured thresholds: SP from {said(sp)}"
+                 + (f", SP + overlap from {said(overlap)}" if parallel.overlap else ""))
+        return sp, overlap
 
     # ---- generation ------------------------------------------------------------------------
 
@@ -188,7 +190,8 @@ class LLM:
         while sched.has_work():
             step_seqs, counts = sched.schedule()
             total = sum(counts)
-            plan = sched.build_plan(step_seqs, counts, self.policy.decide(total), self.worker.device)
+            plan = sched.build_plan(step_seqs, counts, *self.policy.decide(total),
+                                    device=self.worker.device)
             self.steps["sp" if plan.sp else "tp"] += 1
             self.steps["padded_tokens"] += plan.padded - total
             self.channel.send(STEP, plan.encode())

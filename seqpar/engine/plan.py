@@ -29,6 +29,8 @@ class StepPlan:
     """Per sequence: whether its last row is sampled (its prompt is fully in after this step)."""
     world_size: int
     """TP group size N: on SP steps T is padded to a multiple of it."""
+    overlap: bool = False
+    """On an SP step: collective matmuls (layers/overlap.py) instead of gather/scatter + matmul."""
 
     @property
     def num_tokens(self) -> int:
@@ -87,16 +89,16 @@ class StepPlan:
         return torch.tensor(self._sp_ownership[1], dtype=torch.int64, device=self.token_ids.device)
 
     def encode(self) -> torch.Tensor:
-        """One int64 tensor: [sp, n_seqs, slots, starts, lens, sample, token ids]."""
-        meta = [int(self.sp), len(self.slots), *self.slots, *self.starts, *self.lens,
+        """One int64 tensor: [sp, overlap, n_seqs, slots, starts, lens, sample, token ids]."""
+        meta = [int(self.sp), int(self.overlap), len(self.slots), *self.slots, *self.starts, *self.lens,
                 *map(int, self.sample)]
         return torch.cat([torch.tensor(meta, dtype=torch.int64), self.token_ids.cpu()])
 
     @classmethod
     def decode(cls, data: torch.Tensor, world_size: int, device="cpu") -> "StepPlan":
-        sp, n = data[:2].tolist()
-        values = data[2:2 + 4 * n].tolist()  # only the per-sequence fields, not the token ids
+        sp, overlap, n = data[:3].tolist()
+        values = data[3:3 + 4 * n].tolist()  # only the per-sequence fields, not the token ids
         fields = [values[i * n:(i + 1) * n] for i in range(4)]
-        token_ids = data[2 + 4 * n:].to(device)
+        token_ids = data[3 + 4 * n:].to(device)
         return cls(bool(sp), token_ids, fields[0], fields[1], fields[2], [bool(x) for x in fields[3]],
-                   world_size)
+                   world_size, bool(overlap))

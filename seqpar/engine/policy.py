@@ -1,10 +1,13 @@
-"""When sequence parallelism pays: the per-step SP decision and the start-up measurement behind it.
+"""When sequence parallelism (and collective-matmul overlap) pays: the per-step decision and the
+start-up measurement behind it.
 
-Per decoder layer a TP step costs 2 all-reduces of [T, H] plus 2 residual-add + RMSNorm passes over
-all T rows on every rank; an SP step costs 2 reduce-scatters and 2 all-gathers of [T_pad, H] plus
-those token-wise passes over T_pad / N rows. Small steps (decode) are latency-bound, where one
-all-reduce beats two collectives; large steps win by the token-wise work saved. The threshold is
-measured on the real group at start-up, so it holds for this machine, backend, model and dtype.
+Per sublayer a TP step costs matmuls on T rows, an all-reduce of [T, H] and a residual-add + RMSNorm
+over all T rows on every rank; an SP step costs the same matmuls on T_pad rows, a reduce-scatter
+and an all-gather of [T_pad, H], and the token-wise pass over T_pad / N rows; SP + overlap replaces
+the gather/scatter + matmul pairs by ring collective matmuls. Small steps (decode) are
+latency-bound, where one all-reduce beats two collectives; large steps win by the token-wise work
+saved and, with overlap, by hiding transfers. The thresholds are measured on the real group at
+start-up, with this model's MLP shapes, so they hold for this machine, backend, model and dtype.
 """
 from __future__ import annotations
 
@@ -13,24 +16,31 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from seqpar.distributed.comm import Comm
 from seqpar.layers.norm import RMSNorm
+from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
 
 log = logging.getLogger("seqpar")
 
-SWEEP = (1, 4, 16, 64, 256, 1024, 4096)
+SWEEP = (1, 4, 16, 64, 256, 1024, 2048)
 NEVER = 1 << 40  # a threshold no step reaches
 
 
-def measure_sp_threshold(comm: Comm, hidden: int, dtype: torch.dtype, device,
-                         sweep=SWEEP, reps: int = 3) -> tuple[int, list[dict]]:
-    """Time one layer's TP and SP communication + token-wise work per token count, on every rank.
+def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.dtype, device,
+                       with_overlap: bool, sweep=SWEEP, reps: int = 3) -> tuple[int, int, list[dict]]:
+    """Time one MLP sublayer as TP, SP and (optionally) SP + overlap per token count, on all ranks.
 
-    Returns (threshold, table): the smallest swept T from which SP is faster at every larger swept
-    T (NEVER if none), decided on rank 0 and broadcast so every rank holds the same number.
+    Returns (sp_threshold, overlap_threshold, table). sp_threshold: the smallest swept T from which
+    SP or SP + overlap beats TP at every larger swept T; overlap_threshold: likewise for SP +
+    overlap beating both others. NEVER where none. Decided on rank 0 and broadcast, so every rank
+    holds the same numbers.
     """
     n = comm.world_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w_in = torch.randn(mlp_per_rank, hidden, generator=gen).to(device, dtype) * hidden ** -0.5
+    w_out = torch.randn(hidden, mlp_per_rank, generator=gen).to(device, dtype) * mlp_per_rank ** -0.5
     norm = RMSNorm(hidden, 1e-6, dtype).to(device)
     norm.weight.data.fill_(1.0)
 
@@ -46,57 +56,79 @@ def measure_sp_threshold(comm: Comm, hidden: int, dtype: torch.dtype, device,
     table = []
     for t in sweep:
         padded = -(-t // n) * n
-        x = torch.randn(t, hidden, dtype=dtype, device=device)
-        xp = torch.randn(padded, hidden, dtype=dtype, device=device)
-        shard = xp[: padded // n].clone()
+        x = torch.randn(t, hidden, generator=gen).to(device, dtype)
+        shard = torch.randn(padded // n, hidden, generator=gen).to(device, dtype)
 
         def tp_layer():
-            for _ in range(2):
-                y = comm.all_reduce(x.clone())
-                norm(y, x)
+            y = comm.all_reduce(F.linear(F.silu(F.linear(x, w_in)), w_out))
+            norm(y, x)
 
         def sp_layer():
-            for _ in range(2):
-                y = comm.reduce_scatter_tokens(xp, padded)
-                norm(y, shard)
-                comm.all_gather_tokens(y)
+            full = comm.all_gather_tokens(shard)
+            y = comm.reduce_scatter_tokens(F.linear(F.silu(F.linear(full, w_in)), w_out), padded)
+            norm(y, shard)
 
-        table.append({"tokens": t, "tp_s": timed(tp_layer), "sp_s": timed(sp_layer)})
+        def overlap_layer():
+            h = F.silu(all_gather_matmul(comm, shard, w_in))
+            norm(matmul_reduce_scatter(comm, h, w_out, padded), shard)
+
+        row = {"tokens": t, "tp_s": timed(tp_layer), "sp_s": timed(sp_layer)}
+        if with_overlap:
+            row["overlap_s"] = timed(overlap_layer)
+        table.append(row)
     comm.reset()
-    threshold = NEVER
-    for row in reversed(table):
-        if row["sp_s"] >= row["tp_s"]:
-            break
-        threshold = row["tokens"]
-    decided = torch.tensor([threshold], dtype=torch.int64)
+
+    def threshold(wins) -> int:
+        found = NEVER
+        for row in reversed(table):
+            if not wins(row):
+                break
+            found = row["tokens"]
+        return found
+
+    ovl = lambda row: row.get("overlap_s", float("inf"))  # noqa: E731
+    sp_threshold = threshold(lambda r: min(r["sp_s"], ovl(r)) < r["tp_s"])
+    overlap_threshold = threshold(lambda r: ovl(r) < min(r["sp_s"], r["tp_s"]))
+    decided = torch.tensor([sp_threshold, overlap_threshold], dtype=torch.int64)
     if comm.group is not None:
         torch.distributed.broadcast(decided, torch.distributed.get_global_rank(comm.group, 0),
                                     group=comm.group)
-    return int(decided.item()), table
+    sp_threshold, overlap_threshold = decided.tolist()
+    return sp_threshold, overlap_threshold, table
 
 
 class SPPolicy:
-    """Decides each step's mode on rank 0. Says once, per reason, why steps run without SP."""
+    """Decides each step's mode on rank 0. Says once, per reason, why steps run without SP.
 
-    def __init__(self, mode: str, world_size: int, threshold: int | None = None):
+    mode "on": every step SP (with overlap if `overlap`); "off": TP; "auto": SP from `threshold`
+    tokens, and with `overlap`, SP + overlap from `overlap_threshold` tokens.
+    """
+
+    def __init__(self, mode: str, world_size: int, threshold: int | None = None,
+                 overlap: bool = False, overlap_threshold: int | None = None):
         self.mode, self.world_size, self.threshold = mode, world_size, threshold
+        self.overlap, self.overlap_threshold = overlap, overlap_threshold
         self._said: set[str] = set()
 
-    def decide(self, num_tokens: int) -> bool:
-        if self.world_size == 1:
-            return False
+    def decide(self, num_tokens: int) -> tuple[bool, bool]:
+        """(sequence parallel, overlap) for a step of num_tokens tokens."""
+        if self.world_size == 1 or self.mode == "off":
+            return False, False
         if self.mode == "on":
-            return True
-        if self.mode == "off":
-            return False
-        if num_tokens >= self.threshold:
-            return True
-        reason = ("SP never paid in the start-up measurement" if self.threshold >= NEVER else
-                  f"steps below {self.threshold} tokens run TP (measured threshold)")
-        self._say(reason)
-        return False
+            return True, self.overlap
+        if num_tokens < self.threshold:
+            self._say("SP never paid in the start-up measurement" if self.threshold >= NEVER else
+                      f"steps below {self.threshold} tokens run TP (measured threshold)")
+            return False, False
+        overlap = self.overlap and num_tokens >= (self.overlap_threshold or NEVER)
+        if self.overlap and not overlap:
+            self._say("overlap never paid in the start-up measurement"
+                      if (self.overlap_threshold or NEVER) >= NEVER else
+                      f"SP steps below {self.overlap_threshold} tokens run without overlap "
+                      "(measured threshold)")
+        return True, overlap
 
     def _say(self, reason: str) -> None:
         if reason not in self._said:
             self._said.add(reason)
-            log.info("seqpar: sequence parallelism off for some steps: %s", reason)
+            log.info("seqpar: %s", reason)

@@ -64,7 +64,7 @@ class Scheduler:
             budget -= n
         return seqs, counts
 
-    def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool,
+    def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool, overlap: bool = False,
                    device="cpu") -> StepPlan:
         ids = []
         for seq, n in zip(seqs, counts):
@@ -73,7 +73,7 @@ class Scheduler:
             sp=sp, token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
             slots=[s.slot for s in seqs], starts=[s.computed for s in seqs], lens=counts,
             sample=[s.computed + n == len(s.all_ids) for s, n in zip(seqs, counts)],
-            world_size=self.world_size)
+            world_size=self.world_size, overlap=sp and overlap)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -12,7 +12,7 @@ from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPO
                                        SHUTDOWN, STEP, ControlChannel, backend_for, init_groups)
 from seqpar.engine.memory import PeakMemory
 from seqpar.engine.plan import StepPlan
-from seqpar.engine.policy import measure_sp_threshold
+from seqpar.engine.policy import measure_thresholds
 from seqpar.layers.attention import KVCache
 from seqpar.models import MODELS
 
@@ -68,10 +68,13 @@ class Worker:
         dist.gather(mine, parts, dst=0, group=group)
         return None if parts is None else [int(p) for p in parts]
 
-    def measure(self) -> int:
-        self.sp_threshold, self.sp_table = measure_sp_threshold(
-            self.comm, self.cfg.model.hidden_size, self.cfg.torch_dtype, self.device)
-        return self.sp_threshold
+    def measure(self) -> tuple[int, int]:
+        """Time TP / SP / SP + overlap on this group (every rank together); see engine/policy.py."""
+        cfg = self.cfg
+        self.sp_threshold, self.overlap_threshold, self.sp_table = measure_thresholds(
+            self.comm, cfg.model.hidden_size, 2 * cfg.model.intermediate_size // self.comm.world_size,
+            cfg.torch_dtype, self.device, with_overlap=cfg.parallel.overlap)
+        return self.sp_threshold, self.overlap_threshold
 
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
+from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
 
 
 class _ParallelLinear(nn.Module):
@@ -52,6 +53,8 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, self.out_per_rank, comm, bias, dtype)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        if plan.sp and plan.overlap:
+            return all_gather_matmul(self.comm, x, self.weight, self.bias)  # [T_pad, out / N]
         if plan.sp:
             x = self.comm.all_gather_tokens(x)  # [T_pad / N, in] -> [T_pad, in]
         return F.linear(x, self.weight, self.bias)
@@ -131,11 +134,12 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(self.in_per_rank, out_features, comm, bias, dtype)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if plan.sp:
-            y = self.comm.reduce_scatter_tokens(y, plan.padded)
+        if plan.sp and plan.overlap:
+            y = matmul_reduce_scatter(self.comm, x, self.weight, plan.padded)
+        elif plan.sp:
+            y = self.comm.reduce_scatter_tokens(F.linear(x, self.weight), plan.padded)
         else:
-            y = self.comm.all_reduce(y)
+            y = self.comm.all_reduce(F.linear(x, self.weight))
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias
 

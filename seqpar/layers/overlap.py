@@ -1,0 +1,75 @@
+"""Collective matmul: the two patterns SP leaves, decomposed so transfers overlap compute.
+
+all_gather -> matmul (column-parallel input) and matmul -> reduce_scatter (row-parallel output)
+each become N ring steps over the TP group. At every step a rank multiplies one token chunk while
+the next chunk (or a partial sum) travels to its neighbour with async send/recv, so only the first
+(or last) transfer is exposed. The bytes each rank sends are exactly those of the plain collective:
+(N - 1) chunks of [T_pad / N, features].
+
+These are the portable versions, on any torch.distributed backend (gloo on CPU included). On CUDA,
+torch's symmetric-memory fused ops do the same in kernels; a backend can provide its own pair of
+functions with these signatures.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqpar.distributed.comm import Comm
+
+
+def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(all_gather_tokens(x), weight, bias) with the gather hidden behind the matmuls.
+
+    x: [S, in] this rank's token shard (S = T_pad / N); weight: [out, in] -> [N * S, out].
+    At step i this rank holds the shard of rank (rank - i) mod N, multiplies it into those rows,
+    and meanwhile passes it on to rank + 1 and receives the next one from rank - 1.
+    """
+    n, rank = comm.world_size, comm.rank
+    if n == 1:
+        return F.linear(x, weight, bias)
+    s = x.shape[0]
+    out = x.new_empty(n * s, weight.shape[0])
+    current = x.contiguous()
+    for i in range(n):
+        pending = None
+        if i < n - 1:
+            incoming = torch.empty_like(current)
+            pending = comm.ring_exchange(current, incoming)
+        owner = (rank - i) % n
+        torch.matmul(current, weight.t(), out=out[owner * s:(owner + 1) * s])
+        if pending is not None:
+            comm.ring_wait(pending)
+            current = incoming
+    comm.count_ring("all_gather_ring", n * x.numel() * x.element_size())
+    return out if bias is None else out + bias
+
+
+def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+                          padded: int) -> torch.Tensor:
+    """reduce_scatter_tokens(F.linear(x, weight), padded) with the transfers hidden behind matmuls.
+
+    x: [T, in / N] (T <= padded; rows past T are zero) ; weight: [out, in / N] -> [padded / N, out].
+    At step i this rank computes its partial product for the chunk of rank (rank - i - 1) mod N,
+    adds the running sum received from rank - 1 and sends it on to rank + 1; after N - 1 steps the
+    sum that arrives is for its own chunk and is complete once its own part is added.
+    """
+    n, rank = comm.world_size, comm.rank
+    if x.shape[0] < padded:
+        x = F.pad(x, (0, 0, 0, padded - x.shape[0]))
+    if n == 1:
+        return F.linear(x, weight)
+    s = padded // n
+    pending = None
+    for i in range(n):
+        chunk = (rank - i - 1) % n
+        partial = F.linear(x[chunk * s:(chunk + 1) * s], weight)  # [S, out], overlaps the transfer
+        if pending is not None:
+            comm.ring_wait(pending)
+            partial += incoming
+        if i == n - 1:
+            comm.count_ring("reduce_scatter_ring", n * partial.numel() * partial.element_size())
+            return partial
+        incoming = torch.empty_like(partial)
+        pending = comm.ring_exchange(partial, incoming)
