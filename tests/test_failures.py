@@ -90,3 +90,31 @@ def test_killed_driver_takes_ranks_down(tiny, tmp_path):
         assert wait_gone(pids, 10) == [], "ranks outlived their driver"
     finally:
         proc.kill()
+
+
+SITECUSTOMIZE = textwrap.dedent("""
+    # Test-only: make rank 1 raise inside its third step (loaded by spawned ranks via PYTHONPATH).
+    import os
+    if os.environ.get("SEQPAR_TEST_FAIL_RANK"):
+        import seqpar.engine.worker as worker
+        original = worker.Worker.execute
+        def execute(self, plan):
+            self.steps_seen = getattr(self, "steps_seen", 0) + 1
+            if self.comm.rank == int(os.environ["SEQPAR_TEST_FAIL_RANK"]) and self.steps_seen == 3:
+                raise ArithmeticError("injected failure in rank 1")
+            return original(self, plan)
+        worker.Worker.execute = execute
+""")
+
+
+def test_raising_rank_reports_its_error(tiny, tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("SEQPAR_TEST_FAIL_RANK", "1")
+    llm = LLM(str(tiny("qwen2")), tensor_parallel_size=2, threads_per_rank=1)
+    pids = [p.pid for p in llm._spawner.procs]
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed:.*ArithmeticError: injected failure"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert time.monotonic() - start < 30
+    assert wait_gone(pids, 10) == []
