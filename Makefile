@@ -24,8 +24,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q -x tests
 
+# The full benchmark: docs/benchmarks.md, docs/benchmarks.json and the plots in docs/.
 bench: install
-	$(VENV)/bin/seqpar bench
+	$(VENV)/bin/seqpar bench --docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

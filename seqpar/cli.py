@@ -1,4 +1,4 @@
-"""`seqpar generate | check | bench`: flag names follow vLLM where one exists."""
+"""`seqpar generate | check | bench | plan`: flag names follow vLLM where one exists."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,12 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_plan(args) -> int:
+    from seqpar.bench.plan import main as plan_main
+
+    return plan_main(args.plan_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,11 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="cost model: per-layer time, SP threshold, overlap gain "
+                                       "(see `seqpar plan --help`)", add_help=False)
+    plan.add_argument("plan_args", nargs=argparse.REMAINDER)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # bench and plan parse their own flags (argparse's REMAINDER stops short of leading options).
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("bench", "plan"):
+        setattr(args, f"{args.command}_args", extra + getattr(args, f"{args.command}_args"))
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

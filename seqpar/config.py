@@ -132,19 +132,25 @@ class ParallelConfig:
             raise ValueError(f"sequence_parallel must be one of {SP_MODES}, got {self.sequence_parallel!r}")
         if self.sp_min_tokens is not None and self.sp_min_tokens < 1:
             raise ValueError(f"sp_min_tokens must be >= 1, got {self.sp_min_tokens}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"pipeline_parallel_size={self.pipeline_parallel_size}: pipeline parallelism is not "
-                "implemented yet; use 1"
-            )
 
     @property
     def world_size(self) -> int:
+        """tp x pp ranks; global rank = stage * tp + tp rank."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def stage_layers(self, num_layers: int, stage: int) -> range:
+        """The decoder layers pipeline stage `stage` owns: contiguous, balanced by count; the
+        first num_layers % pp stages take one more (the last stage also runs the LM head)."""
+        base, extra = divmod(num_layers, self.pipeline_parallel_size)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (stage < extra))
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise a ValueError naming the number that does not fit this model."""
-        tp = self.tensor_parallel_size
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if pp > model.num_layers:
+            raise ValueError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers="
+                             f"{model.num_layers}: every stage needs at least one layer")
         divide(model.num_heads, tp, f"tensor_parallel_size={tp}: num_attention_heads")
         divide(model.intermediate_size, tp, f"tensor_parallel_size={tp}: intermediate_size")
         kv = model.num_kv_heads

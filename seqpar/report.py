@@ -50,6 +50,22 @@ def sp_blockers(model: nn.Module) -> list[str]:
     return sorted(f"{name}: not declared token-wise, so SP would be unsafe" for name in unknown)
 
 
+def stage_layout(parallel: ParallelConfig, cfg: ModelConfig) -> list[str]:
+    """One line per pipeline stage: its ranks and the layers and parts it owns."""
+    tp, lines = parallel.tensor_parallel_size, []
+    for stage in range(parallel.pipeline_parallel_size):
+        layers = parallel.stage_layers(cfg.num_layers, stage)
+        parts = [f"layers {layers.start}-{layers.stop - 1}" if len(layers) > 1
+                 else f"layer {layers.start}"]
+        if stage == 0:
+            parts.append("embedding")
+        if layers.stop == cfg.num_layers:
+            parts += ["final norm", "LM head"]
+        ranks = f"rank {stage * tp}" if tp == 1 else f"ranks {stage * tp}-{stage * tp + tp - 1}"
+        lines.append(f"{'stage ' + str(stage):<10} {ranks}: {', '.join(parts)}")
+    return lines
+
+
 def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                    sequence_parallel: str = "auto", sp_min_tokens: int | None = None,
                    overlap: bool = False, compile: bool = False, dtype: str = "float32",
@@ -82,7 +98,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         + f", {cfg.intermediate_size // tp} MLP columns, vocab rows "
           f"{net.model.embed_tokens.per_rank} (vocab padded to "
           f"{net.model.embed_tokens.per_rank * tp})",
-        f"stage 0    layers 0-{cfg.num_layers - 1}, embedding, final norm, LM head",
+        *stage_layout(parallel, cfg),
         "",
         "module kind                  SP  on an SP step",
     ]
@@ -103,10 +119,35 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         "[T_pad, H -> T_pad/N])",
         "           residual stream between layers: TP [T, H] on every rank; SP [T_pad/N, H]",
     ]
+    if parallel.pipeline_parallel_size > 1:
+        lines += [
+            "boundary   per step, rank (s, r) -> (s+1, r): hidden + residual, TP step 2 x [T, H];",
+            "           SP step 2 x [T_pad/N, H] (1/N of TP's bytes); then last stage's TP rank 0 ->",
+            "           rank 0: the sampled rows' logits [S, V]",
+        ]
     if tp == 1:
         lines.append("sequence parallelism: not applicable at tp=1 (no collectives)")
     elif blockers:
         lines.append("sequence parallelism: OFF for this model (see above); it runs TP")
     else:
         lines.append("sequence parallelism: supported by every module kind")
+    if compile:
+        lines += ["", *_compile_lines(parallel, cfg, engine)]
     return "\n".join(lines)
+
+
+def _compile_lines(parallel: ParallelConfig, cfg: ModelConfig, engine: EngineConfig) -> list[str]:
+    """What the SP graph pass does to this model's compiled forward (seqpar/compile/check.py)."""
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(f"compile=True with pipeline_parallel_size={parallel.pipeline_parallel_size}:"
+                         " the compiled forward covers a single stage; use 1")
+    if parallel.tensor_parallel_size == 1:
+        return ["compiled   torch.compile (Inductor); no collectives at tp=1, nothing for the SP pass"]
+    from seqpar.compile.check import pass_report
+
+    sp = parallel.sequence_parallel != "off"
+    report = pass_report(cfg, parallel.tensor_parallel_size, engine.torch_dtype,
+                         engine.max_model_len, sp=sp)
+    head = ("compiled   torch.compile (Inductor) + the SP graph pass on the traced forward:" if sp
+            else "compiled   torch.compile (Inductor), SP off: the pass only reports")
+    return [head, *("           " + line for line in report.summary().splitlines())]

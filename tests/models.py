@@ -36,14 +36,15 @@ def valid_tp(family: str) -> list[int]:
     return [tp for tp in (1, 2, 3) if kv % tp == 0 or tp % kv == 0]
 
 
-def build(family: str, root: Path) -> Path:
-    """Save a random checkpoint of `family` under root/family (once) and return its directory."""
+def build(family: str, root: Path, **overrides) -> Path:
+    """Save a random checkpoint of `family` under root/family (once) and return its directory.
+    overrides: config fields set otherwise (e.g. num_hidden_layers=4), named in the directory."""
     import transformers
-    out = root / family
+    out = root / "-".join([family, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
     if (out / "config.json").is_file():
         return out
     cls_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**COMMON, **kwargs)
+    config = getattr(transformers, cls_name)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(sum(map(ord, family)))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, so logits are not all ties

@@ -117,6 +117,20 @@ class Comm:
         payload, of which each rank sends (N - 1) / N over the ring, as a ring collective does."""
         self._count(op, nbytes)
 
+    def send(self, x: torch.Tensor, dst: int, tag: int = 0):
+        """Start sending x to global rank `dst` (a neighbouring pipeline stage) on the world group.
+
+        Returns the Work to wait on; x stays referenced by it until then. Counted as "send".
+        """
+        x = x.contiguous()
+        self._count("send", x.numel() * x.element_size())
+        return dist.isend(x, dst, tag=tag)
+
+    def recv(self, x: torch.Tensor, src: int, tag: int = 0):
+        """Start receiving into x from global rank `src` on the world group; returns the Work."""
+        self._count("recv", x.numel() * x.element_size())
+        return dist.irecv(x, src, tag=tag)
+
     def snapshot(self) -> dict:
         return {op: {"calls": c, "bytes": b} for op, (c, b) in sorted(self.stats.items())}
 

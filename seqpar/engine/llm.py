@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
-from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, RESET_STATS,
-                                       SHUTDOWN, STEP, Spawner, free_port, in_torchrun)
+from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
+                                       RESET_STATS, SHUTDOWN, STEP, Spawner, free_port, in_torchrun)
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.engine.sampler import SamplingParams, sample
 from seqpar.engine.scheduler import Scheduler, Sequence
@@ -52,7 +53,8 @@ def _setup_logging() -> None:
 
 
 class LLM:
-    """A Llama-family model served over tensor_parallel_size ranks. See DESIGN.md for the API."""
+    """A Llama-family model served over tensor_parallel_size x pipeline_parallel_size ranks.
+    See DESIGN.md for the API."""
 
     def __init__(self, model: str = "smollm2", tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, sequence_parallel: str = "auto",
@@ -65,8 +67,9 @@ class LLM:
         self._closed = True
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
                                   sp_min_tokens, overlap)
-        if compile:
-            raise ValueError("compile=True: the compiled SP path is not implemented yet")
+        if compile and pipeline_parallel_size > 1:
+            raise ValueError(f"compile=True with pipeline_parallel_size={pipeline_parallel_size}: "
+                             "the compiled forward covers a single stage; use 1")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_dir = resolve_model(model)
         model_cfg = ModelConfig.from_dir(model_dir)
@@ -77,10 +80,11 @@ class LLM:
                              f"max_position_embeddings={model_cfg.max_position_embeddings}")
         self.cfg = EngineConfig(model_dir, model_cfg, parallel, dtype, max_model_len, max_num_seqs,
                                 max_num_batched_tokens, seed, device, threads_per_rank)
+        self.cfg.extra["compile"] = compile  # read by Worker: seqpar/compile/runner.py
         world = parallel.world_size
         if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
-            raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; "
-                             f"{torch.cuda.device_count()} visible")
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "
+                             f"{world} GPUs; {torch.cuda.device_count()} visible")
         self.tokenizer = _load_tokenizer(model_dir)
         self.eos_ids = _eos_ids(model_dir, model_cfg, self.tokenizer)
 
@@ -123,6 +127,8 @@ class LLM:
         self.policy = SPPolicy(sequence_parallel, tensor_parallel_size, thresholds[0],
                                overlap=overlap, overlap_threshold=thresholds[1])
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self._p2p = [0, 0, 0, 0]  # the whole pipeline's [send calls, bytes, recv calls, bytes]
+        self._max_in_flight = pipeline_parallel_size  # steps in flight at once (benchmarks lower it)
         self._next_index = 0
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class LLM:
     def _thresholds(self, mode: str) -> tuple[int | None, int | None]:
         """(SP threshold, overlap threshold) in tokens for "auto": given, or measured on all ranks."""
         parallel = self.cfg.parallel
-        if mode != "auto" or parallel.world_size == 1:
+        if mode != "auto" or parallel.tensor_parallel_size == 1:
             return None, None
         if parallel.sp_min_tokens is not None:
             log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
@@ -164,6 +170,7 @@ class LLM:
             if self._torchrun:
                 self.channel.send(END_CALL)
                 dist.broadcast_object_list([outputs], 0, group=self.channel.group)
+                self.channel.flush()
         return outputs
 
     def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
@@ -187,24 +194,38 @@ class LLM:
             seq = Sequence(len(seqs), req.ids, p, gen)
             seqs.append(seq)
             sched.add(seq)
+        # Up to pp steps in flight, one per stage (pp independent batches): a step depends only on
+        # its own sequences' last samples, so stage 0 runs the next step while later stages still
+        # run earlier ones. With one stage this is: schedule, run, sample.
+        depth = self._max_in_flight
+        in_flight = deque()
         while sched.has_work():
-            step_seqs, counts = sched.schedule()
-            total = sum(counts)
-            plan = sched.build_plan(step_seqs, counts, *self.policy.decide(total),
-                                    device=self.worker.device)
-            self.steps["sp" if plan.sp else "tp"] += 1
-            self.steps["padded_tokens"] += plan.padded - total
-            self.channel.send(STEP, plan.encode())
-            logits = self.worker.execute(plan)
-            sampled = []
-            for seq, n in zip(step_seqs, counts):
-                seq.computed += n
-                if seq.computed == len(seq.all_ids):
-                    sampled.append(seq)
+            while len(in_flight) < depth:
+                step_seqs, counts = sched.schedule(parts=depth - len(in_flight))
+                if not step_seqs:
+                    break  # every runnable sequence waits for a step in flight
+                total = sum(counts)
+                plan = sched.build_plan(step_seqs, counts, *self.policy.decide(total),
+                                        device=self.worker.device)
+                self.steps["sp" if plan.sp else "tp"] += 1
+                self.steps["padded_tokens"] += plan.padded - total
+                self.channel.send(STEP, plan.encode())
+                in_flight.append((plan, step_seqs, counts, self.worker.execute(plan)))
+            plan, step_seqs, counts, pending = in_flight.popleft()
+            logits = pending.wait()
+            sched.complete(step_seqs, counts)
+            sampled = [seq for seq, flag in zip(step_seqs, plan.sample) if flag]
             tokens, logprobs = sample(logits, [s.params for s in sampled],
                                       [s.generator for s in sampled])
             for seq, token, lp in zip(sampled, tokens, logprobs):
                 self._append(sched, seq, token, lp)
+        if cfg.parallel.pipeline_parallel_size > 1:
+            self.channel.send(P2P_REPORT)
+            for i, v in enumerate(self.worker.report_p2p().tolist()):
+                self._p2p[i] += v
+        # Every send has been received by now (all logits are back): release them.
+        self.channel.flush()
+        self.worker.outbox.flush()
         return [RequestOutput(req.prompt, req.ids, s.output_ids, s.text, s.finish_reason,
                               s.logprobs if s.params.logprobs is not None else None)
                 for req, s in zip(requests, seqs)]
@@ -274,10 +295,21 @@ class LLM:
     # ---- statistics and lifetime ------------------------------------------------------------
 
     def comm_stats(self) -> dict:
-        """Collective calls and bytes on rank 0 (every rank issues the same), and step counts."""
+        """Calls and bytes per communication op, and step counts.
+
+        Collectives are rank 0's: every rank of its TP group issues the same; with several stages,
+        they are stage 0's. "send" / "recv" are the whole pipeline's point-to-point traffic,
+        summed over all ranks at the end of each generate call: the activations crossing stage
+        boundaries (hidden + residual, each rank its share) and the sampled logits going from the
+        last stage to rank 0.
+        """
         self._check_open()
         stats = {op: {"calls": 0, "bytes": 0} for op in COMM_OPS}
         stats.update(self.worker.comm.snapshot())
+        if self.cfg.parallel.pipeline_parallel_size > 1:
+            calls, nbytes, rcalls, rbytes = self._p2p
+            stats["send"] = {"calls": calls, "bytes": nbytes}
+            stats["recv"] = {"calls": rcalls, "bytes": rbytes}
         stats["steps"] = dict(self.steps)
         return stats
 
@@ -297,6 +329,7 @@ class LLM:
         self._check_open()
         self.worker.comm.reset()
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self._p2p = [0, 0, 0, 0]
         if not self._torchrun:
             self.channel.send(RESET_STATS)
 
@@ -326,6 +359,7 @@ class LLM:
             try:
                 if channel is not None and spawner.alive():
                     channel.send(SHUTDOWN)
+                    channel.flush()  # taken by the ranks below before the group goes
                     asked = True
             except Exception:
                 pass  # a rank already gone: stop() ends the rest

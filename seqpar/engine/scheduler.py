@@ -20,6 +20,8 @@ class Sequence:
     logprobs: list[dict] = field(default_factory=list)
     computed: int = 0
     """Tokens already in the KV cache."""
+    scheduled: int = 0
+    """Tokens handed to steps (>= computed; more while a step with this sequence is in flight)."""
     slot: int = -1
     finish_reason: str | None = None
     text: str = ""
@@ -30,7 +32,12 @@ class Sequence:
 
 
 class Scheduler:
-    """Decodes first (one token each), then prompt chunks, within a token budget per step."""
+    """Decodes first (one token each), then prompt chunks, within a token budget per step.
+
+    Under pipeline parallelism several steps are in flight at once. A sequence runs again only on
+    tokens not yet handed to a step: a decoding one after its last sample, a prompt's next chunk
+    right away (stages run steps in issue order, so its KV cache is written in order).
+    """
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, world_size: int):
         self.max_tokens = max_num_batched_tokens
@@ -45,20 +52,27 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], list[int]]:
-        """Pick this step's (sequences, token counts)."""
+    def schedule(self, parts: int = 1) -> tuple[list[Sequence], list[int]]:
+        """Pick this step's (sequences, token counts); empty when no sequence can run now.
+
+        parts: steps that may still be issued before one completes. This step takes at most
+        1/parts of the sequences ready to run, so the steps in flight share them evenly.
+        """
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             self.running.append(seq)
         budget = self.max_tokens
         seqs, counts = [], []
-        # Decoding sequences first so they never starve behind long prompts.
-        ordered = sorted(self.running, key=lambda s: s.computed < len(s.prompt_ids))
-        for seq in ordered:
+        ready = [s for s in self.running if s.scheduled < len(s.all_ids)]
+        # Decoding sequences first so they never starve behind long prompts; then prompts with
+        # no step in flight.
+        ordered = sorted(ready, key=lambda s: (s.scheduled < len(s.prompt_ids),
+                                               s.scheduled > s.computed))
+        for seq in ordered[:-(-len(ordered) // parts)]:
             if budget == 0:
                 break
-            n = min(len(seq.all_ids) - seq.computed, budget)
+            n = min(len(seq.all_ids) - seq.scheduled, budget)
             seqs.append(seq)
             counts.append(n)
             budget -= n
@@ -66,14 +80,23 @@ class Scheduler:
 
     def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool, overlap: bool = False,
                    device="cpu") -> StepPlan:
+        """The step running `counts` more tokens of each of `seqs`; hands those tokens over."""
         ids = []
         for seq, n in zip(seqs, counts):
-            ids.extend(seq.all_ids[seq.computed:seq.computed + n])
-        return StepPlan(
+            ids.extend(seq.all_ids[seq.scheduled:seq.scheduled + n])
+        plan = StepPlan(
             sp=sp, token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            slots=[s.slot for s in seqs], starts=[s.computed for s in seqs], lens=counts,
-            sample=[s.computed + n == len(s.all_ids) for s, n in zip(seqs, counts)],
+            slots=[s.slot for s in seqs], starts=[s.scheduled for s in seqs], lens=counts,
+            sample=[s.scheduled + n == len(s.all_ids) for s, n in zip(seqs, counts)],
             world_size=self.world_size, overlap=sp and overlap)
+        for seq, n in zip(seqs, counts):
+            seq.scheduled += n
+        return plan
+
+    def complete(self, seqs: list[Sequence], counts: list[int]) -> None:
+        """A step's tokens are in the KV cache (its samples are appended next)."""
+        for seq, n in zip(seqs, counts):
+            seq.computed += n
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -1,6 +1,13 @@
-"""One rank: its shard of the model, its KV cache, and the loop that follows rank 0's plans."""
+"""One rank: its stage's shard of the model, its KV cache, and the loop that follows rank 0's plans.
+
+Under pipeline parallelism a step flows through the stages: the first embeds the tokens, each later
+stage receives (hidden, residual) from the same TP rank of the stage before, and the last sends the
+sampled rows' logits to rank 0. What crosses a boundary is this rank's share of the residual
+stream: on an SP step its token shard, [T_pad / N, H] each; on a TP step the full [T, H] replica.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -8,13 +15,17 @@ import torch.distributed as dist
 
 from seqpar.config import EngineConfig
 from seqpar.distributed.comm import Comm
-from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, RESET_STATS,
-                                       SHUTDOWN, STEP, ControlChannel, backend_for, init_groups)
+from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
+                                       RESET_STATS, SHUTDOWN, STEP, ControlChannel, Outbox,
+                                       backend_for, init_groups)
 from seqpar.engine.memory import PeakMemory
 from seqpar.engine.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
 from seqpar.layers.attention import KVCache
 from seqpar.models import MODELS
+
+# Point-to-point tags: activations between stages, logits from the last stage to rank 0.
+TAG_HIDDEN, TAG_LOGITS = 1, 2
 
 
 def rank_threads(cfg: EngineConfig) -> int:
@@ -23,39 +34,93 @@ def rank_threads(cfg: EngineConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)
 
 
+class Logits:
+    """A step's sampled-row logits [S, V] on rank 0, maybe still arriving from the last stage."""
+
+    def __init__(self, tensor: torch.Tensor | None, work=None):
+        self.tensor, self.work = tensor, work
+
+    def wait(self) -> torch.Tensor | None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor
+
+
 class Worker:
     def __init__(self, cfg: EngineConfig, rank: int, init_method: str | None = None):
-        world = cfg.parallel.world_size
+        parallel = cfg.parallel
         self.cfg = cfg
         self.device = torch.device(f"cuda:{rank % torch.cuda.device_count()}"
                                    if cfg.device == "cuda" else cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        group, control = init_groups(backend_for(cfg.device), rank, world, init_method)
-        self.comm = Comm(group, rank, world)
-        self.channel = ControlChannel(control)
+        self.topo = topo = init_groups(backend_for(cfg.device), rank, parallel.tensor_parallel_size,
+                                       parallel.pipeline_parallel_size, init_method)
+        self.comm = Comm(topo.tp_group, topo.tp_rank, topo.tp_size)
+        self.channel = ControlChannel(topo)
+        self.outbox = Outbox(depth=topo.pp_size + 1)  # activations / logits sent on
         dtype = cfg.torch_dtype
+        self.layers = parallel.stage_layers(cfg.model.num_layers, topo.stage)
         with torch.device(self.device):
-            self.model = MODELS[cfg.model.model_type](cfg.model, self.comm, dtype, cfg.max_model_len)
+            self.model = MODELS[cfg.model.model_type](cfg.model, self.comm, dtype, cfg.max_model_len,
+                                                      self.layers)
         self.model.load_weights(cfg.model_dir)
         self.model.eval()
-        for layer in self.model.model.layers:
+        for layer in self.model.model.layers:  # this stage's layers only
             attn = layer.self_attn.attn
             attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, dtype, self.device,
                                  cfg.max_model_len)
+        self.compiled = None
+        """compile=True: the compiled forward (one graph per rank, SP pass applied unless SP is
+        off); it serves the steps of its mode (SP or TP), the others run eager."""
+        if cfg.extra.get("compile"):
+            from seqpar.compile.runner import CompiledForward
+            self.compiled = CompiledForward(self.model, sp=parallel.sequence_parallel != "off",
+                                            overlap=parallel.overlap)
         self.sp_threshold: int | None = None
         self.peak_bytes: int | None = None
         """While not None: the largest peak activation memory of the steps run since MEMORY_ON."""
-        if world > 1:
-            dist.barrier(group=group)  # every rank loaded: a failed load surfaces here
+        if parallel.world_size > 1:
+            dist.barrier()  # every rank loaded: a failed load surfaces here
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        if self.peak_bytes is None:
-            return self.model(plan)
-        with PeakMemory(self.device) as memory:
-            out = self.model(plan)
-        self.peak_bytes = max(self.peak_bytes, memory.peak)
-        return out
+    def execute(self, plan: StepPlan) -> Logits | None:
+        """Run this rank's stage of one step. Rank 0 gets the sampled rows' logits as a Logits
+        handle: with several stages they arrive later, from the last one. Other ranks get None."""
+        topo = self.topo
+        pending = self._expect_logits(plan) if topo.rank == 0 and topo.pp_size > 1 else None
+        with torch.inference_mode(), self._memory():
+            h = residual = None
+            if topo.prev is not None:
+                rows = plan.padded // plan.world_size if plan.sp else plan.num_tokens
+                buf = torch.empty(2, rows, self.cfg.model.hidden_size, dtype=self.cfg.torch_dtype,
+                                  device=self.device)
+                self.comm.recv(buf, topo.prev, TAG_HIDDEN).wait()
+                h, residual = buf.unbind(0)
+            if self.compiled is not None and self.compiled.serves(plan):
+                out = self.compiled(plan)
+            else:
+                out = self.model(plan, h, residual)
+            if topo.next is not None:
+                # [2, rows, H]: one message for hidden + residual.
+                self.outbox.add([self.comm.send(torch.stack(out), topo.next, TAG_HIDDEN)])
+                return pending
+        if topo.rank == 0:
+            return Logits(out)
+        if out is not None and out.shape[0] > 0:
+            self.outbox.add([self.comm.send(out, 0, TAG_LOGITS)])
+        return None
+
+    def _expect_logits(self, plan: StepPlan) -> Logits:
+        """Rank 0: post the receive of a step's logits before running its first stage."""
+        logits = torch.empty(sum(plan.sample), self.cfg.model.vocab_size, dtype=torch.float32,
+                             device=self.device)
+        if logits.shape[0] == 0:
+            return Logits(logits)
+        return Logits(logits, self.comm.recv(logits, self.topo.sampler_source, TAG_LOGITS))
+
+    def _memory(self):
+        return contextlib.nullcontext() if self.peak_bytes is None else _PeakTracker(self)
 
     def report_memory(self) -> list[int] | None:
         """Gather every rank's peak since MEMORY_ON to rank 0 (a list there, None elsewhere)."""
@@ -64,9 +129,18 @@ class Worker:
         group = self.channel.group
         if group is None:
             return [int(mine)]
-        parts = [torch.zeros_like(mine) for _ in range(self.comm.world_size)] if self.comm.rank == 0 else None
+        world = dist.get_world_size(group)
+        parts = [torch.zeros_like(mine) for _ in range(world)] if self.topo.rank == 0 else None
         dist.gather(mine, parts, dst=0, group=group)
         return None if parts is None else [int(p) for p in parts]
+
+    def report_p2p(self) -> torch.Tensor:
+        """Sum every rank's [send calls, send bytes, recv calls, recv bytes] on rank 0 (returned
+        there) and zero those counters on every rank."""
+        counts = [x for op in ("send", "recv") for x in self.comm.stats.pop(op, (0, 0))]
+        total = torch.tensor(counts, dtype=torch.int64)
+        dist.reduce(total, 0, group=self.channel.group)
+        return total
 
     def measure(self) -> tuple[int, int]:
         """Time TP / SP / SP + overlap on this group (every rank together); see engine/policy.py."""
@@ -78,11 +152,11 @@ class Worker:
 
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""
-        world = self.comm.world_size
+        tp = self.comm.world_size
         while True:
             cmd, payload = self.channel.recv()
             if cmd == STEP:
-                self.execute(StepPlan.decode(payload, world, self.device))
+                self.execute(StepPlan.decode(payload, tp, self.device))
             elif cmd == MEASURE:
                 self.measure()
             elif cmd == RESET_STATS:
@@ -91,10 +165,28 @@ class Worker:
                 self.peak_bytes = 0
             elif cmd == MEMORY_REPORT:
                 self.report_memory()
+            elif cmd == P2P_REPORT:
+                self.report_p2p()
             elif cmd in (END_CALL, SHUTDOWN):
+                # The ranks below have the command (and every step's data) before this returns.
+                self.channel.flush()
+                self.outbox.flush()
                 return
             else:
                 raise RuntimeError(f"unknown command {cmd} from rank 0")
+
+
+class _PeakTracker(PeakMemory):
+    """PeakMemory of one step, folded into the worker's running peak."""
+
+    def __init__(self, worker: Worker):
+        super().__init__(worker.device)
+        self.worker = worker
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.worker.peak_bytes = max(self.worker.peak_bytes, self.peak)
+        return False
 
 
 def follower(rank: int, cfg: EngineConfig, init_method: str) -> None:

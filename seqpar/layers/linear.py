@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqpar.compile.ops import tokenwise_end, traced_all_reduce
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
@@ -57,6 +58,8 @@ class ColumnParallelLinear(_ParallelLinear):
             return all_gather_matmul(self.comm, x, self.weight, self.bias)  # [T_pad, out / N]
         if plan.sp:
             x = self.comm.all_gather_tokens(x)  # [T_pad / N, in] -> [T_pad, in]
+        elif torch.compiler.is_compiling():
+            x = tokenwise_end(x)  # a token-wise region of the residual stream ends here
         return F.linear(x, self.weight, self.bias)
 
     def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
@@ -138,6 +141,8 @@ class RowParallelLinear(_ParallelLinear):
             y = matmul_reduce_scatter(self.comm, x, self.weight, plan.padded)
         elif plan.sp:
             y = self.comm.reduce_scatter_tokens(F.linear(x, self.weight), plan.padded)
+        elif torch.compiler.is_compiling():  # functional all_reduce + fence, for the SP pass
+            y = traced_all_reduce(self.comm, F.linear(x, self.weight))
         else:
             y = self.comm.all_reduce(F.linear(x, self.weight))
         # The bias is added once, after the reduction.

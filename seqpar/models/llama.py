@@ -4,6 +4,9 @@ It reads like a single-device model: every collective lives inside the parallel 
 the step's mode (TP or SP) from the plan at forward time. Shapes below: T real tokens, T_pad the
 padded count (a multiple of N on SP steps), S sampled rows, "rows" = T on a TP step and T_pad / N
 on an SP step (this rank's token shard of the residual stream).
+
+Under pipeline parallelism a rank builds only its stage's part: a contiguous range of decoder
+layers, plus the embedding on the first stage and the final norm and LM head on the last.
 """
 from __future__ import annotations
 
@@ -90,13 +93,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int):
+    """Embedding (first stage), decoder layers `layers` (as self.layers[0..]) and the final norm
+    (last stage); the parts a stage does not own are None."""
+
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int,
+                 layers: range):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
+        first, last = layers.start == 0, layers.stop == cfg.num_layers
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
+                             if first else None)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype)
-                                    for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype) for _ in layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if last else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -104,20 +112,34 @@ class LlamaForCausalLM(nn.Module):
     FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int,
+                 layers: range | None = None):
+        """layers: the decoder layers this pipeline stage owns (default: all, a single stage)."""
         super().__init__()
         self.cfg, self.comm = cfg, comm
-        self.model = LlamaModel(cfg, comm, dtype, max_positions)
-        tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied_to=tied)
+        self.layers = range(cfg.num_layers) if layers is None else layers
+        self.model = LlamaModel(cfg, comm, dtype, max_positions, self.layers)
+        self.lm_head = None
+        if self.layers.stop == cfg.num_layers:
+            # Tied to the embedding when this stage holds it; a last stage without it loads the
+            # embedding's weights into its own head (see _target).
+            tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied_to=tied)
 
     @torch.inference_mode()
-    def forward(self, plan) -> torch.Tensor | None:
-        """Run one step; return float32 logits [S, V] of the sampled rows on rank 0, else None."""
-        h = self.model.embed_tokens(plan.token_ids, plan)  # [rows, H]
-        residual = None
+    def forward(self, plan, h: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """Run this stage's part of one step.
+
+        h, residual: [rows, H] each from the previous stage; None on the first stage, which embeds
+        the tokens. Returns (h, residual) on a stage before the last; on the last, float32 logits
+        [S, V] of the sampled rows on its TP rank 0, None on its other TP ranks.
+        """
+        if self.model.embed_tokens is not None:
+            h = self.model.embed_tokens(plan.token_ids, plan)  # [rows, H]
         for layer in self.model.layers:
             h, residual = layer(h, residual, plan)
+        if self.lm_head is None:
+            return h, residual
         # Only the sampled rows go through the final norm and the LM head.
         if plan.sp:
             # Each rank normalizes the sampled rows it owns ([K, H], K = most rows any rank owns),
@@ -153,33 +175,56 @@ class LlamaForCausalLM(nn.Module):
                     except ValueError as e:
                         raise ValueError(f"{file.name}: {ckpt_name}: {e}") from None
                     loaded.add((name, shard))
-        missing = sorted(f"{n}{'' if s is None else f' [{s}]'}" for n, s in expected - loaded)
+        missing = sorted(f"{self._ckpt_layer_name(n)}{'' if s is None else f' [{s}]'}"
+                         for n, s in expected - loaded)
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. "
                              f"{', '.join(missing[:5])}")
 
     def _target(self, ckpt_name: str):
+        """(our parameter, shard id) for a checkpoint tensor, or None when this stage skips it."""
         if "rotary_emb" in ckpt_name:
             return None
         if self.cfg.tie_word_embeddings and ckpt_name == "lm_head.weight":
-            return None  # the embedding already provides it
+            return None  # the embedding's weights provide it
         parts = ckpt_name.split(".")
+        if parts[:2] == ["model", "layers"] and len(parts) > 2:
+            # Another stage's layer is skipped unread; ours is numbered from the stage's first.
+            index = int(parts[2])
+            if index not in self.layers:
+                # another stage's layer; one past the config's count is an error, below
+                return None if index < self.cfg.num_layers else (ckpt_name, None)
+            parts[2] = str(index - self.layers.start)
+        elif ckpt_name.startswith("model.embed_tokens."):
+            if self.model.embed_tokens is None:
+                tied_head = self.cfg.tie_word_embeddings and self.lm_head is not None
+                return ("lm_head.weight", None) if tied_head else None
+        elif ckpt_name.startswith(("model.norm.", "lm_head.")) and self.lm_head is None:
+            return None
         for i, part in enumerate(parts):
             if part in self.FUSED:
                 fused, shard = self.FUSED[part]
                 return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
-        return ckpt_name, None
+        return ".".join(parts), None
 
     def _expected_shards(self, params):
         inverse = {}
         for proj, (fused, shard) in self.FUSED.items():
             inverse.setdefault(fused, []).append(shard)
         for name in params:
-            if self.cfg.tie_word_embeddings and name == "lm_head.weight":
-                continue
+            if name == "lm_head.weight" and self.lm_head.weight is getattr(
+                    self.model.embed_tokens, "weight", None):
+                continue  # tied: loaded as the embedding
             fused = name.split(".")[-2]
             for shard in inverse.get(fused, [None]):
                 yield name, shard
+
+    def _ckpt_layer_name(self, name: str) -> str:
+        """Our parameter name -> the checkpoint's layer numbering (for messages)."""
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            parts[2] = str(int(parts[2]) + self.layers.start)
+        return ".".join(parts)
 
 
 def _load_whole(param: torch.nn.Parameter, tensor_slice, shard_id=None) -> None:

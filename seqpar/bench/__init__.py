@@ -1,0 +1,135 @@
+"""`seqpar bench`: prefill latency and decode throughput of seqpar's modes next to HF transformers
+and PyTorch DTensor TP+SP, interleaved in one run; peak memory, communication bytes against the
+analytic minimum, and the cost model's prediction. `seqpar plan` is the cost model (plan.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from seqpar.bench.suite import MODES, Settings, run
+
+DEFAULT_GROUPS = (("smollm2", 1), ("smollm2-8h", 2))
+"""Without --model / -tp: SmolLM2's real weights at tp=1 (vs HF), its 8-head twin at tp=2."""
+FULL = dict(tokens=[128, 512, 2048, 8192], batches=[1, 16], prompt_len=128, new_tokens=32,
+            runs=5, warmup=1, memory_runs=3)
+QUICK = dict(tokens=[64, 256], batches=[1, 16], prompt_len=16, new_tokens=4, runs=2, warmup=1,
+             memory_runs=1)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="seqpar bench", description=__doc__)
+    p.add_argument("--model", nargs="+", default=None,
+                   help="models (seqpar --model forms, or smollm2-8h); default: smollm2 at tp 1 "
+                        "and its 8-head twin smollm2-8h at tp 2")
+    p.add_argument("-tp", "--tensor-parallel-size", dest="tp", type=int, nargs="+", default=None,
+                   help="tp sizes, run for every model they fit (default: see --model)")
+    p.add_argument("--modes", nargs="+", default=None, choices=[m.name for m in MODES],
+                   help=f"modes (default: all: {', '.join(m.name for m in MODES)})")
+    p.add_argument("--quick", action="store_true",
+                   help="small token counts and fewer runs: a few minutes, table only")
+    p.add_argument("--tokens", type=int, nargs="+", help="prefill token counts "
+                   f"(default {FULL['tokens']}, quick {QUICK['tokens']})")
+    p.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 16)")
+    p.add_argument("--prompt-len", type=int, help="decode prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per sequence when decoding")
+    p.add_argument("--runs", type=int, help="measured runs per point (default 5, quick 2)")
+    p.add_argument("--warmup", type=int, help="warm-up runs per point, discarded (default 1)")
+    p.add_argument("--memory-runs", type=int,
+                   help="peak-memory probes per point, smallest kept (default 3, quick 1; 0: skip)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="total torch threads per mode: tp ranks get threads / tp each, HF all")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--hardware", default="cpu-2core-gloo",
+                   help="cost-model profile to predict seqpar prefill times with ('' for none)")
+    p.add_argument("--json", metavar="FILE", help="write every record (and the machine) as JSON")
+    p.add_argument("--plots", metavar="DIR", help="write bench_latency.png and bench_memory.png")
+    p.add_argument("--markdown", metavar="FILE", help="write the results page (docs/benchmarks.md)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="add the records of earlier --json files to this run's outputs")
+    p.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: write the table, plots and page from earlier --json files")
+    p.add_argument("--docs", action="store_true",
+                   help="= --json docs/benchmarks.json --plots docs --markdown docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.docs:
+        args.json = args.json or "docs/benchmarks.json"
+        args.plots = args.plots or "docs"
+        args.markdown = args.markdown or "docs/benchmarks.md"
+    return args
+
+
+def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
+    preset = QUICK if args.quick else FULL
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
+    modes = [m for m in MODES if args.modes is None or m.name in args.modes]
+    if args.model is None and args.tp is None:
+        groups = [([m], [tp]) for m, tp in DEFAULT_GROUPS]
+    else:
+        groups = [(args.model or ["smollm2"], args.tp or [1])]
+    common = dict(modes=modes, tokens=pick("tokens"), batches=pick("batches"),
+                  prompt_len=pick("prompt_len"), new_tokens=pick("new_tokens"), runs=pick("runs"),
+                  warmup=pick("warmup"), memory_runs=pick("memory_runs"), threads=args.threads,
+                  dtype=args.dtype, seed=args.seed, hardware=args.hardware or None, log=log)
+    return [Settings(models=ms, tps=tps, **common) for ms, tps in groups], sys.argv[1:]
+
+
+def main(argv=None) -> int:
+    from seqpar.bench import report
+    args = parse(argv)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory probe's profiler: quiet
+    runs, _ = settings_for(args)
+    result = None
+    if args.replot:
+        with open(args.replot[0]) as f:
+            result = json.load(f)
+        args.merge = args.replot[1:] + args.merge
+        runs = []
+    for s in runs:
+        part = run(s)
+        if result is None:
+            result = part
+        else:
+            result["records"] += part["records"]
+            result["notes"] += part["notes"]
+            result["sp_thresholds"].update(part["sp_thresholds"])
+            for k in ("wall_s", "other_cpu_s"):
+                result["machine"][k] += part["machine"][k]
+            result["machine"]["other_share"] = max(result["machine"]["other_share"],
+                                                   part["machine"]["other_share"])
+            result["machine"]["load_avg_after"] = part["machine"]["load_avg_after"]
+    for path in args.merge:
+        with open(path) as f:
+            earlier = json.load(f)
+        result["records"] += earlier["records"]
+        result["notes"] += earlier.get("notes", []) + [
+            f"records from `{earlier.get('command', path)}` merged in ({path}); that run: "
+            f"{earlier['machine']['wall_s'] / 60:.0f} min, other processes used "
+            f"{earlier['machine']['other_share']:.0%} of the CPUs"]
+    if runs:
+        command = "seqpar bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        result["command"] = command.strip()
+        result["settings"] = {k: v for k, v in runs[0].__dict__.items() if k not in ("log", "modes")}
+        result["settings"]["modes"] = [m.name for m in runs[0].modes]
+    records = result["records"]
+    print()
+    print(report.table(records))
+    m = result["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['backend']}; "
+          f"{m['wall_s']:.0f} s; other processes used {m['other_share']:.0%} of the CPUs meanwhile")
+    for name, status, nums in report.targets(records):
+        print(f"[{status}] {name}: {nums}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plots:
+        for path in report.plots(records, args.plots):
+            print(f"wrote {path}")
+    if args.markdown:
+        from seqpar.bench.markdown import write
+        write(result, args.markdown, plots_dir=args.plots)
+        print(f"wrote {args.markdown}")
+    return 0

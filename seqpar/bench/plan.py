@@ -1,0 +1,220 @@
+"""`seqpar plan`: the cost model's predictions for a model x tp x hardware, and `--calibrate`, which
+measures this machine's profile (matmul and attention FLOP/s, memory bandwidth, per-op overhead,
+and each collective's latency and bandwidth on the real gloo group)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+
+from seqpar.bench.costmodel import PROFILES, Hardware, layer_cost, load_profile, overlap_gain, sp_threshold
+from seqpar.config import ModelConfig
+
+DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e6:9.1f} us" if s < 1e-3 else f"{s * 1e3:9.3f} ms"
+
+
+def plan_table(cfg: ModelConfig, hw: Hardware, tp: int, tokens) -> str:
+    lines = [f"hardware {hw.name}: {hw.source}",
+             f"per decoder layer, one rank, tp={tp} ({cfg.num_layers} layers)",
+             f"{'tokens':>7} {'mode':>8} {'matmul':>12} {'attention':>12} {'token-wise':>12} "
+             f"{'overhead':>12} {'comm':>12} {'total':>12} {'x TP':>6}"]
+    for t in tokens:
+        base = layer_cost(cfg, hw, t, tp, "tp").total
+        for mode in (("tp", "sp", "overlap") if tp > 1 else ("tp",)):
+            c = layer_cost(cfg, hw, t, tp, mode)
+            lines.append(f"{t:>7} {mode:>8} {_fmt_s(c.matmul)} {_fmt_s(c.attention)} "
+                         f"{_fmt_s(c.tokenwise)} {_fmt_s(c.overhead)} {_fmt_s(c.comm)} "
+                         f"{_fmt_s(c.total)} {base / c.total:6.3f}")
+    if tp > 1:
+        thr = sp_threshold(cfg, hw, tp)
+        lines.append(f"SP token threshold: {'never' if thr is None else thr} "
+                     "(SP faster than TP from there on)")
+        big = max(tokens)
+        lines.append(f"best possible overlap gain over SP at {big} tokens: "
+                     f"{overlap_gain(cfg, hw, big, tp):.3f}x per layer")
+    return "\n".join(lines)
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+def _median_time(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """time = alpha + bytes / beta over (bytes, seconds) points -> (alpha, beta), by least squares
+    on relative errors (weights 1 / time^2), so the small sizes fix alpha and the large ones beta."""
+    w = [1.0 / max(y, 1e-9) ** 2 for _, y in points]
+    sw = sum(w)
+    sx = sum(wi * x for wi, (x, _) in zip(w, points))
+    sy = sum(wi * y for wi, (_, y) in zip(w, points))
+    sxx = sum(wi * x * x for wi, (x, _) in zip(w, points))
+    sxy = sum(wi * x * y for wi, (x, y) in zip(w, points))
+    slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+    alpha = (sy - slope * sx) / sw
+    return max(0.0, alpha), 1.0 / max(slope, 1e-15)
+
+
+class Calibration:
+    """Runs on every rank of a gloo group at once, so each measures with its peers busy too."""
+
+    def __init__(self, rank: int, world: int, model_dir: str):
+        self.rank, self.world = rank, world
+        self.cfg = ModelConfig.from_dir(model_dir)
+
+    def _sync(self):
+        import torch.distributed as dist
+        if self.world > 1:
+            dist.barrier()
+
+    def compute(self) -> dict:
+        import torch
+        import torch.nn.functional as F
+        cfg, n = self.cfg, self.world
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self._sync()
+        # The model's largest matmul (gate_up) on 2048 tokens.
+        x, w = torch.randn(2048, h), torch.randn(2 * i // n, h)
+        matmul = 2 * 2048 * h * (2 * i // n) / _median_time(lambda: F.linear(x, w))
+        # Streaming: c = a + b over 64 MiB arrays moves 3 x 64 MiB.
+        a, b, c = torch.randn(1 << 24), torch.randn(1 << 24), torch.empty(1 << 24)
+        mem_bw = 3 * a.numel() * 4 / _median_time(lambda: torch.add(a, b, out=c))
+        # The engine's attention call: one causal sequence of 2048 tokens, GQA.
+        hq, hkv, d = cfg.num_heads // n, max(1, cfg.num_kv_heads // n), cfg.head_dim
+        t = 2048
+        q, k, v = torch.randn(hq, t, d), torch.randn(hkv, t, d), torch.randn(hkv, t, d)
+        attn_s = _median_time(lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=hq != hkv), reps=3)
+        attention = 2 * 2 * t * t * hq * d / 2 / attn_s
+        # One tiny op: the floor of every eager op's cost.
+        y = torch.randn(1, h)
+        op = _median_time(lambda: [torch.add(y, y) for _ in range(1000)]) / 1000
+        self._sync()
+        return {"matmul_flops": matmul, "mem_bw": mem_bw, "attention_flops": attention,
+                "tiny_op_s": op}
+
+    def collectives(self) -> dict:
+        import torch
+        import torch.distributed as dist
+        from seqpar.distributed.comm import Comm
+        comm = Comm(dist.group.WORLD, self.rank, self.world)
+        h = self.cfg.hidden_size
+        points = {"all_reduce": [], "reduce_scatter": [], "all_gather": []}
+        for t in (16, 256, 1024, 4096, 8192):
+            x = torch.randn(t, h)
+            shard = torch.randn(t // self.world, h)
+            nbytes = t * h * 4
+            points["all_reduce"].append((nbytes, _median_time(lambda: comm.all_reduce(x.clone()))))
+            points["reduce_scatter"].append(
+                (nbytes, _median_time(lambda: comm.reduce_scatter_tokens(x, t))))
+            points["all_gather"].append((nbytes, _median_time(lambda: comm.all_gather_tokens(shard))))
+        return {op: list(_fit(p)) for op, p in points.items()}
+
+    def close(self) -> None:
+        pass
+
+
+def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
+    """Measure this machine as `tp` ranks of `threads` threads each; fit the per-op overhead to
+    seqpar's own prefill of 16 tokens (the one point fitted to the engine; the rest is measured
+    by micro-benchmarks)."""
+    from seqpar.bench.hosts import Host
+    from seqpar.bench.models import resolve
+    from seqpar.bench.subjects import SeqparSubject
+    model_dir = str(resolve(model))
+    cfg = ModelConfig.from_dir(model_dir)
+    threads = threads or max(1, (os.cpu_count() or 1) // tp)
+    host = Host(Calibration, world=tp, threads=threads, args=(model_dir,), name="calibrate")
+    try:
+        compute = host.call("compute")
+        coll = host.call("collectives") if tp > 1 else {}
+    finally:
+        host.close()
+    ar = coll.get("all_reduce", [0.0, 1e12])
+    hw = Hardware(name, matmul_flops=compute["matmul_flops"],
+                  attention_flops=compute["attention_flops"], mem_bw=compute["mem_bw"],
+                  link_bw=ar[1] * 2 * (tp - 1) / tp if tp > 1 else 1e12, link_latency=ar[0],
+                  op_overhead=compute["tiny_op_s"], dtype_bytes=4, collectives=coll,
+                  source=f"measured by `seqpar plan --calibrate --model {model} -tp {tp}` on "
+                         f"{os.cpu_count()} cores, {threads} thread(s) per rank, fp32, gloo")
+    # Fit the eager overhead per op on a 16-token prefill, where it dominates.
+    llm = Host(SeqparSubject, threads=threads, name="seqpar",
+               args=(model_dir, tp, threads, 64, "float32", {}))
+    try:
+        ids = list(range(1, 17))
+        measured = statistics.median(llm.call("prefill", ids, {"mode": "off"}) for _ in range(7))
+    finally:
+        llm.close()
+    hw0 = replace(hw, op_overhead=0.0)
+    rest = cfg.num_layers * layer_cost(cfg, hw0, 16, tp, "tp").total
+    from seqpar.bench.costmodel import OPS_PER_LAYER_TP
+    per_op = max(compute["tiny_op_s"], (measured - rest) / (cfg.num_layers * OPS_PER_LAYER_TP))
+    return replace(hw, op_overhead=per_op)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="seqpar plan", description=__doc__)
+    p.add_argument("--model", default="smollm2", help="model (as for seqpar generate, or a bench "
+                   "twin such as smollm2-8h); a Hugging Face config.json also works")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=2, help="TP ranks")
+    p.add_argument("--hardware", default="h100-sxm-nvlink",
+                   help=f"a profile ({', '.join(PROFILES)}) or a JSON file from --calibrate")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+                   help="prefill token counts to predict")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine's profile instead (spawns tp gloo ranks)")
+    p.add_argument("--threads", type=int, default=None, help="threads per rank when calibrating")
+    p.add_argument("--out", default=None, help="with --calibrate: write the profile JSON here")
+    p.add_argument("--json", action="store_true", help="print the profile / predictions as JSON")
+    args = p.parse_args(argv)
+    tp = args.tensor_parallel_size
+    if args.calibrate:
+        hw = calibrate(args.model, tp, args.threads, name=f"cpu-{os.cpu_count()}core-gloo")
+        text = hw.to_json()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        print(text)
+        return 0
+    cfg = _model_config(args.model)
+    hw = load_profile(args.hardware)
+    if tp < 1 or cfg.num_heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp}: num_attention_heads {cfg.num_heads} is not "
+                         f"divisible by it")
+    if args.json:
+        print(json.dumps({"hardware": asdict(hw), "layers": {
+            t: {m: asdict(layer_cost(cfg, hw, t, tp, m)) for m in ("tp", "sp", "overlap")}
+            for t in args.tokens}, "sp_threshold": sp_threshold(cfg, hw, tp)}, indent=2))
+    else:
+        print(plan_table(cfg, hw, tp, args.tokens))
+    return 0
+
+
+def _model_config(model: str) -> ModelConfig:
+    from seqpar.bench.models import SYNTHETIC, resolve
+    from seqpar.bench.public import PUBLIC_CONFIGS
+    if model in PUBLIC_CONFIGS:
+        return ModelConfig.from_hf(PUBLIC_CONFIGS[model], source=model)
+    if model in SYNTHETIC:
+        return ModelConfig.from_hf(dict(SYNTHETIC[model], model_type="llama"), source=model)
+    if model.endswith(".json") and os.path.isfile(model):
+        return ModelConfig.from_hf(json.load(open(model)), source=model)
+    return ModelConfig.from_dir(resolve(model))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

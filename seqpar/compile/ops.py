@@ -1,0 +1,112 @@
+"""Custom ops the compiled path puts in the graph: two no-op fences and opaque attention.
+
+Fences mark where a token-wise region of the residual stream starts and ends, so the SP pass
+(sp_pass.py) does not have to guess from norm variants:
+
+    tokenwise_begin(x)  after a reduction over the TP group (row-parallel output, embedding)
+    tokenwise_end(x)    at a column-parallel input (the matmul that needs every token)
+
+Both return their input unchanged. The layers emit them only while torch.compile traces
+(`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from the
+graph before Inductor sees it.
+
+`attention(qkv, layer, out_dim)` hides the per-sequence attention over the KV cache (a Python loop
+over the step's sequences) from the compiler: one opaque node per layer, so the whole forward is
+one graph and the residual stream stays sharded across layers. Its eager body is looked up in
+`ATTENTION` (set by the runner for the step being run).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.library import custom_op
+
+
+@custom_op("seqpar::tokenwise_begin", mutates_args=())
+def tokenwise_begin(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # custom ops may not return an input alias; only reached without the pass
+
+
+@tokenwise_begin.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@custom_op("seqpar::tokenwise_end", mutates_args=())
+def tokenwise_end(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@tokenwise_end.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
+
+# layer index -> callable(qkv [rows, q+k+v features]) -> [rows, out_dim]; set per step (runner.py)
+ATTENTION: dict = {}
+
+
+@custom_op("seqpar::attention", mutates_args=())
+def attention(qkv: torch.Tensor, layer: int, out_dim: int) -> torch.Tensor:
+    return ATTENTION[layer](qkv)
+
+
+@attention.register_fake
+def _(qkv, layer, out_dim):
+    return qkv.new_empty(qkv.shape[0], out_dim)
+
+
+def traced_all_reduce(comm, x: torch.Tensor) -> torch.Tensor:
+    """While compiling: Comm.all_reduce as a functional all_reduce (a node the pass can see,
+    counted per step by the runner) followed by the begin fence."""
+    if comm.world_size == 1:
+        return x
+    from torch.distributed import _functional_collectives as funcol
+
+    group = comm.group if comm.group is not None else dist.group.WORLD
+    return tokenwise_begin(funcol.all_reduce(x, "sum", group))
+
+
+# ---- collective matmuls (layers/overlap.py) as graph ops, for the pass's overlap option --------
+
+def _comm(group_name: str):
+    from seqpar.distributed.comm import Comm
+
+    pg = torch._C._distributed_c10d._resolve_process_group(group_name)
+    return Comm(pg, pg.rank(), pg.size())
+
+
+def _group_size(group_name: str) -> int:
+    return torch._C._distributed_c10d._resolve_process_group(group_name).size()
+
+
+@custom_op("seqpar::all_gather_matmul", mutates_args=())
+def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      group_name: str) -> torch.Tensor:
+    """linear(all_gather(x), weight, bias), the gather hidden behind the matmuls:
+    [S, in] -> [N * S, out]."""
+    from seqpar.layers import overlap
+
+    return overlap.all_gather_matmul(_comm(group_name), x, weight, bias)
+
+
+@all_gather_matmul.register_fake
+def _(x, weight, bias, group_name):
+    return x.new_empty(x.shape[0] * _group_size(group_name), weight.shape[0])
+
+
+@custom_op("seqpar::matmul_reduce_scatter", mutates_args=())
+def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, padded: int,
+                          group_name: str) -> torch.Tensor:
+    """reduce_scatter(pad(linear(x, weight), padded)), the transfers hidden behind the matmuls:
+    [T, in] -> [padded / N, out]."""
+    from seqpar.layers import overlap
+
+    return overlap.matmul_reduce_scatter(_comm(group_name), x, weight, padded)
+
+
+@matmul_reduce_scatter.register_fake
+def _(x, weight, padded, group_name):
+    return x.new_empty(padded // _group_size(group_name), weight.shape[0])

@@ -1,0 +1,122 @@
+"""The benchmark suite and the cost model. Not timed: the smoke test runs the quick bench on a tiny
+model and checks what it reports, not how fast anything is."""
+import json
+
+import pytest
+import torch
+
+from seqpar.bench import analytic, costmodel, markdown, plan, report
+from seqpar.bench.suite import MODES, Settings, run
+from seqpar.config import ModelConfig
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    out = tmp_path_factory.mktemp("bench") / "tiny-llama"
+    model.save_pretrained(out)
+    return out
+
+
+def test_quick_bench_records(tiny_llama, tmp_path):
+    # tp=1 (seqpar next to HF) and tp=2 (every SP mode next to DTensor), 1 thread per rank;
+    # 16 and 33 tokens (33 pads under SP).
+    s = Settings(models=[str(tiny_llama)], tps=[1, 2], modes=list(MODES), tokens=[16, 33],
+                 batches=[1, 4], prompt_len=8, new_tokens=3, runs=2, warmup=1, memory_runs=1,
+                 threads=2, hardware="cpu-2core-gloo", log=lambda *a: None)
+    result = run(s)
+    recs = result["records"]
+    json.dumps(result)  # --json writes exactly this
+    by_tp = {1: {"sp=off", "hf"}, 2: {m.name for m in MODES} - {"hf"}}
+    assert {(r["scenario"], r["tp"], r["mode"], r["tokens"]) for r in recs} == \
+        {("prefill", tp, m, t) for tp, ms in by_tp.items() for m in ms for t in (16, 33)} | \
+        {("decode", tp, m, b) for tp, ms in by_tp.items() for m in ms for b in (1, 4)}
+    for r in recs:
+        assert len(r["times_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["ratio_vs_sp_off"] is not None  # every group has sp=off
+        if r["scenario"] == "prefill":  # (decode times of a tiny model are mostly noise)
+            assert r["tokens_per_s"] > 0 and r["ratio_vs_sp_off"] > 0
+            assert len(r["peak_bytes"]) == r["tp"] and min(r["peak_bytes"]) > 0
+        if r["mode"].startswith("sp=") or r["mode"] == "overlap":
+            if r["tp"] == 1:
+                assert r["comm_bytes"] == r["comm_min_bytes"] == 0
+                continue
+            # Every seqpar step moves exactly the analytic minimum, TP or SP, padded or not.
+            assert r["comm_bytes"] == r["comm_min_bytes"] > 0, r
+            if r["scenario"] == "prefill":
+                assert r["peak_bytes_predicted"]["total"] > 0 and r["predicted_s"] > 0
+    steps = {(r["mode"], r["scenario"], r["tokens"]): r["sp_step"]
+             for r in recs if r["tp"] == 2 and "sp_step" in r}
+    assert steps[("sp=on", "prefill", 33)] and not steps[("sp=off", "prefill", 33)]
+    assert steps[("sp=on", "decode", 1)]  # one token padded to 2 rows
+    names = [t[0] for t in report.targets(recs)]
+    assert any("analytic minimum" in n for n in names)
+    assert "sp=on" in report.table(recs)
+    markdown.write({**result, "command": "seqpar bench (test)", "settings": {
+        "runs": 2, "warmup": 1, "prompt_len": 8, "new_tokens": 3, "hardware": "cpu-2core-gloo"}},
+        tmp_path / "b.md", plots_dir=tmp_path)
+    assert "## Targets" in (tmp_path / "b.md").read_text()
+
+
+def test_comm_minimum_by_hand():
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="llama"))
+    h, layers, b = 64, 2, 4
+    tp_step = analytic.comm_minimum(cfg, [10], 2, sp=False)
+    assert tp_step == {"all_reduce": 5 * 10 * h * b, "gather": 512 * b}
+    sp_step = analytic.comm_minimum(cfg, [11], 2, sp=True)  # 11 tokens pad to 12
+    assert sp_step["reduce_scatter"] == 5 * 12 * h * b
+    assert sp_step["all_gather"] == (4 * 12 + 2 * 1) * h * b
+    assert analytic.sample_rows_per_rank([1, 1, 1, 1], 2) == 2
+    # ring wire bytes: TP and SP steps send the same (padding aside)
+    even = analytic.comm_minimum(cfg, [12], 2, sp=True)
+    wire_sp = analytic.wire_bytes_per_rank({"reduce_scatter": even["reduce_scatter"],
+                                            "all_gather": 4 * 12 * h * b}, 2)
+    wire_tp = analytic.wire_bytes_per_rank({"all_reduce": 4 * 12 * h * b}, 2)
+    assert wire_sp == wire_tp + 12 * h * b // 2  # the embedding's reduction has no all-gather
+
+
+def test_peak_activation_shrinks_only_the_stream():
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="llama"))
+    off = analytic.peak_activation(cfg, 64, 2, sp=False)
+    on = analytic.peak_activation(cfg, 64, 2, sp=True)
+    assert on["kv_cache"] == off["kv_cache"]
+    assert on["stream"] * 2 == off["stream"]
+
+
+def test_cost_model():
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="llama"))
+    hw = costmodel.Hardware("test", matmul_flops=1e12, attention_flops=1e12, mem_bw=1e11,
+                            link_bw=1e10, link_latency=1e-5, op_overhead=0.0)
+    tp = costmodel.layer_cost(cfg, hw, 1024, 2, "tp")
+    sp = costmodel.layer_cost(cfg, hw, 1024, 2, "sp")
+    # Ring model: RS + AG move what an all-reduce moves, at one more latency each.
+    assert sp.comm - tp.comm == pytest.approx(2 * hw.link_latency)
+    payload = 1024 * 64 * hw.dtype_bytes  # [T, H]; a 2-rank all-reduce sends 2 (N-1) / N of it
+    assert tp.comm == pytest.approx(2 * (1e-5 + payload / 1e10))
+    assert sp.tokenwise < tp.tokenwise and sp.matmul == tp.matmul
+    # Large T: the matmul is compute-bound, 2 T x (this rank's weights) FLOPs.
+    weights = 64 * (2 + 2 * 1) * 16 + 2 * 16 * 64 + 3 * 64 * 128 // 2
+    assert tp.matmul == pytest.approx(2 * 1024 * weights / 1e12)
+    gain = costmodel.overlap_gain(cfg, hw, 1024, 2)
+    assert 1.0 <= gain <= 2.0
+    # No latency: SP wins from the first size N divides (1 token pads to 2 rows of work);
+    # huge latency: never.
+    free = costmodel.Hardware(**{**hw.__dict__, "link_latency": 0.0})
+    slow = costmodel.Hardware(**{**hw.__dict__, "link_latency": 1.0})
+    assert costmodel.sp_threshold(cfg, free, 2) == 2
+    assert costmodel.sp_threshold(cfg, slow, 2) is None
+
+
+def test_plan_cli(capsys):
+    assert plan.main(["--model", "llama-3-70b", "-tp", "8", "--hardware", "h100-sxm-nvlink",
+                      "--tokens", "128", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "SP token threshold" in out and "overlap gain" in out
+    with pytest.raises(ValueError, match="unknown hardware"):
+        costmodel.load_profile("no-such-node")
