@@ -1,7 +1,7 @@
 """Pipeline parallelism: generation throughput at pp=2 against pp=1, and the stage-boundary bytes.
 
     .venv/bin/python examples/pp_throughput.py [--model smollm2] [-tp 1] [--sp off|on]
-        [--prompts 16] [--prompt-len 32] [--max-tokens 16] [--rounds 3]
+        [--prompts 16] [--prompt-len 32] [--max-tokens 16] [--max-batched-tokens 4096] [--rounds 3]
 
 A batch of equal-length random prompts, greedy, EOS ignored. Each round starts every configuration
 in turn (so background load hits them alike), runs one warm-up call and one timed call; the median
@@ -24,11 +24,11 @@ import torch
 from seqpar import LLM, SamplingParams
 
 
-def run_once(model, tp, pp, threads, in_flight, sp, prompts, params):
+def run_once(model, tp, pp, threads, in_flight, sp, budget, prompts, params):
     if tp * pp == 1:
         torch.set_num_threads(threads)  # a single rank runs in this process
     with LLM(model, tensor_parallel_size=tp, pipeline_parallel_size=pp, sequence_parallel=sp,
-             threads_per_rank=threads, max_num_batched_tokens=4096) as llm:
+             threads_per_rank=threads, max_num_batched_tokens=budget) as llm:
         llm._max_in_flight = in_flight
         vocab = llm.cfg.model.vocab_size
         llm.generate(prompts, params)  # warm-up
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-batched-tokens", type=int, default=4096,
+                    help="tokens per step; smaller chunks long prompts into more steps")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -63,12 +65,14 @@ def main() -> None:
     last = {}
     for _ in range(args.rounds):
         for config in configs:
-            rate, stats, tokens = run_once(args.model, args.tp, *config, args.sp, prompts, params)
+            rate, stats, tokens = run_once(args.model, args.tp, *config, args.sp, args.max_batched_tokens,
+                                           prompts, params)
             rates[config].append(rate)
             last[config] = (stats, tokens)
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {args.model}, "
           f"{args.prompts} prompts x {args.prompt_len} tokens, {args.max_tokens} generated each, "
-          f"tp={args.tp} sp={args.sp}, median of {args.rounds} rounds")
+          f"<= {args.max_batched_tokens} tokens per step, tp={args.tp} sp={args.sp}, "
+          f"median of {args.rounds} rounds")
     reference = last[configs[0]][1]
     for config in configs:
         pp, threads, in_flight = config

@@ -114,6 +114,9 @@ def main(argv=None) -> int:
         result["settings"] = {k: v for k, v in runs[0].__dict__.items() if k not in ("log", "modes")}
         result["settings"]["modes"] = [m.name for m in runs[0].modes]
     records = result["records"]
+    if args.hardware:
+        from seqpar.bench.suite import add_predictions
+        add_predictions(records, args.hardware)
     print()
     print(report.table(records))
     m = result["machine"]

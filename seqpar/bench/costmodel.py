@@ -54,6 +54,8 @@ class Hardware:
     """Where the numbers come from: public specs (peak x an efficiency) or a measurement."""
     collectives: dict = field(default_factory=dict)
     """Measured {op: [alpha seconds, beta bytes/s]} overriding the ring model (CPU/gloo profile)."""
+    ranks: int = 0
+    """The tp a measured profile holds for (a CPU's cores are shared by its ranks); 0: any."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -86,7 +88,7 @@ PROFILES: dict[str, Hardware] = {
 PROFILES["cpu-2core-gloo"] = Hardware(
     "cpu-2core-gloo", matmul_flops=4.376e+10, attention_flops=5.993e+09,
     mem_bw=2.173e+10, link_bw=5.275e+08, link_latency=0.0003039,
-    op_overhead=0.0001097, dtype_bytes=4,
+    op_overhead=0.0001097, dtype_bytes=4, ranks=2,
     collectives={"all_reduce": [0.0003039, 5.275e+08],
                  "reduce_scatter": [0.0002516, 1.182e+09],
                  "all_gather": [0.00401, 2.794e+09]},

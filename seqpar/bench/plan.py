@@ -148,7 +148,7 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
     hw = Hardware(name, matmul_flops=compute["matmul_flops"],
                   attention_flops=compute["attention_flops"], mem_bw=compute["mem_bw"],
                   link_bw=ar[1] * 2 * (tp - 1) / tp if tp > 1 else 1e12, link_latency=ar[0],
-                  op_overhead=compute["tiny_op_s"], dtype_bytes=4, collectives=coll,
+                  op_overhead=compute["tiny_op_s"], dtype_bytes=4, collectives=coll, ranks=tp,
                   source=f"measured by `seqpar plan --calibrate --model {model} -tp {tp}` on "
                          f"{os.cpu_count()} cores, {threads} thread(s) per rank, fp32, gloo")
     # Fit the eager overhead per op on a 16-token prefill, where it dominates.

@@ -165,6 +165,7 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
     if pred:
         errs = [(r, r["predicted_s"] / r["median_s"] - 1) for r in pred]
         ok = all(abs(e) <= 0.25 for _, e in errs)
-        nums = ", ".join(f"{r['mode']} {r['tokens']}: {e:+.0%}" for r, e in errs)
+        nums = ", ".join(f"{r['model']} tp={r['tp']} {r['mode']} {r['tokens']}: {e:+.0%}"
+                         for r, e in errs)
         out.append(("cost model within 25% of measured (CPU)", "met" if ok else "missed", nums))
     return out

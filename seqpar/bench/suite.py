@@ -212,11 +212,6 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
     gen = torch.Generator().manual_seed(s.seed)
     nbytes = DTYPES[s.dtype].itemsize
     info = g.info()
-    predict = None
-    if s.hardware:
-        from seqpar.bench.costmodel import load_profile, step_time
-        hw = load_profile(s.hardware)
-        predict = lambda t, sp: step_time(cfg, hw, t, g.tp, "sp" if sp else "tp")  # noqa: E731
     threshold = next((v.get("threshold") for v in info.values() if v.get("threshold")), None)
     base_fields = dict(model=model, model_desc=describe(model), threads=s.threads)
 
@@ -241,8 +236,8 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
                     got = g.host(m).call_all("memory", ids, g.variant(m))
                     if m.subject == "seqpar":  # rank 0 answers for all: (peaks, comm counters)
                         got, stats = got[0]
-                    # The CPU probe can miss frees made on gloo's threads, which only inflates a
-                    # reading: keep each rank's smallest.
+                    # The CPU probe misses frees made on gloo's threads (readings inflate): keep
+                    # each rank's smallest (docs/benchmarks.md says where it also deflates).
                     peaks = got if peaks is None else [min(a, b) for a, b in zip(peaks, got)]
                 rec["peak_bytes"] = peaks
             if m.subject == "seqpar":
@@ -250,8 +245,7 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
                 rec.update(_comm_fields(cfg, stats, [t], g.tp, 1, nbytes))
                 sp = rec["sp_step"]
                 rec["peak_bytes_predicted"] = analytic.peak_activation(cfg, t, g.tp, sp, nbytes)
-                if predict is not None:
-                    rec["predicted_s"] = predict(t, sp)
+                rec["overlap_step"] = bool(sp and m.policy.get("overlap"))
             out.append(rec)
             s.log("    " + _one_line(rec))
 
@@ -308,6 +302,22 @@ def _one_line(r: dict) -> str:
             f"(min {r['min_s']:.4f}, max {r['max_s']:.4f}){extra}{mem}")
 
 
+def add_predictions(records: list[dict], hardware: str) -> None:
+    """The cost model's seconds for each seqpar prefill record run at the profile's tp."""
+    from seqpar.bench.costmodel import load_profile, step_time
+    hw = load_profile(hardware)
+    configs = {}
+    for r in records:
+        r.pop("predicted_s", None)
+        if r["scenario"] != "prefill" or "sp_step" not in r or hw.ranks not in (0, r["tp"]):
+            continue
+        if r["model"] not in configs:
+            configs[r["model"]] = ModelConfig.from_dir(resolve(r["model"]))
+        overlap = r.get("overlap_step", r["mode"] == "overlap" and r["sp_step"])
+        mode = "overlap" if overlap else "sp" if r["sp_step"] else "tp"
+        r["predicted_s"] = step_time(configs[r["model"]], hw, r["tokens"], r["tp"], mode)
+
+
 def run(s: Settings) -> dict:
     """Run every model x tp group; return {"machine": .., "records": [..], "notes": [..]}."""
     machine = machine_info(s.threads)
@@ -343,6 +353,8 @@ def run(s: Settings) -> dict:
                     thresholds[f"{model} tp={tp}"] = group.sp_threshold
             finally:
                 group.close()
+    if s.hardware:
+        add_predictions(records, s.hardware)
     machine.update(share.others())
     machine["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     return {"machine": machine, "records": records, "notes": notes, "sp_thresholds": thresholds}
