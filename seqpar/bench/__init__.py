@@ -26,7 +26,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("-tp", "--tensor-parallel-size", dest="tp", type=int, nargs="+", default=None,
                    help="tp sizes, run for every model they fit (default: see --model)")
     p.add_argument("--modes", nargs="+", default=None, choices=[m.name for m in MODES],
-                   help=f"modes (default: all: {', '.join(m.name for m in MODES)})")
+                   help="modes (default: "
+                        f"{', '.join(m.name for m in MODES if m.default)})")
     p.add_argument("--quick", action="store_true",
                    help="small token counts and fewer runs: a few minutes, table only")
     p.add_argument("--tokens", type=int, nargs="+", help="prefill token counts "
@@ -64,7 +65,7 @@ def parse(argv=None) -> argparse.Namespace:
 def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
     preset = QUICK if args.quick else FULL
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
-    modes = [m for m in MODES if args.modes is None or m.name in args.modes]
+    modes = [m for m in MODES if (m.default if args.modes is None else m.name in args.modes)]
     if args.model is None and args.tp is None:
         groups = [([m], [tp]) for m, tp in DEFAULT_GROUPS]
     else:

@@ -168,9 +168,12 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="seqpar plan", description=__doc__)
-    p.add_argument("--model", default="smollm2", help="model (as for seqpar generate, or a bench "
-                   "twin such as smollm2-8h); a Hugging Face config.json also works")
-    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=2, help="TP ranks")
+    p.add_argument("--model", default="smollm2",
+                   help="a model as for seqpar generate, a bench twin (smollm2-8h), a public "
+                        "shape (llama-3-8b, llama-3-70b) or a Hugging Face config.json")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
+                   help="TP ranks (default: the largest of 8, 4, 3, 2, 1 the model allows; "
+                        "2 when calibrating)")
     p.add_argument("--hardware", default="h100-sxm-nvlink",
                    help=f"a profile ({', '.join(PROFILES)}) or a JSON file from --calibrate")
     p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
@@ -183,6 +186,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tp = args.tensor_parallel_size
     if args.calibrate:
+        tp = tp or 2
         hw = calibrate(args.model, tp, args.threads, name=f"cpu-{os.cpu_count()}core-gloo")
         text = hw.to_json()
         if args.out:
@@ -192,9 +196,13 @@ def main(argv=None) -> int:
         return 0
     cfg = _model_config(args.model)
     hw = load_profile(args.hardware)
-    if tp < 1 or cfg.num_heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp}: num_attention_heads {cfg.num_heads} is not "
-                         f"divisible by it")
+    if tp is None:
+        from seqpar.bench.suite import valid_tp
+        tp = next(t for t in (8, 4, 3, 2, 1) if valid_tp(cfg, t) is None)
+    from seqpar.bench.suite import valid_tp
+    if tp < 1 or valid_tp(cfg, tp):
+        raise ValueError(f"tensor_parallel_size={tp} does not fit {args.model}: "
+                         f"{valid_tp(cfg, max(tp, 1))}")
     if args.json:
         print(json.dumps({"hardware": asdict(hw), "layers": {
             t: {m: asdict(layer_cost(cfg, hw, t, tp, m)) for m in ("tp", "sp", "overlap")}

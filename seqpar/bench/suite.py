@@ -36,6 +36,8 @@ class Mode:
     ranks: str = "any"
     """"any": run at every tp; "multi": only at tp > 1; "one": a single process with every
     thread, run next to seqpar's tp=1 (so only where the tp list holds 1)."""
+    default: bool = True
+    """In the default mode list (else only when named with --modes)."""
 
 
 MODES = (
@@ -45,6 +47,8 @@ MODES = (
     Mode("overlap", "seqpar", {"mode": "on", "overlap": True}, ranks="multi"),
     Mode("hf", "hf", ranks="one"),
     Mode("dtensor", "dtensor", ranks="multi"),
+    # torch.compile + the SP graph pass: compiles once per token count (minutes each on CPU).
+    Mode("compile", "seqpar", {"mode": "on"}, llm={"compile": True}, ranks="multi", default=False),
 )
 BASELINE = "sp=off"
 
