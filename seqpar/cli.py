@@ -39,7 +39,7 @@ def cmd_generate(args) -> int:
     prompts = args.prompt or ["What is the capital of France?"]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    with LLM(**_llm_kwargs(args), seed=args.seed or 0) as llm:
+    with LLM(**_llm_kwargs(args), seed=args.seed or 0, shm=args.shm) as llm:
         if args.chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
         else:
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--stats", action="store_true", help="print comm_stats() as JSON")
+    gen.add_argument("--no-shm", dest="shm", action="store_false",
+                     help="TP collectives through gloo even when the ranks share a host")
     gen.set_defaults(func=cmd_generate)
 
     check = sub.add_parser("check", help="validate a model x tp x pp and print the parallel plan")

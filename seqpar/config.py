@@ -122,6 +122,9 @@ class ParallelConfig:
     """With "auto": run SP on steps of at least this many tokens instead of the measured threshold."""
     overlap: bool = False
     """Collective matmul on SP steps ("auto" measures from which token count it pays)."""
+    shm: bool = True
+    """CPU (gloo) ranks of a TP group on one host carry its collectives through shared memory
+    instead of sockets (distributed/shm.py); False: always through gloo."""
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -132,6 +135,8 @@ class ParallelConfig:
             raise ValueError(f"sequence_parallel must be one of {SP_MODES}, got {self.sequence_parallel!r}")
         if self.sp_min_tokens is not None and self.sp_min_tokens < 1:
             raise ValueError(f"sp_min_tokens must be >= 1, got {self.sp_min_tokens}")
+        if not isinstance(self.shm, bool):
+            raise ValueError(f"shm must be True or False, got {self.shm!r}")
 
     @property
     def world_size(self) -> int:

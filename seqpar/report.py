@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from seqpar.compile.runner import check_single_stage
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
 from seqpar.distributed.comm import Comm
 from seqpar.layers.attention import Attention
@@ -138,9 +139,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
 
 def _compile_lines(parallel: ParallelConfig, cfg: ModelConfig, engine: EngineConfig) -> list[str]:
     """What the SP graph pass does to this model's compiled forward (seqpar/compile/check.py)."""
-    if parallel.pipeline_parallel_size > 1:
-        raise ValueError(f"compile=True with pipeline_parallel_size={parallel.pipeline_parallel_size}:"
-                         " the compiled forward covers a single stage; use 1")
+    check_single_stage(parallel.pipeline_parallel_size)
     if parallel.tensor_parallel_size == 1:
         return ["compiled   torch.compile (Inductor); no collectives at tp=1, nothing for the SP pass"]
     from seqpar.compile.check import pass_report

@@ -1,6 +1,7 @@
 """The benchmark suite and the cost model. Not timed: the smoke test runs the quick bench on a tiny
 model and checks what it reports, not how fast anything is."""
 import json
+import math
 
 import pytest
 import torch
@@ -26,24 +27,29 @@ def tiny_llama(tmp_path_factory):
 
 def test_quick_bench_records(tiny_llama, tmp_path):
     # tp=1 (seqpar next to HF) and tp=2 (every SP mode next to DTensor), 1 thread per rank;
-    # 16 and 33 tokens (33 pads under SP).
+    # 16 and 33 tokens (33 pads under SP); the pipeline modes at 16 tokens and batch 4.
     modes = [m for m in MODES if m.default]
     s = Settings(models=[str(tiny_llama)], tps=[1, 2], modes=modes, tokens=[16, 33],
                  batches=[1, 4], prompt_len=8, new_tokens=3, runs=2, warmup=1, memory_runs=1,
-                 threads=2, hardware="cpu-2core-gloo", log=lambda *a: None)
+                 threads=2, hardware="cpu-2core-gloo", pp_tokens=[16], pp_batches=[4],
+                 cores=4, log=lambda *a: None)  # cores: decode tp=2 x pp=2 too
     result = run(s)
     recs = result["records"]
     json.dumps(result)  # --json writes exactly this
-    by_tp = {1: {"sp=off", "hf"}, 2: {m.name for m in modes} - {"hf"}}
+    pipeline = {1: {"pp=2"}, 2: {"pp=2", "pp=2+sp"}}
+    by_tp = {1: {"sp=off", "hf"}, 2: {m.name for m in modes} - {"hf"} - pipeline[2]}
     assert {(r["scenario"], r["tp"], r["mode"], r["tokens"]) for r in recs} == \
         {("prefill", tp, m, t) for tp, ms in by_tp.items() for m in ms for t in (16, 33)} | \
-        {("decode", tp, m, b) for tp, ms in by_tp.items() for m in ms for b in (1, 4)}
+        {("decode", tp, m, b) for tp, ms in by_tp.items() for m in ms for b in (1, 4)} | \
+        {(sc, tp, m, 16 if sc == "prefill" else 4) for tp, ms in pipeline.items() for m in ms
+         for sc in ("prefill", "decode")}
     for r in recs:
         assert len(r["times_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["ratio_vs_sp_off"] is not None  # every group has sp=off
         if r["scenario"] == "prefill":  # (decode times of a tiny model are mostly noise)
             assert r["tokens_per_s"] > 0 and r["ratio_vs_sp_off"] > 0
-            assert len(r["peak_bytes"]) == r["tp"] and min(r["peak_bytes"]) > 0
+            if r["pp"] == 1:
+                assert len(r["peak_bytes"]) == r["tp"] and min(r["peak_bytes"]) > 0
         if r["mode"].startswith("sp=") or r["mode"] == "overlap":
             if r["tp"] == 1:
                 assert r["comm_bytes"] == r["comm_min_bytes"] == 0
@@ -56,13 +62,39 @@ def test_quick_bench_records(tiny_llama, tmp_path):
              for r in recs if r["tp"] == 2 and "sp_step" in r}
     assert steps[("sp=on", "prefill", 33)] and not steps[("sp=off", "prefill", 33)]
     assert steps[("sp=on", "decode", 1)]  # one token padded to 2 rows
-    names = [t[0] for t in report.targets(recs)]
-    assert any("analytic minimum" in n for n in names)
+    at = {(r["scenario"], r["tp"], r["mode"], r["tokens"]): r for r in recs}
+    # Overlap: the SP step's collectives timed alone; the same bytes as the step moves.
+    for t in (16, 33):
+        sp_on, overlap = at["prefill", 2, "sp=on", t], at["prefill", 2, "overlap", t]
+        assert sp_on["comm_alone_bytes"] == sp_on["comm_bytes"]
+        assert len(sp_on["comm_alone_times_s"]) == 2 and sp_on["comm_alone_s"] > 0
+        assert sp_on["comm_alone_cpu_s"] > 0
+        for key in ("hidden_fraction", "compute_alone_s", "comm_alone_s"):
+            assert math.isfinite(overlap[key]), key
+    # Pipeline: the boundary carries exactly the analytic bytes, with SP 1/tp of those without.
+    for r in recs:
+        if r["pp"] > 1:
+            assert r["boundary_bytes"] == r["boundary_min_bytes"] > 0, r
+            assert r["p2p"]["send"]["bytes"] == r["p2p"]["recv"]["bytes"]
+            assert r["ratio_vs_pp1"] > 0
+    for scenario, n in (("prefill", 16), ("decode", 4)):
+        tp_step, sp_step = at[scenario, 2, "pp=2", n], at[scenario, 2, "pp=2+sp", n]
+        assert sp_step["sp_step"] and not tp_step["sp_step"]
+        assert sp_step["boundary_bytes"] * 2 == tp_step["boundary_bytes"]
+    assert at["prefill", 1, "pp=2", 16]["boundary_bytes"] == analytic.boundary_bytes(
+        ModelConfig.from_hf(dict(TINY, model_type="llama")), 16, 1, 2, sp=False)
+    targets = {t[0]: t[1] for t in report.targets(recs)}
+    assert any("analytic minimum" in n for n in targets)
+    assert targets["pipeline boundary bytes per step = analytic (SP: 1/tp of TP)"] == "met"
+    assert targets["overlap hides >= 50% of the communication at >= 2048 tokens, tp=2"] == \
+        "not measured"
     assert "sp=on" in report.table(recs)
+    assert "hidden" in report.overlap_table(recs) and "pp=2+sp" in report.pipeline_table(recs)
     markdown.write({**result, "command": "seqpar bench (test)", "settings": {
         "runs": 2, "warmup": 1, "prompt_len": 8, "new_tokens": 3, "hardware": "cpu-2core-gloo"}},
         tmp_path / "b.md", plots_dir=tmp_path)
-    assert "## Targets" in (tmp_path / "b.md").read_text()
+    page = (tmp_path / "b.md").read_text()
+    assert "## Targets" in page and "## Overlap" in page and "## Pipeline parallelism" in page
 
 
 def test_comm_minimum_by_hand():
@@ -74,6 +106,10 @@ def test_comm_minimum_by_hand():
     assert sp_step["reduce_scatter"] == 5 * 12 * h * b
     assert sp_step["all_gather"] == (4 * 12 + 2 * 1) * h * b
     assert analytic.sample_rows_per_rank([1, 1, 1, 1], 2) == 2
+    # The stage boundary: each TP rank's full [T, H] hidden + residual, or their [T_pad / N, H]
+    # shards.
+    assert analytic.boundary_bytes(cfg, 11, 2, 2, sp=False) == 2 * 2 * 11 * h * b
+    assert analytic.boundary_bytes(cfg, 12, 2, 3, sp=True) == 2 * 2 * 12 * h * b
     # ring wire bytes: TP and SP steps send the same (padding aside)
     even = analytic.comm_minimum(cfg, [12], 2, sp=True)
     wire_sp = analytic.wire_bytes_per_rank({"reduce_scatter": even["reduce_scatter"],
@@ -86,8 +122,9 @@ def test_peak_activation_shrinks_only_the_stream():
     cfg = ModelConfig.from_hf(dict(TINY, model_type="llama"))
     off = analytic.peak_activation(cfg, 64, 2, sp=False)
     on = analytic.peak_activation(cfg, 64, 2, sp=True)
-    assert on["kv_cache"] == off["kv_cache"]
+    assert on["mlp"] == off["mlp"]
     assert on["stream"] * 2 == off["stream"]
+    assert on["total"] < off["total"]
 
 
 def test_cost_model():

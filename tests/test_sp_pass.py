@@ -183,6 +183,9 @@ class TokenMixingNorm(nn.Module):
     def forward(self, x, residual=None):
         return self.norm(x + 0.01 * torch.cumsum(x, dim=0), residual)
 
+    def add_norm_(self, x, residual, out):  # the eager decoder layer's in-place form
+        return self.norm.add_norm_(x + 0.01 * torch.cumsum(x, dim=0), residual, out)
+
 
 def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=True):
     from seqpar.compile.runner import CompiledForward
@@ -329,5 +332,6 @@ def test_seqpar_model_compiled_tp(tiny):
     assert after[0] == {"all_reduce": 5, "reduce_scatter": 0, "all_gather": 0, "fence": 0,
                         "all_gather_matmul": 0, "matmul_reduce_scatter": 0}
     assert "0 region(s) rewritten, 2 left TP" in summaries[0]
-    assert stats["all_reduce"]["calls"] == 2 * 5
+    # 2 lengths, each run eager and compiled: 5 all_reduces per step in both
+    assert stats["all_reduce"]["calls"] == 2 * 2 * 5
     assert worst < 1e-4

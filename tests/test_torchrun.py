@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent("""
     outs = llm.generate([[5, 6, 7], [9, 10, 11, 12, 13]], SamplingParams(max_tokens=4, temperature=0,
                                                                       ignore_eos=True))
     outs2 = llm.generate([[8, 8]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    print("RESULT", os.environ["RANK"], json.dumps([o.token_ids for o in outs + outs2]), flush=True)
+    # One write per line: the ranks share stdout, and print() writes each piece apart when unbuffered.
+    sys.stdout.write(f"RESULT {os.environ['RANK']} {json.dumps([o.token_ids for o in outs + outs2])}\\n")
     llm.close()
 """)
 

@@ -13,9 +13,9 @@ from seqpar.bench.suite import MODES, Settings, run
 DEFAULT_GROUPS = (("smollm2", 1), ("smollm2-8h", 2))
 """Without --model / -tp: SmolLM2's real weights at tp=1 (vs HF), its 8-head twin at tp=2."""
 FULL = dict(tokens=[128, 512, 2048, 8192], batches=[1, 16], prompt_len=128, new_tokens=32,
-            runs=5, warmup=1, memory_runs=3)
+            runs=5, warmup=1, memory_runs=3, pp_tokens=[512], pp_batches=[16])
 QUICK = dict(tokens=[64, 256], batches=[1, 16], prompt_len=16, new_tokens=4, runs=2, warmup=1,
-             memory_runs=1)
+             memory_runs=1, pp_tokens=[256], pp_batches=[16])
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -33,6 +33,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", help="prefill token counts "
                    f"(default {FULL['tokens']}, quick {QUICK['tokens']})")
     p.add_argument("--batches", type=int, nargs="*", help="decode batch sizes (default 1 16)")
+    p.add_argument("--pp-tokens", type=int, nargs="*",
+                   help="prefill token counts of the pipeline modes (pp=2 ...), next to their "
+                        f"one-stage modes (default {FULL['pp_tokens']}, "
+                        f"quick {QUICK['pp_tokens']})")
+    p.add_argument("--pp-batches", type=int, nargs="*",
+                   help=f"decode batch sizes of the pipeline modes (default {FULL['pp_batches']})")
     p.add_argument("--prompt-len", type=int, help="decode prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, help="tokens generated per sequence when decoding")
     p.add_argument("--runs", type=int, help="measured runs per point (default 5, quick 2)")
@@ -71,6 +77,7 @@ def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
     else:
         groups = [(args.model or ["smollm2"], args.tp or [1])]
     common = dict(modes=modes, tokens=pick("tokens"), batches=pick("batches"),
+                  pp_tokens=pick("pp_tokens"), pp_batches=pick("pp_batches"),
                   prompt_len=pick("prompt_len"), new_tokens=pick("new_tokens"), runs=pick("runs"),
                   warmup=pick("warmup"), memory_runs=pick("memory_runs"), threads=args.threads,
                   dtype=args.dtype, seed=args.seed, hardware=args.hardware or None, log=log)
@@ -120,6 +127,10 @@ def main(argv=None) -> int:
         add_predictions(records, args.hardware)
     print()
     print(report.table(records))
+    for extra in (report.overlap_table(records),
+                  report.pipeline_table(records, result["machine"]["cores"])):
+        if extra:
+            print("\n" + extra)
     m = result["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['backend']}; "
           f"{m['wall_s']:.0f} s; other processes used {m['other_share']:.0%} of the CPUs meanwhile")

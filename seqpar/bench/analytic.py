@@ -28,10 +28,10 @@ def sample_rows_per_rank(seq_lens: list[int], tp: int) -> int:
     return max(1, max(owned))
 
 
-def comm_minimum(cfg: ModelConfig, seq_lens: list[int], tp: int, sp: bool,
-                 nbytes: int = 4) -> dict[str, int]:
-    """The logical bytes one step must move, per collective, counted as `LLM.comm_stats()` counts
-    them (the full tensor of each collective).
+def step_collectives(cfg: ModelConfig, seq_lens: list[int], tp: int,
+                     sp: bool) -> list[tuple[str, int, int]]:
+    """The collectives one step must issue, in order, each as (op, rows, cols) of its logical
+    tensor (the full tensor, as `LLM.comm_stats()` counts it); empty at tp = 1.
 
     The layout fixes them: every row-parallel matmul (attention out and MLP down, 2 per layer) and
     the vocab-parallel embedding leave partial sums that must be reduced once over the step's
@@ -41,16 +41,44 @@ def comm_minimum(cfg: ModelConfig, seq_lens: list[int], tp: int, sp: bool,
     the S sampled rows go to rank 0 in one gather of [S, V_pad]. Nothing else is needed.
     """
     if tp == 1:
-        return {}
+        return []
     t, h, layers = sum(seq_lens), cfg.hidden_size, cfg.num_layers
-    out = {"gather": len(seq_lens) * _ceil_to(cfg.vocab_size, tp) * nbytes}
+    logits = ("gather", len(seq_lens), _ceil_to(cfg.vocab_size, tp))
     if not sp:
-        out["all_reduce"] = (2 * layers + 1) * t * h * nbytes
-        return out
+        return [("all_reduce", t, h)] * (2 * layers + 1) + [logits]
     padded = _ceil_to(t, tp)
-    out["reduce_scatter"] = (2 * layers + 1) * padded * h * nbytes
-    out["all_gather"] = (2 * layers * padded + tp * sample_rows_per_rank(seq_lens, tp)) * h * nbytes
+    # embedding's reduction, then per layer: gather -> QKV, out -> scatter, gather -> MLP -> scatter
+    per_layer = [("all_gather", padded, h), ("reduce_scatter", padded, h)] * 2
+    return ([("reduce_scatter", padded, h)] + per_layer * layers
+            + [("all_gather", tp * sample_rows_per_rank(seq_lens, tp), h), logits])
+
+
+def comm_minimum(cfg: ModelConfig, seq_lens: list[int], tp: int, sp: bool,
+                 nbytes: int = 4) -> dict[str, int]:
+    """The logical bytes one step must move, per collective: `step_collectives` summed by op."""
+    out: dict[str, int] = {}
+    for op, rows, cols in step_collectives(cfg, seq_lens, tp, sp):
+        out[op] = out.get(op, 0) + rows * cols * nbytes
     return out
+
+
+def boundary_bytes(cfg: ModelConfig, rows: int, tp: int, pp: int, sp: bool,
+                   nbytes: int = 4) -> int:
+    """Bytes crossing the pipeline's pp - 1 stage boundaries, summed over the ranks, for steps
+    holding `rows` token rows (T on TP steps, T_pad on SP steps).
+
+    At each boundary every TP rank sends the next stage the hidden state and the residual: on a TP
+    step the full [T, H] replica of each (tp x 2 x T x H in all), on an SP step its own
+    [T_pad / N, H] shard of each (2 x T_pad x H in all): 1/tp of TP.
+    """
+    copies = 1 if sp and tp > 1 else tp
+    return (pp - 1) * copies * 2 * rows * cfg.hidden_size * nbytes
+
+
+def pipeline_logits_bytes(cfg: ModelConfig, sampled: int, pp: int) -> int:
+    """Bytes the last stage sends rank 0 for `sampled` rows: their float32 logits [S, V] (none
+    without a pipeline: rank 0 is the last stage)."""
+    return sampled * cfg.vocab_size * 4 if pp > 1 else 0
 
 
 def wire_bytes_per_rank(logical: dict[str, int], tp: int) -> int:
@@ -62,31 +90,28 @@ def wire_bytes_per_rank(logical: dict[str, int], tp: int) -> int:
 
 
 def peak_activation(cfg: ModelConfig, tokens: int, tp: int, sp: bool, nbytes: int = 4) -> dict:
-    """Predicted peak bytes a prefill step of `tokens` tokens (one sequence, empty cache) allocates
-    on one rank of seqpar's eager model, and its parts.
+    """Predicted peak bytes a prefill step of `tokens` tokens (one sequence) allocates on one rank
+    of seqpar's eager model, and its parts. The KV cache is not activation memory: the bench
+    measures after a warm-up at the same token count, so the cache already holds the room.
 
-    The peak falls in the last layer's MLP, when every layer's KV cache is written:
-    - KV cache: L x 2 x hkv x D x T (allocated by the step, whatever the mode);
-    - residual stream + norm output, alive through the MLP: 2 x rows x H, rows = T on a TP step and
-      T_pad / N on an SP step: this is what SP shrinks by N;
-    - MLP transients, the largest of:
-        gathered input + gate_up:        T' x (H + 2I/N)   (SP only: the all-gathered input does not shrink)
-        gate_up + silu(gate) + product:  T' x 4I/N
-        gate_up + product + down output: T' x (3I/N + H)  (+ on an SP step over gloo the reduce-
-                                         scatter's all-to-all receive buffer T_pad x H and its
-                                         [T_pad / N, H] sum)
-      with T' = T_pad on SP steps, T on TP steps (the MLP works on all tokens either way).
+    The peak falls in an MLP (layers/norm.py and models/llama.py keep it there: the norms write in
+    place and the MLP drops its product before reducing). Alive then:
+    - the residual stream and the norm output: 2 x rows x H, rows = T on a TP step and T_pad / N
+      on an SP step: this is what SP shrinks by N;
+    - the MLP transients, the largest of
+        gathered input + gate_up:   T' x (H + 2I/N)   (SP only: the all-gathered input)
+        gate_up + down output:      T' x (2I/N + H)   (silu(gate) * up is written over gate)
+        down output + reduction:    T' x H + (N - 1) x T_pad / N x H on an SP step over gloo
+                                    (the received chunks; the TP all-reduce works in place)
+      with T' = T_pad on SP steps, T on TP steps (the MLP works on all tokens either way). The
+      first two are equal and larger than the third for any Llama (2I/N > H / N).
     """
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    _, hkv = local_heads(cfg, tp)
+    h, i = cfg.hidden_size, cfg.intermediate_size
     sp = sp and tp > 1
     t_all = _ceil_to(tokens, tp) if sp else tokens
     rows = t_all // tp if sp else tokens
-    kv = layers * 2 * hkv * cfg.head_dim * max(tokens, 16)
     stream = 2 * rows * h
-    gather = t_all * (h + 2 * i // tp) if sp else 0
-    mul = t_all * 4 * i // tp
-    down = t_all * (3 * i // tp + h) + ((t_all * h + rows * h) if sp else 0)
-    transient = max(gather, mul, down)
-    return {"kv_cache": kv * nbytes, "stream": stream * nbytes, "mlp": transient * nbytes,
-            "total": (kv + stream + transient) * nbytes}
+    transient = max(t_all * (2 * i // tp + h),
+                    t_all * h + ((tp - 1) * rows * h if sp else 0))
+    return {"stream": stream * nbytes, "mlp": transient * nbytes,
+            "total": (stream + transient) * nbytes}

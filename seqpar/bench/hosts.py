@@ -12,46 +12,15 @@ inside the subject's process, around the work alone (no pipe round-trip).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import multiprocessing as mp
-import signal
-import socket
-import sys
 import time
 import traceback
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    # A subject outlives nothing: if the bench process dies, the kernel ends its subjects too.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def _without_main():
-    # spawn re-imports the parent's __main__ in each child; subjects run seqpar code only, so the
-    # children are told nothing about it (a script without a __main__ guard must not re-run).
-    main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    try:
-        main.__dict__.pop("__file__", None)
-        main.__spec__ = None
-        yield
-    finally:
-        main.__dict__.update(saved)
-        if "__spec__" not in saved:
-            del main.__spec__
+from seqpar.distributed.launch import die_with_parent, free_port, main_module_hidden
 
 
 def _serve(subject_cls, rank: int, world: int, port: int, threads: int, conn, args) -> None:
-    _die_with_parent()
+    die_with_parent()  # a subject outlives nothing: the bench's death ends it
     import torch
     torch.set_num_threads(threads)
     try:
@@ -92,9 +61,9 @@ class Host:
                  name: str = "subject"):
         self.name = name
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.conns, self.procs = [], []
-        with _without_main():
+        with main_module_hidden():
             for rank in range(world):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_serve, args=(subject_cls, rank, world, port, threads,

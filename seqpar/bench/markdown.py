@@ -52,6 +52,53 @@ def gpu_predictions() -> list[str]:
     return lines
 
 
+def overlap_section(recs: list[dict], mach: dict) -> list[str]:
+    """Where an SP prefill step's time goes at tp > 1, and how much of its communication the
+    collective matmuls hide."""
+    rows = report.overlap_rows(recs)
+    if not rows:
+        return []
+    computing = mach["threads_total"]
+    return ["", "## Overlap: communication hidden", "",
+            "`comm alone`: the wall time of exactly the collectives one SP prefill step issues "
+            "(`analytic.step_collectives`: 2L + 1 reduce-scatters and 2L all-gathers of "
+            "[T_pad, H], the sampled rows' all-gather and the logits' gather; the same shapes, "
+            "count and dtype, on the same ranks and backend), run back to back with no compute "
+            "(`LLM.time_collectives`), timed right after each sp=on run. `compute alone` = sp=on "
+            "- comm alone. `hidden` = (sp=on - overlap) / comm alone, from medians: the share of "
+            "the communication time the ring collective matmuls take off the step. "
+            "`cores busy in comm`: CPU-seconds all ranks spent in comm alone per second of it "
+            "(on CPU every transfer is a copy the cores make, whatever the transport).",
+            "",
+            f"Overlap can at best take a step down to max(compute alone, comm alone), and only "
+            f"with cores free for the transfers while the matmuls run: here the ranks compute "
+            f"with {computing} thread(s) in all on {mach['cores']} cores, so "
+            f"{max(0, mach['cores'] - computing)} core(s) are left for moving bytes meanwhile.",
+            ""] + _table(report.OVERLAP_HEAD, rows)
+
+
+def pipeline_section(recs: list[dict], mach: dict) -> list[str]:
+    """pp=2 against one stage at the same tp, and the bytes that cross the stage boundary."""
+    rows = report.pipeline_rows(recs, mach["cores"])
+    if not rows:
+        return []
+    return ["", "## Pipeline parallelism", "",
+            "Two stages of tp ranks each (`pipeline_parallel_size=2`) against one stage at the "
+            "same tp: `x pp=1` compares pp=2 with sp=off and pp=2+sp with sp=on (prefill: pair "
+            "by pair; decode: a ratio of medians), so below 1 the pipeline is faster. Every mode "
+            "has the same threads in total: a rank of tp x pp gets threads / (tp x pp), at least "
+            "1. Prefill is one sequence, which the stages run one after the other, so tp ranks "
+            "work at a time even where tp x pp exceeds the machine's "
+            f"{mach['cores']} cores (marked). Decode keeps one step in flight per stage, each "
+            "with its share of the batch, so all tp x pp ranks work at once: it runs only where "
+            "they fit the cores (the notes above name what was left out).", "",
+            "Boundary bytes per step, all ranks: `comm_stats()` send bytes less the sampled rows' "
+            "float32 logits the last stage sends rank 0, against `analytic.boundary_bytes`: every "
+            "TP rank sends the next stage the hidden state and the residual, [T, H] each on a TP "
+            "step, its [T_pad / tp, H] shard of each on an SP step (1/tp of TP).", ""] + _table(
+        report.PIPELINE_HEAD, rows)
+
+
 def write(result: dict, path, plots_dir=None) -> None:
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
@@ -88,7 +135,7 @@ def write(result: dict, path, plots_dir=None) -> None:
           f"are medians of run-by-run ratios. Decode: {s['prompt_len']}-token prompts, "
           f"{s['new_tokens']} new tokens, time of the {s['new_tokens'] - 1} decode steps "
           "(a 1-token generate subtracted).", ""]
-    L += ["## Targets (issue 4)", ""]
+    L += ["## Targets (issues 4, 5 and 7)", ""]
     L += _table(["target", "status", "numbers"], report.targets(recs))
     L += ["", notes, ""]
 
@@ -98,7 +145,7 @@ def write(result: dict, path, plots_dir=None) -> None:
     rows = [[r["model"], r["tp"], r["tokens"], r["mode"], f"{r['median_s']:.4f}",
              f"{r['min_s']:.4f}", f"{r['max_s']:.4f}", _x(r.get("ratio_vs_sp_off")),
              f"{r['tokens_per_s']:.0f}", _x(r.get("predicted_s"), ".4f")]
-            for r in recs if r["scenario"] == "prefill"]
+            for r in recs if r["scenario"] == "prefill" and r.get("pp", 1) == 1]
     L += _table(["model", "tp", "tokens", "mode", "median s", "min s", "max s", "x sp=off",
                  "tok/s", "model s"], rows)
     L += ["", f"![prefill latency]({rel}bench_latency.png)", ""]
@@ -106,22 +153,23 @@ def write(result: dict, path, plots_dir=None) -> None:
     L += ["## Decode throughput", ""]
     rows = [[r["model"], r["tp"], r["batch"], r["mode"], f"{r['median_s']:.4f}",
              f"{r['min_s']:.4f}", f"{r['max_s']:.4f}", _x(r.get("ratio_vs_sp_off")),
-             f"{r['tokens_per_s']:.1f}"] for r in recs if r["scenario"] == "decode"]
+             f"{r['tokens_per_s']:.1f}"] for r in recs
+            if r["scenario"] == "decode" and r.get("pp", 1) == 1]
     L += _table(["model", "tp", "batch", "mode", "decode s", "min s", "max s", "x sp=off",
                  "tok/s"], rows)
 
     L += ["", "## Peak activation memory per rank", "",
           "Measured by seqpar's probe (`LLM.profile_memory`; for HF and DTensor the same probe "
-          "around the forward): the most bytes the step's own allocations hold at once, KV cache "
-          "included (it is allocated by the prefill), weights excluded. On CPU the probe reads "
-          "the profiler's allocation events; it can miss frees made on gloo's threads, which only "
-          "ever inflates a reading, so the smallest of several probes is kept.", "",
-          "Prediction (`seqpar/bench/analytic.py`): the peak falls in the last layer's MLP: "
-          "KV cache `L x 2 x hkv x D x T` + residual stream and norm output `2 x rows x H` "
-          "(rows = T under TP, T/N under SP: what SP shrinks) + the MLP transient, the largest of "
-          "gate_up + silu + product `T x 4I/N` and gate_up + product + down output "
-          "`T x (3I/N + H)`, plus under SP the gathered input (`T x H`, not shrunk) and, on gloo, "
-          "the reduce-scatter's all-to-all receive buffer `T x H`.", ""]
+          "around the forward): the most bytes the step's own allocations hold at once, weights "
+          "excluded, after a warm-up at the same token count (so seqpar's KV cache already has "
+          "its room and is not counted; HF's and DTensor's forwards allocate theirs). On CPU the "
+          "probe reads glibc's count of bytes in use (every thread's allocations and frees, gloo's "
+          "included) after each aten op.", "",
+          "Prediction (`seqpar/bench/analytic.py`): the peak falls in an MLP: residual stream and "
+          "norm output `2 x rows x H` (rows = T under TP, T/N under SP: what SP shrinks) + the MLP "
+          "transient `T x (2I/N + H)` (gate_up with silu(gate) * up written over gate, next to "
+          "the gathered input under SP or the down projection's output), the same in both "
+          "modes.", ""]
     rows = []
     for r in recs:
         if r["scenario"] != "prefill" or not r.get("peak_bytes"):
@@ -130,11 +178,10 @@ def write(result: dict, path, plots_dir=None) -> None:
         meas = " / ".join(f"{b / MiB:.1f}" for b in r["peak_bytes"])
         rows.append([r["model"], r["tp"], r["tokens"], r["mode"], meas,
                      "-" if not p else f"{p['total'] / MiB:.1f}",
-                     "-" if not p else f"{p['kv_cache'] / MiB:.1f} + {p['stream'] / MiB:.1f} + "
-                                       f"{p['mlp'] / MiB:.1f}",
+                     "-" if not p else f"{p['stream'] / MiB:.1f} + {p['mlp'] / MiB:.1f}",
                      "-" if not p else f"{max(r['peak_bytes']) / p['total'] - 1:+.1%}"])
     L += _table(["model", "tp", "tokens", "mode", "measured MiB per rank", "predicted MiB",
-                 "KV + stream + MLP", "error (largest rank)"], rows)
+                 "stream + MLP", "error (largest rank)"], rows)
     L += ["", f"![peak memory]({rel}bench_memory.png)", ""]
 
     L += ["## Communication per step", "",
@@ -153,6 +200,8 @@ def write(result: dict, path, plots_dir=None) -> None:
     if result.get("sp_thresholds"):
         L += ["", "SP thresholds measured at start-up by `sp=auto`: " + ", ".join(
             f"{k}: {v} tokens" for k, v in result["sp_thresholds"].items()) + "."]
+    L += overlap_section(recs, mach)
+    L += pipeline_section(recs, mach)
 
     L += ["", "## Cost model (`seqpar plan`)", "",
           "`seqpar plan --model M -tp N --hardware H` predicts each decoder layer's matmul, "

@@ -8,11 +8,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, replace
 
 from seqpar.bench.costmodel import PROFILES, Hardware, layer_cost, load_profile, overlap_gain, sp_threshold
 from seqpar.config import ModelConfig
+from seqpar.engine.policy import median_time
 
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192)
 
@@ -44,16 +44,6 @@ def plan_table(cfg: ModelConfig, hw: Hardware, tp: int, tokens) -> str:
 
 
 # ---- calibration ----------------------------------------------------------------------------
-
-def _median_time(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """time = alpha + bytes / beta over (bytes, seconds) points -> (alpha, beta), by least squares
@@ -89,20 +79,21 @@ class Calibration:
         self._sync()
         # The model's largest matmul (gate_up) on 2048 tokens.
         x, w = torch.randn(2048, h), torch.randn(2 * i // n, h)
-        matmul = 2 * 2048 * h * (2 * i // n) / _median_time(lambda: F.linear(x, w))
+        matmul = 2 * 2048 * h * (2 * i // n) / median_time(lambda: F.linear(x, w))
         # Streaming: c = a + b over 64 MiB arrays moves 3 x 64 MiB.
         a, b, c = torch.randn(1 << 24), torch.randn(1 << 24), torch.empty(1 << 24)
-        mem_bw = 3 * a.numel() * 4 / _median_time(lambda: torch.add(a, b, out=c))
-        # The engine's attention call: one causal sequence of 2048 tokens, GQA.
+        mem_bw = 3 * a.numel() * 4 / median_time(lambda: torch.add(a, b, out=c))
+        # The engine's attention call (layers/attention.py): one causal sequence of 2048 tokens,
+        # GQA, [1, heads, T, D] so the CPU takes its fused kernel as the engine does.
         hq, hkv, d = cfg.num_heads // n, max(1, cfg.num_kv_heads // n), cfg.head_dim
         t = 2048
-        q, k, v = torch.randn(hq, t, d), torch.randn(hkv, t, d), torch.randn(hkv, t, d)
-        attn_s = _median_time(lambda: F.scaled_dot_product_attention(
+        q, k, v = torch.randn(1, hq, t, d), torch.randn(1, hkv, t, d), torch.randn(1, hkv, t, d)
+        attn_s = median_time(lambda: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=hq != hkv), reps=3)
         attention = 2 * 2 * t * t * hq * d / 2 / attn_s
         # One tiny op: the floor of every eager op's cost.
         y = torch.randn(1, h)
-        op = _median_time(lambda: [torch.add(y, y) for _ in range(1000)]) / 1000
+        op = median_time(lambda: [torch.add(y, y) for _ in range(1000)]) / 1000
         self._sync()
         return {"matmul_flops": matmul, "mem_bw": mem_bw, "attention_flops": attention,
                 "tiny_op_s": op}
@@ -118,10 +109,10 @@ class Calibration:
             x = torch.randn(t, h)
             shard = torch.randn(t // self.world, h)
             nbytes = t * h * 4
-            points["all_reduce"].append((nbytes, _median_time(lambda: comm.all_reduce(x.clone()))))
+            points["all_reduce"].append((nbytes, median_time(lambda: comm.all_reduce(x.clone()))))
             points["reduce_scatter"].append(
-                (nbytes, _median_time(lambda: comm.reduce_scatter_tokens(x, t))))
-            points["all_gather"].append((nbytes, _median_time(lambda: comm.all_gather_tokens(shard))))
+                (nbytes, median_time(lambda: comm.reduce_scatter_tokens(x, t))))
+            points["all_gather"].append((nbytes, median_time(lambda: comm.all_gather_tokens(shard))))
         return {op: list(_fit(p)) for op, p in points.items()}
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Bench results out: the table on screen, PNG plots, and the targets of issue 4 checked."""
+"""Bench results out: the tables on screen, PNG plots, and the targets of issues 4, 5 and 7
+checked."""
 from __future__ import annotations
 
 import statistics
@@ -11,7 +12,7 @@ def _f(x, fmt: str, none: str = "-") -> str:
 
 
 def table(records: list[dict]) -> str:
-    head = (f"{'scenario':<8} {'model':<11} {'tp':>2} {'tokens':>6} {'mode':>8} {'median s':>9} "
+    head = (f"{'scenario':<8} {'model':<11} {'tp':>2} {'tokens':>6} {'mode':>11} {'median s':>9} "
             f"{'min s':>9} {'max s':>9} {'x sp=off':>8} {'tok/s':>9} {'peak MiB/rank':>15} "
             f"{'pred MiB':>8} {'comm/step MB':>12} {'min MB':>8} {'ratio':>5} {'model s':>8}")
     lines = [head, "-" * len(head)]
@@ -21,7 +22,7 @@ def table(records: list[dict]) -> str:
         pred = r.get("peak_bytes_predicted")
         comm = r.get("comm_bytes")
         lines.append(
-            f"{r['scenario']:<8} {r['model'][:11]:<11} {r['tp']:>2} {r['tokens']:>6} {r['mode']:>8} "
+            f"{r['scenario']:<8} {r['model'][:11]:<11} {r['tp']:>2} {r['tokens']:>6} {r['mode']:>11} "
             f"{r['median_s']:>9.4f} {r['min_s']:>9.4f} {r['max_s']:>9.4f} "
             f"{_f(r.get('ratio_vs_sp_off'), '8.3f'):>8} {r['tokens_per_s']:>9.1f} {peak:>15} "
             f"{_f(pred and pred['total'] / MiB, '8.1f'):>8} {_f(comm and comm / 1e6, '12.3f'):>12} "
@@ -30,10 +31,71 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def overlap_rows(records: list[dict]) -> list[list[str]]:
+    """Per overlap prefill record: where an SP step's time goes and how much overlap hides."""
+    rows = []
+    for r in records:
+        if r.get("hidden_fraction") is None:
+            continue
+        rows.append([r["model"], str(r["tp"]), str(r["tokens"]), f"{r['sp_on_s']:.4f}",
+                     f"{r['median_s']:.4f}", f"{r['comm_alone_s']:.4f}",
+                     f"{r['comm_alone_cpu_s'] / r['comm_alone_s']:.2f}",
+                     f"{r['compute_alone_s']:.4f}", f"{r['hidden_fraction']:.0%}",
+                     _f(r.get("ratio_vs_sp_off"), ".3f")])
+    return rows
+
+
+OVERLAP_HEAD = ["model", "tp", "tokens", "sp=on s", "overlap s", "comm alone s",
+                "cores busy in comm", "compute alone s", "hidden", "overlap x sp=off"]
+
+
+def pipeline_rows(records: list[dict], cores: int | None = None) -> list[list[str]]:
+    """Per pipeline record: time against one stage, and the bytes crossing the stage boundary."""
+    rows = []
+    for r in records:
+        if r.get("pp", 1) == 1:
+            continue
+        ranks = r["tp"] * r["pp"]
+        rows.append([r["scenario"], r["model"], str(r["tp"]), str(r["pp"]),
+                     f"{ranks}" + (f" > {cores} cores" if cores and ranks > cores else ""),
+                     r["mode"], str(r["tokens"]), f"{r['median_s']:.4f}",
+                     f"{r['tokens_per_s']:.1f}", _f(r.get("ratio_vs_pp1"), ".3f"),
+                     "SP" if r.get("sp_step") else "TP",
+                     _f(r.get("boundary_bytes") and r["boundary_bytes"] / 1e6, ".4f"),
+                     _f(r.get("boundary_min_bytes") and r["boundary_min_bytes"] / 1e6, ".4f"),
+                     _f(r.get("boundary_ratio"), ".2f")])
+    return rows
+
+
+PIPELINE_HEAD = ["scenario", "model", "tp", "pp", "ranks", "mode", "tokens/batch", "median s",
+                 "tok/s", "x pp=1", "step ran", "boundary MB/step", "analytic MB", "ratio"]
+
+
+def _text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
+
+
+def overlap_table(records: list[dict]) -> str:
+    """The hidden fraction on screen ('' without overlap records)."""
+    rows = overlap_rows(records)
+    return ("overlap: communication hidden = (sp=on - overlap) / comm alone; compute alone = "
+            "sp=on - comm alone\n" + _text_table(OVERLAP_HEAD, rows)) if rows else ""
+
+
+def pipeline_table(records: list[dict], cores: int | None = None) -> str:
+    """The pipeline rows on screen ('' without them); x pp=1: against the same mode on one stage."""
+    rows = pipeline_rows(records, cores)
+    return ("pipeline: x pp=1 against the same SP setting on one stage; boundary bytes: what "
+            "crosses the stage boundary per step, all ranks\n"
+            + _text_table(PIPELINE_HEAD, rows)) if rows else ""
+
+
 def _series(records, scenario):
     out: dict[str, list[dict]] = {}
     for r in records:
-        if r["scenario"] == scenario:
+        if r["scenario"] == scenario and r.get("pp", 1) == 1:
             out.setdefault(f"{r['model']} tp={r['tp']} {r['mode']}", []).append(r)
     return out
 
@@ -92,7 +154,7 @@ def _paired_speedup(a: dict, b: dict) -> float | None:
 
 
 def targets(records: list[dict]) -> list[tuple[str, str, str]]:
-    """(target, met / missed / not measured, numbers) for each target of issue 4."""
+    """(target, met / missed / not measured, numbers) for each target of issues 4, 5 and 7."""
     out = []
     pre = [r for r in records if r["scenario"] == "prefill"]
     # 1. sp=auto never slower than sp=off (ratio <= 1.02)
@@ -160,6 +222,43 @@ def targets(records: list[dict]) -> list[tuple[str, str, str]]:
         ok = all(abs(r["comm_ratio"] - 1) < 1e-9 for r in comm)
         out.append(("comm bytes per step / analytic minimum = 1.00", "met" if ok else "missed",
                     f"{len(comm)} records, ratios {ratios}"))
+    # issue 5: overlap at >= 2048 tokens, tp=2: hides >= 50% of the communication, and
+    # sp+overlap <= 0.9 x sp=off
+    big = [r for r in pre if r["mode"] == "overlap" and r["tp"] == 2 and r["tokens"] >= 2048]
+    measured = [r for r in big if r.get("hidden_fraction") is not None]
+    name = "overlap hides >= 50% of the communication at >= 2048 tokens, tp=2"
+    if measured:
+        ok = all(r["hidden_fraction"] >= 0.5 for r in measured)
+        out.append((name, "met" if ok else "missed", ", ".join(
+            f"{r['tokens']}: {r['hidden_fraction']:.0%} (sp=on {r['sp_on_s']:.3f} s, overlap "
+            f"{r['median_s']:.3f} s, comm alone {r['comm_alone_s']:.3f} s, compute alone "
+            f"{r['compute_alone_s']:.3f} s)" for r in measured)))
+    else:
+        out.append((name, "not measured", ""))
+    name = "sp+overlap <= 0.9x sp=off at >= 2048 tokens, tp=2"
+    ratios = [r for r in big if r.get("ratio_vs_sp_off") is not None]
+    if ratios:
+        ok = all(r["ratio_vs_sp_off"] <= 0.9 for r in ratios)
+        out.append((name, "met" if ok else "missed", ", ".join(
+            f"{r['tokens']}: {r['ratio_vs_sp_off']:.3f}" for r in ratios)))
+    else:
+        out.append((name, "not measured", ""))
+    # issue 7: the bytes crossing the stage boundary are the analytic value: 1/tp of TP with SP
+    pipe = [r for r in records if r.get("boundary_ratio") is not None]
+    if pipe:
+        ok = all(abs(r["boundary_ratio"] - 1) < 1e-9 for r in pipe)
+        ratios = sorted({round(r["boundary_ratio"], 4) for r in pipe})
+        nums = [f"{len(pipe)} records, ratios {ratios}"]
+        for r in pipe:
+            if r.get("sp_step"):
+                tp_twin = [x for x in pipe if not x.get("sp_step") and x["tp"] == r["tp"]
+                           and x["scenario"] == r["scenario"] and x["tokens"] == r["tokens"]]
+                if tp_twin:
+                    a, b = r["boundary_bytes"], tp_twin[0]["boundary_bytes"]
+                    nums.append(f"tp={r['tp']} {r['scenario']} {r['tokens']}: SP {a / 1e6:.3f} "
+                                f"MB vs TP {b / 1e6:.3f} MB per step ({a / b:.3f})")
+        out.append(("pipeline boundary bytes per step = analytic (SP: 1/tp of TP)",
+                    "met" if ok else "missed", "; ".join(nums)))
     # cost model on CPU: within 25%
     pred = [r for r in pre if r.get("predicted_s")]
     if pred:

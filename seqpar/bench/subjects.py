@@ -5,6 +5,7 @@ Each subject answers the same questions, inside its own process (see hosts.py):
     generate(prompts, n, variant)       -> seconds to generate n tokens per prompt (greedy, no EOS)
     memory(ids, variant)                -> peak activation bytes of that prefill on this rank
     comm(prompts, n, variant)           -> communication counters of that call (seqpar only)
+    collectives(ops)                    -> (wall s, CPU s) of those collectives alone (seqpar only)
 `variant` is the mode's setting inside a subject shared by several modes (seqpar's SP mode).
 """
 from __future__ import annotations
@@ -36,9 +37,13 @@ class SeqparSubject:
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
     def _set(self, variant: dict | None) -> None:
-        """Set the policy for the coming steps: {"mode": "off" | "on" | "auto", "overlap": bool}."""
+        """Set the policy for the coming steps: {"mode": "off" | "on" | "auto", "overlap": bool,
+        "in_flight": steps in flight with a pipeline (default: one per stage)}."""
         if variant is None:
             return
+        variant = dict(variant)
+        stages = self.llm.cfg.parallel.pipeline_parallel_size
+        self.llm._max_in_flight = variant.pop("in_flight", stages)
         policy = self.llm.policy
         for key, value in {"overlap": False, **variant}.items():
             if key != "overlap" and not hasattr(policy, key):
@@ -67,6 +72,13 @@ class SeqparSubject:
         self.llm.reset_comm_stats()
         self.llm.generate(prompts, self._params(n))
         return self.llm.comm_stats()
+
+    def compile_s(self) -> float:
+        """Seconds rank 0 spent compiling so far (compile=True; else 0.0)."""
+        return self.llm.compile_s
+
+    def collectives(self, ops: list[tuple[str, int, int]]) -> tuple[float, float]:
+        return self.llm.time_collectives(ops)
 
     def close(self) -> None:
         self.llm.close()

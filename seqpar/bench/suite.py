@@ -38,8 +38,15 @@ class Mode:
     thread, run next to seqpar's tp=1 (so only where the tp list holds 1)."""
     default: bool = True
     """In the default mode list (else only when named with --modes)."""
+    versus: str | None = None
+    """Pipeline modes: the one-stage mode they are compared to (same tp, same SP setting)."""
+
+    @property
+    def pp(self) -> int:
+        return self.llm.get("pipeline_parallel_size", 1)
 
 
+PIPELINE = {"pipeline_parallel_size": 2}
 MODES = (
     Mode("sp=off", "seqpar", {"mode": "off"}),
     Mode("sp=on", "seqpar", {"mode": "on"}, ranks="multi"),
@@ -47,8 +54,15 @@ MODES = (
     Mode("overlap", "seqpar", {"mode": "on", "overlap": True}, ranks="multi"),
     Mode("hf", "hf", ranks="one"),
     Mode("dtensor", "dtensor", ranks="multi"),
-    # torch.compile + the SP graph pass: compiles once per token count (minutes each on CPU).
+    # torch.compile + the SP graph pass: at most two graphs (S = 1 and S dynamic), compiled in an
+    # untimed call before the rounds; records carry the seconds it took as compile_s.
     Mode("compile", "seqpar", {"mode": "on"}, llm={"compile": True}, ranks="multi", default=False),
+    # Two pipeline stages of tp ranks each, one LLM for these modes; only at Settings.pp_tokens and
+    # pp_batches. pp=2-serial keeps one step in flight: the stages take turns.
+    Mode("pp=2", "seqpar", {"mode": "off"}, llm=PIPELINE, versus="sp=off"),
+    Mode("pp=2+sp", "seqpar", {"mode": "on"}, llm=PIPELINE, ranks="multi", versus="sp=on"),
+    Mode("pp=2-serial", "seqpar", {"mode": "off", "in_flight": 1}, llm=PIPELINE, versus="sp=off",
+         default=False),
 )
 BASELINE = "sp=off"
 
@@ -70,6 +84,13 @@ class Settings:
     seed: int = 0
     hardware: str | None = None
     """A cost-model profile: seqpar prefill records get its predicted seconds."""
+    pp_tokens: list[int] = field(default_factory=list)
+    """Prefill token counts the pipeline modes run at (next to their one-stage modes)."""
+    pp_batches: list[int] = field(default_factory=list)
+    """Decode batch sizes the pipeline modes run at, where their tp x pp ranks fit the cores."""
+    cores: int = field(default_factory=os.cpu_count)
+    """Decoding keeps a step in flight per stage, so all tp x pp ranks work at once: more ranks
+    than cores would time the OS scheduler (a one-sequence prefill runs one stage at a time)."""
     log: object = print
 
 
@@ -150,10 +171,15 @@ class Group:
                 key = self.key(m)
                 if key in self.hosts:
                     continue
-                s.log(f"  loading {m.subject} (tp={tp if m.ranks != 'one' else 1})")
+                s.log(f"  loading {m.subject} (tp={tp if m.ranks != 'one' else 1}, pp={m.pp})")
                 if m.subject == "seqpar":
-                    self.hosts[key] = Host(SeqparSubject, 1, per_rank, name="seqpar",
-                                           args=(model_dir, tp, per_rank, max_len, s.dtype, m.llm))
+                    # The same threads in total: tp x pp ranks share them. A decode batch's
+                    # prompts fit one step, so decode steps hold one token per sequence.
+                    threads = max(1, s.threads // (tp * m.pp))
+                    budget = max([max_len] + [b * s.prompt_len for b in s.batches + s.pp_batches])
+                    llm = {"max_num_batched_tokens": budget, **m.llm}
+                    self.hosts[key] = Host(SeqparSubject, 1, threads, name="seqpar",
+                                           args=(model_dir, tp, threads, max_len, s.dtype, llm))
                 elif m.subject == "hf":
                     self.hosts[key] = Host(HFSubject, 1, s.threads, (model_dir, s.dtype), "hf")
                 elif m.subject == "dtensor":
@@ -196,6 +222,32 @@ def _rounds(s: Settings, modes: list[Mode], measure) -> dict[str, list[float]]:
     return times
 
 
+def _compiled_rounds(s: Settings, g: Group, modes: list[Mode],
+                     measure) -> tuple[dict[str, list[float]], dict]:
+    """_rounds, after one untimed call per compiled mode, in which that mode compiles every graph
+    its steps need (Dynamo + the SP pass + Inductor); the timed runs then hold no compile.
+
+    Returns (times, {mode: record fields}): compile_s, the seconds that call spent compiling;
+    compile_in_runs_s, any compiling in the rounds after it (0.0 unless a step shape was new).
+    """
+    compiled = [m for m in modes if m.llm.get("compile")]
+    warm = {}
+    for m in compiled:
+        before = g.host(m).call("compile_s")
+        measure(m)
+        warm[m.name] = (before, g.host(m).call("compile_s"))
+    times = _rounds(s, modes, measure)
+    fields = {}
+    for m in compiled:
+        before, after = warm[m.name]
+        fields[m.name] = {"compile_s": after - before,
+                          "compile_in_runs_s": g.host(m).call("compile_s") - after}
+        if fields[m.name]["compile_in_runs_s"] > 0:
+            s.log(f"    {m.name}: {fields[m.name]['compile_in_runs_s']:.1f} s of compiling "
+                  "inside the rounds: its times include compiles")
+    return times, fields
+
+
 def _comm_fields(cfg: ModelConfig, stats: dict, seq_lens: list[int], tp: int, steps: int,
                  nbytes: int) -> dict:
     """Measured logical bytes per step vs the analytic minimum for the mode the step ran in."""
@@ -212,6 +264,60 @@ def _comm_fields(cfg: ModelConfig, stats: dict, seq_lens: list[int], tp: int, st
             "comm": {op: stats.get(op) for op in ops}}
 
 
+def _overlap_fields(times: dict[str, list[float]], alone: list[tuple[float, float]],
+                    ops: list[tuple[str, int, int]], nbytes: int) -> dict[str, dict]:
+    """How much of an SP step is communication, and how much of it overlap hides.
+
+    alone: (wall s, CPU s of all ranks) per run of the SP step's collectives alone (`ops`, timed
+    right after each sp=on run). compute_alone_s = t_sp - t_comm; hidden_fraction =
+    (t_sp - t_overlap) / t_comm, from medians. Returns record fields for sp=on and overlap.
+    """
+    if not alone or "sp=on" not in times:
+        return {}
+    t_comm = statistics.median(w for w, _ in alone)
+    t_sp = statistics.median(times["sp=on"])
+    fields = {"comm_alone_s": t_comm, "comm_alone_times_s": [w for w, _ in alone],
+              "comm_alone_cpu_s": statistics.median(c for _, c in alone),
+              "comm_alone_bytes": sum(rows * cols for _, rows, cols in ops) * nbytes,
+              "compute_alone_s": t_sp - t_comm}
+    out = {"sp=on": fields}
+    if "overlap" in times:
+        out["overlap"] = dict(fields, sp_on_s=t_sp, hidden_fraction=(
+            t_sp - statistics.median(times["overlap"])) / t_comm)
+    return out
+
+
+def _pipeline_fields(cfg: ModelConfig, stats: dict, tokens: int, sampled: int, tp: int, pp: int,
+                     nbytes: int) -> dict:
+    """Bytes crossing the stage boundaries per step, measured vs the analytic value.
+
+    Measured: comm_stats()'s send bytes (every rank's point-to-point sends) less the logits of
+    the `sampled` rows, which the last stage sends rank 0 ([S, V] float32, a fixed size). The
+    steps counted ran all SP or all TP: a pipeline mode sets SP on or off.
+    """
+    steps = stats["steps"]
+    count = steps["sp"] + steps["tp"]
+    if count == 0:  # nothing ran (sequences that hit max_model_len at once)
+        return {}
+    sp = steps["sp"] > 0
+    rows = tokens + steps["padded_tokens"]  # T, or T_pad on SP steps
+    measured = (stats["send"]["bytes"] - analytic.pipeline_logits_bytes(cfg, sampled, pp)) / count
+    minimum = analytic.boundary_bytes(cfg, rows, tp, pp, sp, nbytes) / count
+    return {"sp_step": sp, "steps": count, "boundary_bytes": measured,
+            "boundary_min_bytes": minimum, "boundary_ratio": measured / minimum,
+            "p2p": {op: stats[op] for op in ("send", "recv")}}
+
+
+def _modes_at(modes: list[Mode], main: bool, pipeline: bool) -> list[Mode]:
+    """The modes measured at one token count or batch: the one-stage modes where it is a main
+    point (Settings.tokens, batches); at a pipeline point the pipeline modes, next to the modes
+    they are compared to and the baseline."""
+    twins = {m.versus for m in modes if m.pp > 1}
+    twins |= {BASELINE} if twins else set()
+    return [m for m in modes
+            if (main and m.pp == 1) or (pipeline and (m.pp > 1 or m.name in twins))]
+
+
 def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dict]) -> None:
     gen = torch.Generator().manual_seed(s.seed)
     nbytes = DTYPES[s.dtype].itemsize
@@ -222,38 +328,70 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
     def tp_of(m: Mode) -> int:
         return 1 if m.ranks == "one" else g.tp
 
-    for t in s.tokens:
+    def versus(m: Mode, times: dict[str, list[float]], paired: bool) -> dict:
+        """A pipeline mode's ratio to its one-stage twin: run by run (prefill) or of medians."""
+        if m.pp == 1 or m.versus not in times:
+            return {}
+        mine, theirs = times[m.name], times[m.versus]
+        ratio = (_pair_ratio(mine, theirs) if paired
+                 else statistics.median(mine) / statistics.median(theirs))
+        return {"ratio_vs_pp1": ratio}
+
+    for t in sorted(set(s.tokens) | set(s.pp_tokens)):
+        modes = _modes_at(g.modes, t in s.tokens, t in s.pp_tokens)
+        if not modes:
+            continue
         ids = torch.randint(cfg.vocab_size, (t,), generator=gen).tolist()
         s.log(f"  prefill {t} tokens: {s.warmup} warm-up + {s.runs} rounds of "
-              f"{', '.join(m.name for m in g.modes)}")
-        times = _rounds(s, g.modes, lambda m: g.host(m).call("prefill", ids, g.variant(m)))
+              f"{', '.join(m.name for m in modes)}")
+        sp_on = next((m for m in modes if m.name == "sp=on"), None)
+        comm_ops = analytic.step_collectives(cfg, [t], g.tp, sp=True) if sp_on else []
+        comm_alone = []
+
+        def prefill(m: Mode) -> float:
+            seconds = g.host(m).call("prefill", ids, g.variant(m))
+            if m is sp_on:  # the SP step's collectives alone, right after the step
+                comm_alone.append(g.host(m).call("collectives", comm_ops))
+            return seconds
+
+        times, compiled = _compiled_rounds(s, g, modes, prefill)
+        overlap = _overlap_fields(times, comm_alone[s.warmup:], comm_ops, nbytes)
         base = times.get(BASELINE)
-        for m in g.modes:
-            rec = dict(base_fields, scenario="prefill", mode=m.name, tp=tp_of(m), tokens=t,
-                       runs=s.runs, **_stats(times[m.name]),
+        for m in modes:
+            rec = dict(base_fields, scenario="prefill", mode=m.name, tp=tp_of(m), pp=m.pp,
+                       tokens=t, runs=s.runs, **_stats(times[m.name]),
                        ratio_vs_sp_off=_pair_ratio(times[m.name], base),
-                       tokens_per_s=t / statistics.median(times[m.name]))
+                       tokens_per_s=t / statistics.median(times[m.name]),
+                       **versus(m, times, paired=True), **compiled.get(m.name, {}),
+                       **overlap.get(m.name, {}))
             stats = None
-            if s.memory_runs:
+            if s.memory_runs and m.pp == 1:
                 peaks = None
                 for _ in range(s.memory_runs):
                     got = g.host(m).call_all("memory", ids, g.variant(m))
                     if m.subject == "seqpar":  # rank 0 answers for all: (peaks, comm counters)
                         got, stats = got[0]
-                    # The CPU probe misses frees made on gloo's threads (readings inflate): keep
-                    # each rank's smallest (docs/benchmarks.md says where it also deflates).
+                    # Readings repeat to the byte on an idle machine; the smallest of each rank
+                    # is kept, as for times.
                     peaks = got if peaks is None else [min(a, b) for a, b in zip(peaks, got)]
                 rec["peak_bytes"] = peaks
             if m.subject == "seqpar":
                 stats = stats or g.host(m).call("comm", [ids], 1, g.variant(m))
-                rec.update(_comm_fields(cfg, stats, [t], g.tp, 1, nbytes))
-                sp = rec["sp_step"]
-                rec["peak_bytes_predicted"] = analytic.peak_activation(cfg, t, g.tp, sp, nbytes)
-                rec["overlap_step"] = bool(sp and m.policy.get("overlap"))
+                if m.pp > 1:
+                    rec.update(_pipeline_fields(cfg, stats, t, 1, g.tp, m.pp, nbytes))
+                else:
+                    rec.update(_comm_fields(cfg, stats, [t], g.tp, 1, nbytes))
+                    sp = rec["sp_step"]
+                    rec["peak_bytes_predicted"] = analytic.peak_activation(cfg, t, g.tp, sp, nbytes)
+                    rec["overlap_step"] = bool(sp and m.policy.get("overlap"))
             out.append(rec)
             s.log("    " + _one_line(rec))
 
-    for b in s.batches:
+    for b in sorted(set(s.batches) | set(s.pp_batches)):
+        modes = _modes_at([m for m in g.modes if g.tp * m.pp <= s.cores], b in s.batches,
+                          b in s.pp_batches)
+        if not modes:
+            continue
         prompts = [torch.randint(cfg.vocab_size, (s.prompt_len,), generator=gen).tolist()
                    for _ in range(b)]
         n = s.new_tokens
@@ -265,21 +403,22 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
             # which stays positive where a run-by-run difference of two noisy runs may not.
             return host.call("generate", prompts, 1, v), host.call("generate", prompts, n, v)
 
-        pairs = _rounds(s, g.modes, decode)
+        pairs, compiled = _compiled_rounds(s, g, modes, decode)
         times = {}
         for name, ts in pairs.items():
             first = statistics.median(a for a, _ in ts)
             times[name] = [tn - first for _, tn in ts]
         base = times.get(BASELINE)
-        for m in g.modes:
-            rec = dict(base_fields, scenario="decode", mode=m.name, tp=tp_of(m), tokens=b, batch=b,
-                       prompt_len=s.prompt_len, new_tokens=n, runs=s.runs,
+        for m in modes:
+            rec = dict(base_fields, scenario="decode", mode=m.name, tp=tp_of(m), pp=m.pp, tokens=b,
+                       batch=b, prompt_len=s.prompt_len, new_tokens=n, runs=s.runs,
                        **_stats(times[m.name]),
                        # a ratio of medians: run-by-run differences are too noisy to pair
                        ratio_vs_sp_off=(statistics.median(times[m.name]) / statistics.median(base)
                                         if base else None),
                        tokens_per_s=b * (n - 1) / statistics.median(times[m.name]),
-                       first_token_s=statistics.median(a for a, _ in pairs[m.name]))
+                       first_token_s=statistics.median(a for a, _ in pairs[m.name]),
+                       **versus(m, times, paired=False), **compiled.get(m.name, {}))
             if m.subject == "seqpar" and n > 1:
                 one = g.host(m).call("comm", prompts, 1, g.variant(m))
                 full = g.host(m).call("comm", prompts, n, g.variant(m))
@@ -287,7 +426,11 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
                              "bytes": full[op]["bytes"] - one[op]["bytes"]}
                         for op in full if op != "steps"}
                 diff["steps"] = {k: full["steps"][k] - one["steps"][k] for k in full["steps"]}
-                rec.update(_comm_fields(cfg, diff, [1] * b, g.tp, n - 1, nbytes))
+                if m.pp > 1:  # the n - 1 decode rounds: b (n - 1) tokens, each sampled
+                    rec.update(_pipeline_fields(cfg, diff, b * (n - 1), b * (n - 1), g.tp, m.pp,
+                                                nbytes))
+                else:
+                    rec.update(_comm_fields(cfg, diff, [1] * b, g.tp, n - 1, nbytes))
             out.append(rec)
             s.log("    " + _one_line(rec))
     for m in g.modes:
@@ -302,7 +445,7 @@ def _one_line(r: dict) -> str:
     extra = f" x{ratio:.3f} vs sp=off" if ratio is not None and r["mode"] != BASELINE else ""
     mem = r.get("peak_bytes")
     mem = f", peak {max(mem) / 2**20:.1f} MiB/rank" if mem else ""
-    return (f"{r['mode']:>8} tp={r['tp']}: median {r['median_s']:.4f} s "
+    return (f"{r['mode']:>11} tp={r['tp']}: median {r['median_s']:.4f} s "
             f"(min {r['min_s']:.4f}, max {r['max_s']:.4f}){extra}{mem}")
 
 
@@ -313,7 +456,8 @@ def add_predictions(records: list[dict], hardware: str) -> None:
     configs = {}
     for r in records:
         r.pop("predicted_s", None)
-        if r["scenario"] != "prefill" or "sp_step" not in r or hw.ranks not in (0, r["tp"]):
+        if (r["scenario"] != "prefill" or "sp_step" not in r or r.get("pp", 1) > 1
+                or hw.ranks not in (0, r["tp"])):
             continue
         if r["model"] not in configs:
             configs[r["model"]] = ModelConfig.from_dir(resolve(r["model"]))
@@ -338,20 +482,25 @@ def run(s: Settings) -> dict:
                 s.log(f"{model}: tp={tp} skipped: {why}")
             else:
                 tps.append(tp)
-        tokens = [t for t in s.tokens if t <= cfg.max_position_embeddings]
-        if len(tokens) < len(s.tokens):
+        fits = lambda ts: [t for t in ts if t <= cfg.max_position_embeddings]  # noqa: E731
+        tokens, pp_tokens = fits(s.tokens), fits(s.pp_tokens)
+        if len(tokens) + len(pp_tokens) < len(s.tokens) + len(s.pp_tokens):
             notes.append(f"{model}: token counts above {cfg.max_position_embeddings} skipped")
         max_len = min(cfg.max_position_embeddings,
-                      max(tokens + [s.prompt_len + s.new_tokens]) + 1)
+                      max(tokens + pp_tokens + [s.prompt_len + s.new_tokens]) + 1)
         for tp in tps:
             modes = [m for m in s.modes if (m.ranks == "any" or (m.ranks == "multi" and tp > 1)
                                             or (m.ranks == "one" and tp == 1))]
             if not modes:
                 continue
             s.log(f"{model} ({describe(model)}), tp={tp}: {', '.join(m.name for m in modes)}")
+            crowded = [f"{m.name} ({tp * m.pp} ranks)" for m in modes if tp * m.pp > s.cores]
+            if crowded and s.pp_batches:
+                notes.append(f"{model} tp={tp}: no decode rows for {', '.join(crowded)}: decoding "
+                             f"keeps every rank busy at once, more ranks than the {s.cores} cores")
             group = Group(s, model, model_dir, tp, modes, max_len)
             try:
-                sub = Settings(**{**s.__dict__, "tokens": tokens})
+                sub = Settings(**{**s.__dict__, "tokens": tokens, "pp_tokens": pp_tokens})
                 run_group(sub, model, cfg, group, records)
                 if getattr(group, "sp_threshold", None):
                     thresholds[f"{model} tp={tp}"] = group.sp_threshold

@@ -9,7 +9,6 @@ the collectives left in it (for byte accounting); the summary is logged once per
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.fx as fx
@@ -37,10 +36,8 @@ class SPBackend:
         self.graphs: list[fx.GraphModule] = []
         self.collectives: dict[str, list[int]] = {}
         """op -> bytes per token row of each call in the last graph (payload at T_pad rows)."""
-        self.compile_s = 0.0
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        start = time.perf_counter()
         if self.sp:
             report = sequence_parallel_pass(gm, self.shard_outputs, overlap=self.overlap)
         else:
@@ -50,20 +47,20 @@ class SPBackend:
         self.collectives = _collectives(gm)
         log.info(report.summary())
         if not self.inductor:
-            self.compile_s += time.perf_counter() - start
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
-        self.compile_s += time.perf_counter() - start
-        return compiled
+        return compile_fx(gm, example_inputs)
 
 
 def _collectives(gm: fx.GraphModule) -> dict[str, list[int]]:
     """Per collective kind, the bytes per token row of each call (feature size x element size)."""
     out: dict[str, list[int]] = {}
     for n in gm.graph.nodes:
-        kind = _COLLECTIVES.get(n.target) if n.op == "call_function" else None
+        target = n.target
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            target = target.default  # Dynamo records all_reduce so; the pass inserts overloads
+        kind = _COLLECTIVES.get(target) if n.op == "call_function" else None
         if kind is None:
             continue
         arg = n.args[0]

@@ -10,10 +10,13 @@ the SP pass (sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
 Token counts: the ids go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
 same padding as eager SP), with S dynamic, so the graph's T is N * S and divides by N exactly; one
 graph serves every count (S = 1 is specialised by Dynamo once, so at most two graphs). On TP
-(sp=False) the ids go in as [1, T], T dynamic.
+(sp=False) the ids go in as [1, T], T dynamic: again at most two graphs.
 
 The graph returns the residual stream (h, residual); when the pass sharded it ([S, H] on each
 rank), the sampled rows are normed and gathered as in eager SP, else as in eager TP.
+
+A rank serves every step compiled (CompiledModel): the policy picks TP, SP or SP + overlap per
+step, and each kind has a CompiledForward of its own, built on the first step of that kind.
 """
 from __future__ import annotations
 
@@ -47,16 +50,19 @@ class CompiledForward:
         """sp: run the SP pass; overlap: with it, collective matmuls (layers/overlap.py)."""
         self.model, self.comm = model, model.comm
         self.sp = sp and self.comm.world_size > 1
+        self.kind = ("SP + overlap" if overlap else "SP") if self.sp else "TP"
         self.backend = SPBackend(sp=self.sp, shard_outputs=True, inductor=inductor,
                                  overlap=overlap and self.sp)
         # Dynamo caches compiled code per code object, up to a recompile limit: each instance gets
-        # its own copy of _graph's code, so LLMs built one after another in a process never
-        # share (or exhaust) one cache.
+        # its own copy of _graph's code, so the kinds of step of one LLM, and LLMs built one after
+        # another in a process, never share (or exhaust) one cache.
         graph = types.FunctionType(CompiledForward._graph.__code__.replace(), globals(), "_graph")
         self._compiled = torch.compile(types.MethodType(graph, self), backend=self.backend,
                                        fullgraph=True)
         self.compile_s = 0.0
         """Wall time of the calls that compiled (Dynamo + the pass + Inductor)."""
+        self.steps = 0
+        """Steps this forward ran."""
 
     def _graph(self, ids: torch.Tensor):
         """ids [N, S] or [1, T] -> the residual stream (h, residual) after the last layer."""
@@ -75,17 +81,12 @@ class CompiledForward:
             h = layer.mlp(h, TP_PLAN)
         return h, residual
 
-    def serves(self, plan) -> bool:
-        """Whether this step runs compiled: the steps of the compiled mode (SP steps when the pass
-        is on, TP steps when SP is off); the policy's other steps run eager."""
-        return bool(plan.sp) == self.sp
-
     @torch.inference_mode()
     def __call__(self, plan) -> torch.Tensor | None:
         n = self.comm.world_size
         t = plan.num_tokens
-        if self.sp and not plan.sp:
-            raise ValueError("the compiled SP forward runs SP steps only")
+        if plan.sp != self.sp:
+            raise ValueError(f"a step with sp={plan.sp} sent to the compiled {self.kind} forward")
         if self.sp:
             rows = plan.padded
             ids = F.pad(plan.token_ids, (0, rows - t)).view(n, rows // n)
@@ -102,9 +103,10 @@ class CompiledForward:
         finally:
             ops.ATTENTION.clear()
         if len(self.backend.graphs) != graphs:
-            self.compile_s += time.perf_counter() - start
-            log.info(f"seqpar: compiled the forward for {'SP' if self.sp else 'TP'} in "
-                     f"{time.perf_counter() - start:.1f} s")
+            spent = time.perf_counter() - start
+            self.compile_s += spent
+            log.info(f"seqpar: compiled the {self.kind} forward in {spent:.1f} s")
+        self.steps += 1
         self._count(rows)
         if h.shape[0] != residual.shape[0]:  # one of them sharded, the other left TP
             h, residual = (self.comm.all_gather_tokens(y)[:rows] if y.shape[0] != rows else y
@@ -133,14 +135,42 @@ class CompiledForward:
         return self.backend.reports[-1] if self.backend.reports else None
 
 
+class CompiledModel:
+    """Drop-in for `model(plan)` on one rank with compile=True: every step runs compiled, on the
+    CompiledForward of its kind (TP, SP, SP + overlap), so the policy's choice per step holds.
+    Each is built on the first step of its kind: a kind the policy never picks costs no compile."""
+
+    def __init__(self, model, inductor: bool = True):
+        self.model, self.inductor = model, inductor
+        self.forwards: dict[tuple[bool, bool], CompiledForward] = {}
+        """(sp, overlap) of a step -> its compiled forward."""
+
+    def __call__(self, plan) -> torch.Tensor | None:
+        key = (plan.sp, plan.sp and plan.overlap)
+        if key not in self.forwards:
+            self.forwards[key] = CompiledForward(self.model, sp=key[0], inductor=self.inductor,
+                                                 overlap=key[1])
+        return self.forwards[key](plan)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds this rank spent compiling, every kind together."""
+        return sum(f.compile_s for f in self.forwards.values())
+
+
 def _attend(attn, plan, rows: int, qkv: torch.Tensor) -> torch.Tensor:
-    """LlamaAttention's middle on the step's T real tokens: qkv [rows, ...] -> [rows, hq * D],
-    pad rows zero. (Kept in step with models/llama.py LlamaAttention.forward.)"""
-    t, d = plan.num_tokens, attn.attn.head_dim
-    q, k, v = qkv[:t].split(attn.split, dim=-1)
-    q, k, v = q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = attn.rotary(plan.positions, q, k)
-    out = attn.attn(q, k, v, plan)  # [T, hq * D]
+    """LlamaAttention.attend on the step's T real tokens: qkv [rows, ...] -> [rows, hq * D],
+    pad rows zero."""
+    t = plan.num_tokens
+    out = attn.attend(qkv[:t], plan)  # [T, hq * D]
     return F.pad(out, (0, 0, 0, rows - t)) if rows > t else out
+
+
+def check_single_stage(pipeline_parallel_size: int) -> None:
+    """compile=True covers one pipeline stage: say so before any rank starts."""
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            f"compile=True with pipeline_parallel_size={pipeline_parallel_size}: the compiled "
+            "forward runs the whole model as one stage (token ids in, sampled logits out); a later "
+            "stage's input on an SP step arrives already sharded, which the SP pass does not take. "
+            "Use pipeline_parallel_size=1 or compile=False")

@@ -6,7 +6,12 @@ world-size-1 bypass, so a single rank runs the same model code with no process g
 
 Bytes are counted as the logical payload of the collective (the full [T, H] tensor for all_reduce,
 reduce_scatter and all_gather alike), so TP and SP steps compare directly: SP moves the same bytes
-as TP, split into two halves.
+as TP, split into two halves. The bytes are the same whichever transport carries them.
+
+On gloo, when every rank of the group is on one host, the collectives go through a shared-memory
+segment (shm.py) instead of sockets: a few microseconds each instead of 0.5-1 ms. The segment is
+set up by the group's first collective (every rank reaches it together); a Comm that only ever uses
+the point-to-point ops (ring_exchange, send, recv, which stay on gloo) never makes one.
 """
 from __future__ import annotations
 
@@ -16,11 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from seqpar.distributed.shm import ShmGroup
+
 
 class Comm:
     """One rank's view of its tensor-parallel group."""
 
-    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int):
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world_size: int,
+                 shm: bool = True):
+        """shm: carry the collectives through shared memory where the group allows it (gloo,
+        every rank on this host); False: always through the backend."""
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -30,17 +40,30 @@ class Comm:
         # 16 ms). Point-to-point and all_to_all are not, so on gloo the token collectives are
         # built from those; NCCL has fast native ones.
         self._p2p = group is not None and dist.get_backend(group) == "gloo"
+        self._shm_pending = shm and self._p2p
+        self.shm: ShmGroup | None = None
+        """The group's shared-memory collectives, once set up; None: the backend's."""
 
     def _count(self, op: str, nbytes: int) -> None:
         entry = self.stats[op]
         entry[0] += 1
         entry[1] += nbytes
 
+    def _shared(self) -> ShmGroup | None:
+        """The shared-memory collectives, set up by the first collective that asks (every rank
+        asks in the same one, DESIGN.md invariant 1); None: the backend's."""
+        if self._shm_pending:
+            self._shm_pending = False
+            self.shm = ShmGroup.create(self.group, self.rank, self.world_size)
+        return self.shm
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the group, in place. [T, H] -> [T, H]."""
         if self.world_size == 1:
             return x
         self._count("all_reduce", x.numel() * x.element_size())
+        if self._shared() is not None:
+            return self.shm.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -57,11 +80,28 @@ class Comm:
         n = self.world_size
         self._count("reduce_scatter", x.numel() * x.element_size())
         x = x.contiguous()
+        if self._shared() is not None:
+            return self.shm.reduce_scatter(x)
         if self._p2p:
-            # all_to_all hands chunk j of every rank to rank j: [N, padded/N, H] then sum over N.
-            recv = torch.empty_like(x)
-            dist.all_to_all_single(recv, x, group=self.group)
-            return recv.view(n, padded // n, *x.shape[1:]).sum(0)
+            # Each peer sends this rank its chunk: receive N - 1 chunks [padded/N, H] (not a
+            # full [padded, H] buffer as all_to_all would, nor a separate sum).
+            chunks = list(x.chunk(n))
+            reqs = []
+            for peer in range(n):
+                if peer != self.rank:
+                    dst = group_dst(self.group, peer)
+                    reqs.append(dist.isend(chunks[peer], dst, group=self.group))
+                    chunks[peer] = torch.empty_like(chunks[self.rank])
+                    reqs.append(dist.irecv(chunks[peer], dst, group=self.group))
+            for req in reqs:
+                req.wait()
+            # Sum into a received buffer, in rank order (c0 + c1 is c1 + c0 bit for bit).
+            first = 1 if self.rank == 0 else 0
+            out = chunks[first]
+            out += chunks[1 - first]
+            for chunk in chunks[2:]:
+                out += chunk
+            return out
         out = x.new_empty(padded // n, *x.shape[1:])
         dist.reduce_scatter_tensor(out, x, group=self.group)
         return out
@@ -72,8 +112,10 @@ class Comm:
             return x
         n = self.world_size
         x = x.contiguous()
+        self._count("all_gather", n * x.numel() * x.element_size())
+        if self._shared() is not None:
+            return self.shm.all_gather(x)
         out = x.new_empty(n * x.shape[0], *x.shape[1:])
-        self._count("all_gather", out.numel() * out.element_size())
         if self._p2p:
             chunks = out.chunk(n)
             chunks[self.rank].copy_(x)
@@ -94,6 +136,9 @@ class Comm:
             return x
         x = x.contiguous()
         self._count("gather", x.numel() * x.element_size() * self.world_size)
+        if self._shared() is not None:
+            full = self.shm.gather(x, dst=0)  # [N * S, V/N] on rank 0
+            return None if full is None else torch.cat(full.chunk(self.world_size), dim=-1)
         if self.rank == 0:
             parts = [torch.empty_like(x) for _ in range(self.world_size)]
             dist.gather(x, parts, dst=group_dst(self.group, 0), group=self.group)

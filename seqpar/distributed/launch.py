@@ -37,7 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Commands rank 0 sends the followers (down the command tree).
-STEP, RESET_STATS, END_CALL, SHUTDOWN, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT = range(8)
+(STEP, RESET_STATS, END_CALL, SHUTDOWN, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
+ TIME_COMM) = range(9)
 
 DATA_TIMEOUT = datetime.timedelta(minutes=10)
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
@@ -188,7 +189,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (a spawned rank or bench subject)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -196,7 +198,7 @@ def _die_with_parent() -> None:
 
 def _follower_main(target, args, rank: int, errors) -> None:
     """Entry point of a spawned rank: run target(rank, *args); report any exception, then exit."""
-    _die_with_parent()
+    die_with_parent()
     try:
         errors.put((rank, None))  # up: the driver may start the rendezvous
         target(rank, *args)
@@ -208,12 +210,12 @@ def _follower_main(target, args, rank: int, errors) -> None:
 
 
 @contextlib.contextmanager
-def _main_module_hidden():
-    """Spawn without re-running the user's script in each rank.
+def main_module_hidden():
+    """Spawn without re-running the user's script in each process (ranks, bench subjects).
 
     multiprocessing's spawn re-imports __main__ in the child (so a script without an
-    `if __name__ == "__main__"` guard would start LLMs recursively). The ranks run seqpar code only,
-    so the child is told nothing about __main__ while the processes start.
+    `if __name__ == "__main__"` guard would start LLMs recursively). The children run seqpar code
+    only, so each is told nothing about __main__ while the processes start.
     """
     main = sys.modules.get("__main__")
     saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
@@ -228,8 +230,9 @@ def _main_module_hidden():
 
 
 def _is_peer_loss(traceback_text: str) -> bool:
-    """A rank's error that only says a peer went away (gloo's wording)."""
-    return "Connection closed by peer" in traceback_text or "Connection reset by peer" in traceback_text
+    """A rank's error that only says a peer went away (gloo's wording, or shm.py's PeerGone)."""
+    return any(s in traceback_text for s in ("Connection closed by peer", "Connection reset by peer",
+                                             "PeerGone"))
 
 
 class Spawner:
@@ -239,7 +242,7 @@ class Spawner:
         ctx = mp.get_context("spawn")
         self.errors = ctx.SimpleQueue()
         self.procs = []
-        with _main_module_hidden():
+        with main_module_hidden():
             for rank in range(1, world_size):
                 p = ctx.Process(target=_follower_main, args=(target, args, rank, self.errors),
                                 daemon=True, name=f"seqpar-rank{rank}")

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from seqpar.compile.runner import check_single_stage
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
 from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
-                                       RESET_STATS, SHUTDOWN, STEP, Spawner, free_port, in_torchrun)
+                                       RESET_STATS, SHUTDOWN, STEP, TIME_COMM, Spawner, free_port,
+                                       in_torchrun)
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.engine.sampler import SamplingParams, sample
 from seqpar.engine.scheduler import Scheduler, Sequence
-from seqpar.engine.worker import Worker, follower, rank_threads
+from seqpar.engine.worker import COLLECTIVES, Worker, follower, rank_threads
 from seqpar.loader.resolve import resolve_model
 from seqpar.report import sp_blockers
 
@@ -61,15 +63,14 @@ class LLM:
                  overlap: bool = False, compile: bool = False, dtype: str = "float32",
                  max_model_len: int | None = None, seed: int = 0, *, sp_min_tokens: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 device: str | None = None, threads_per_rank: int | None = None):
+                 device: str | None = None, threads_per_rank: int | None = None, shm: bool = True):
         _setup_logging()
         self._spawner = None
         self._closed = True
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
-                                  sp_min_tokens, overlap)
-        if compile and pipeline_parallel_size > 1:
-            raise ValueError(f"compile=True with pipeline_parallel_size={pipeline_parallel_size}: "
-                             "the compiled forward covers a single stage; use 1")
+                                  sp_min_tokens, overlap, shm)
+        if compile:
+            check_single_stage(pipeline_parallel_size)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_dir = resolve_model(model)
         model_cfg = ModelConfig.from_dir(model_dir)
@@ -313,6 +314,14 @@ class LLM:
         stats["steps"] = dict(self.steps)
         return stats
 
+    @property
+    def compile_s(self) -> float:
+        """Seconds this rank spent in torch.compile (Dynamo + the SP pass + Inductor), over every
+        graph compiled so far; 0.0 without compile. The other ranks compile the same graphs
+        at the same time. Steps that compiled include this time in their wall time."""
+        compiled = self.worker.compiled
+        return 0.0 if compiled is None else compiled.compile_s
+
     def profile_memory(self, prompts, sampling_params: SamplingParams | None = None) -> list[int]:
         """Generate, and return each rank's peak activation memory (bytes) over the steps run."""
         self._check_open()
@@ -324,6 +333,26 @@ class LLM:
         with self._guard():
             self.channel.send(MEMORY_REPORT)
             return self.worker.report_memory()
+
+    def time_collectives(self, ops: list[tuple[str, int, int]]) -> tuple[float, float]:
+        """Run `ops` alone on stage 0's TP group, back to back, no compute: (wall seconds, CPU
+        seconds its ranks spent). For benchmarks: the communication part of a step.
+
+        ops: (name, rows, cols) per collective, a name of worker.COLLECTIVES and [rows, cols] the
+        logical tensor comm_stats() counts for it (bench/analytic.py step_collectives lists a
+        step's). Leaves comm_stats() as it was.
+        """
+        self._check_open()
+        if self._torchrun:
+            raise RuntimeError("time_collectives runs with spawned ranks, not under torchrun")
+        if not ops:
+            return 0.0, 0.0
+        payload = torch.tensor([[COLLECTIVES.index(op), rows, cols] for op, rows, cols in ops],
+                               dtype=torch.int64).view(-1)
+        with self._guard():
+            self.channel.send(TIME_COMM, payload)
+            wall, cpu = self.worker.time_collectives(payload)
+        return wall, cpu
 
     def reset_comm_stats(self) -> None:
         self._check_open()

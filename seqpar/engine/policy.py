@@ -28,6 +28,17 @@ SWEEP = (1, 4, 16, 64, 256, 1024, 2048)
 NEVER = 1 << 40  # a threshold no step reaches
 
 
+def median_time(fn, reps: int = 5) -> float:
+    """Median wall seconds of `reps` calls of fn, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.dtype, device,
                        with_overlap: bool, sweep=SWEEP, reps: int = 3) -> tuple[int, int, list[dict]]:
     """Time one MLP sublayer as TP, SP and (optionally) SP + overlap per token count, on all ranks.
@@ -43,15 +54,6 @@ def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.
     w_out = torch.randn(hidden, mlp_per_rank, generator=gen).to(device, dtype) * mlp_per_rank ** -0.5
     norm = RMSNorm(hidden, 1e-6, dtype).to(device)
     norm.weight.data.fill_(1.0)
-
-    def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
 
     table = []
     for t in sweep:
@@ -72,9 +74,10 @@ def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.
             h = F.silu(all_gather_matmul(comm, shard, w_in))
             norm(matmul_reduce_scatter(comm, h, w_out, padded), shard)
 
-        row = {"tokens": t, "tp_s": timed(tp_layer), "sp_s": timed(sp_layer)}
+        row = {"tokens": t, "tp_s": median_time(tp_layer, reps),
+               "sp_s": median_time(sp_layer, reps)}
         if with_overlap:
-            row["overlap_s"] = timed(overlap_layer)
+            row["overlap_s"] = median_time(overlap_layer, reps)
         table.append(row)
     comm.reset()
 

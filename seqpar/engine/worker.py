@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
 from seqpar.config import EngineConfig
-from seqpar.distributed.comm import Comm
+from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
-                                       RESET_STATS, SHUTDOWN, STEP, ControlChannel, Outbox,
-                                       backend_for, init_groups)
+                                       RESET_STATS, SHUTDOWN, STEP, TIME_COMM, ControlChannel,
+                                       Outbox, backend_for, init_groups)
 from seqpar.engine.memory import PeakMemory
 from seqpar.engine.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
@@ -26,6 +27,8 @@ from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, logits from the last stage to rank 0.
 TAG_HIDDEN, TAG_LOGITS = 1, 2
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "gather")
+"""TIME_COMM's ops, by index: Comm's collectives under their comm_stats() names."""
 
 
 def rank_threads(cfg: EngineConfig) -> int:
@@ -57,7 +60,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.topo = topo = init_groups(backend_for(cfg.device), rank, parallel.tensor_parallel_size,
                                        parallel.pipeline_parallel_size, init_method)
-        self.comm = Comm(topo.tp_group, topo.tp_rank, topo.tp_size)
+        self.comm = Comm(topo.tp_group, topo.tp_rank, topo.tp_size, shm=parallel.shm)
         self.channel = ControlChannel(topo)
         self.outbox = Outbox(depth=topo.pp_size + 1)  # activations / logits sent on
         dtype = cfg.torch_dtype
@@ -72,12 +75,11 @@ class Worker:
             attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, dtype, self.device,
                                  cfg.max_model_len)
         self.compiled = None
-        """compile=True: the compiled forward (one graph per rank, SP pass applied unless SP is
-        off); it serves the steps of its mode (SP or TP), the others run eager."""
+        """compile=True: runs every step compiled, one forward per kind of step (TP, SP,
+        SP + overlap), each built on its first step; a single stage (LLM checks)."""
         if cfg.extra.get("compile"):
-            from seqpar.compile.runner import CompiledForward
-            self.compiled = CompiledForward(self.model, sp=parallel.sequence_parallel != "off",
-                                            overlap=parallel.overlap)
+            from seqpar.compile.runner import CompiledModel
+            self.compiled = CompiledModel(self.model)
         self.sp_threshold: int | None = None
         self.peak_bytes: int | None = None
         """While not None: the largest peak activation memory of the steps run since MEMORY_ON."""
@@ -97,7 +99,7 @@ class Worker:
                                   device=self.device)
                 self.comm.recv(buf, topo.prev, TAG_HIDDEN).wait()
                 h, residual = buf.unbind(0)
-            if self.compiled is not None and self.compiled.serves(plan):
+            if self.compiled is not None:
                 out = self.compiled(plan)
             else:
                 out = self.model(plan, h, residual)
@@ -150,6 +152,50 @@ class Worker:
             cfg.torch_dtype, self.device, with_overlap=cfg.parallel.overlap)
         return self.sp_threshold, self.overlap_threshold
 
+    def time_collectives(self, payload: torch.Tensor) -> list[float] | None:
+        """Run a list of collectives alone, back to back on stage 0's TP group with no compute
+        between them, and time them (TIME_COMM; the bench's "communication alone").
+
+        payload: int64 (index in COLLECTIVES, rows, cols) per collective; [rows, cols] is its
+        logical tensor as comm_stats() counts it: all_gather joins [rows / N, cols] shards, gather
+        joins [rows, cols / N] vocab shards. Inputs are made before the clock starts, as a step
+        has them; outputs are allocated inside, as in a step. The ranks start together (a
+        barrier); the communication counters are left as they were. Other stages do nothing.
+
+        Returns on rank 0 [wall seconds, CPU seconds all the group's processes spent (every thread:
+        gloo's too)]; None on the other ranks.
+        """
+        comm = self.comm
+        if self.topo.stage != 0 or comm.world_size == 1:
+            return [0.0, 0.0] if self.topo.rank == 0 else None
+        n, gen = comm.world_size, torch.Generator().manual_seed(0)
+        runs = {"all_reduce": comm.all_reduce, "all_gather": comm.all_gather_tokens,
+                "reduce_scatter": lambda x: comm.reduce_scatter_tokens(x, x.shape[0]),
+                "gather": comm.gather_vocab}
+        inputs, calls = {}, []
+        for code, rows, cols in payload.view(-1, 3).tolist():
+            op = COLLECTIVES[code]
+            # This rank's input: all_gather's token shard, gather's vocab shard, else the whole.
+            shape = (rows // n if op == "all_gather" else rows,
+                     cols // n if op == "gather" else cols)
+            if (op, shape) not in inputs:  # one per shape (all_reduce sums into it: values only)
+                inputs[op, shape] = torch.randn(shape, generator=gen).to(self.device,
+                                                                         self.cfg.torch_dtype)
+            calls.append((runs[op], inputs[op, shape]))
+        counters = {op: list(v) for op, v in comm.stats.items()}
+        dist.barrier(group=comm.group)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for run, x in calls:
+            run(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        comm.stats.clear()
+        comm.stats.update(counters)
+        cpu_all = torch.tensor([cpu], dtype=torch.float64, device=self.device)
+        dist.reduce(cpu_all, group_dst(comm.group, 0), group=comm.group)
+        return [wall, cpu_all.item()] if self.topo.rank == 0 else None
+
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""
         tp = self.comm.world_size
@@ -159,6 +205,8 @@ class Worker:
                 self.execute(StepPlan.decode(payload, tp, self.device))
             elif cmd == MEASURE:
                 self.measure()
+            elif cmd == TIME_COMM:
+                self.time_collectives(payload)
             elif cmd == RESET_STATS:
                 self.comm.reset()
             elif cmd == MEMORY_ON:

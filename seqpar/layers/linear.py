@@ -139,12 +139,20 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         if plan.sp and plan.overlap:
             y = matmul_reduce_scatter(self.comm, x, self.weight, plan.padded)
-        elif plan.sp:
-            y = self.comm.reduce_scatter_tokens(F.linear(x, self.weight), plan.padded)
+            return y if self.bias is None else y + self.bias
+        return self.reduce(F.linear(x, self.weight), plan)
+
+    def reduce(self, partial: torch.Tensor, plan) -> torch.Tensor:
+        """The second half of forward: partial sums [T, out] -> [T, out] or [T_pad / N, out].
+
+        Callers that can drop the matmul's input before the reduction call F.linear themselves
+        and then this, so the input is not alive next to the reduction's buffers."""
+        if plan.sp:
+            y = self.comm.reduce_scatter_tokens(partial, plan.padded)
         elif torch.compiler.is_compiling():  # functional all_reduce + fence, for the SP pass
-            y = traced_all_reduce(self.comm, F.linear(x, self.weight))
+            y = traced_all_reduce(self.comm, partial)
         else:
-            y = self.comm.all_reduce(F.linear(x, self.weight))
+            y = self.comm.all_reduce(partial)
         # The bias is added once, after the reduction.
         return y if self.bias is None else y + self.bias
 

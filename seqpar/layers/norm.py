@@ -23,3 +23,13 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def add_norm_(self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor):
+        """forward(x, residual) written in place: residual += x, out = norm(residual).
+
+        x, residual, out: [rows, dim]; out may be x. Returns (out, residual). The eager decoder
+        layer uses it so the residual stream stays two [rows, dim] tensors through a layer instead
+        of a new pair per norm (the transients of _norm are freed before the next matmul).
+        """
+        residual += x
+        return out.copy_(self._norm(residual)), residual

@@ -46,15 +46,21 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(hq, hkv, d, cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        t, d = plan.num_tokens, self.attn.head_dim
         # [rows, H] -> [T_pad or T, (hq + 2 hkv) * D]; pad rows are dropped before attention.
-        qkv = self.qkv_proj(x, plan)[:t]
+        qkv = self.qkv_proj(x, plan)[:plan.num_tokens]
+        return self.o_proj(self.attend(qkv, plan), plan)  # [T, hq * D] -> [rows, H]
+
+    def attend(self, qkv: torch.Tensor, plan) -> torch.Tensor:
+        """The middle between the projections, on the step's T real tokens:
+        qkv [T, (hq + 2 hkv) * D] -> [T, hq * D]. The compiled forward calls it as an opaque op
+        (compile/runner.py), so eager and compiled steps share it."""
+        t, d = qkv.shape[0], self.attn.head_dim
         q, k, v = qkv.split(self.split, dim=-1)
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(plan.positions, q, k)
-        return self.o_proj(self.attn(q, k, v, plan), plan)  # [T, hq * D] -> [rows, H]
+        return self.attn(q, k, v, plan)
 
 
 class LlamaMLP(nn.Module):
@@ -69,8 +75,17 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         # Token-wise throughout, so on an SP step pad rows ride along: [T_pad, 2I/N] -> [rows, H].
+        if plan.sp and plan.overlap:
+            return self.down_proj(self._act(x, plan), plan)
+        # The product (a view of gate_up) is freed when F.linear returns, before the reduction
+        # allocates its buffers: the MLP's peak is gate_up + the down output, not more.
+        return self.down_proj.reduce(F.linear(self._act(x, plan), self.down_proj.weight), plan)
+
+    def _act(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """silu(gate) * up written over gate: [rows, H] -> [T', I/N], a view into gate_up
+        [T', 2I/N], so no [T', I/N] temporaries sit next to it."""
         gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, plan)
+        return F.silu(gate, inplace=True).mul_(up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -82,13 +97,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, comm, dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, plan):
-        """h, residual: [rows, H] -> [rows, H], [rows, H]. Norms run on this rank's rows only."""
+        """h, residual: [rows, H] -> [rows, H], [rows, H]. Norms run on this rank's rows only.
+
+        h and residual are overwritten: the norms write in place, and the post-attention norm's
+        output goes into h (the caller's loop holds it anyway), so the MLP runs next to two
+        [rows, H] stream tensors, not four.
+        """
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, plan)
-        h, residual = self.post_attention_layernorm(h, residual)
+            self.input_layernorm.add_norm_(h, residual, out=h)
+        attn_out = self.self_attn(h, plan)
+        self.post_attention_layernorm.add_norm_(attn_out, residual, out=h)
+        del attn_out
         return self.mlp(h, plan), residual
 
 
