@@ -101,8 +101,10 @@ def peak_activation(cfg: ModelConfig, tokens: int, tp: int, sp: bool, nbytes: in
     - the MLP transients, the largest of
         gathered input + gate_up:   T' x (H + 2I/N)   (SP only: the all-gathered input)
         gate_up + down output:      T' x (2I/N + H)   (silu(gate) * up is written over gate)
-        down output + reduction:    T' x H + (N - 1) x T_pad / N x H on an SP step over gloo
-                                    (the received chunks; the TP all-reduce works in place)
+        down output + reduction:    T' x H + (N - 1) x T_pad / N x H on an SP step (gloo's
+                                    received chunks; the shared-memory path holds only its
+                                    [T_pad / N, H] sum, the same at N = 2; all-reduces work in
+                                    place)
       with T' = T_pad on SP steps, T on TP steps (the MLP works on all tokens either way). The
       first two are equal and larger than the third for any Llama (2I/N > H / N).
     """

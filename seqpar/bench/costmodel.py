@@ -83,17 +83,18 @@ PROFILES: dict[str, Hardware] = {
         source="H100 PCIe spec: 756 TFLOP/s dense bf16, 2.0 TB/s HBM2e, PCIe 5 x16 64 GB/s per "
                "direction (no NVLink bridge); efficiencies as above"),
 }
-# Calibrated on the development machine (2-core AMD EPYC VM, fp32, gloo, 1 thread per rank at
-# tp=2) by `seqpar plan --calibrate -tp 2`; regenerate it there with that command.
+# Calibrated on the development machine (2-core AMD EPYC VM, fp32, gloo ranks whose collectives go
+# through shared memory, Comm's default on one host; 1 thread per rank at tp=2) by
+# `seqpar plan --calibrate --model smollm2-8h -tp 2`; regenerate it there with that command.
 PROFILES["cpu-2core-gloo"] = Hardware(
-    "cpu-2core-gloo", matmul_flops=4.376e+10, attention_flops=5.993e+09,
-    mem_bw=2.173e+10, link_bw=5.275e+08, link_latency=0.0003039,
-    op_overhead=0.0001097, dtype_bytes=4, ranks=2,
-    collectives={"all_reduce": [0.0003039, 5.275e+08],
-                 "reduce_scatter": [0.0002516, 1.182e+09],
-                 "all_gather": [0.00401, 2.794e+09]},
+    "cpu-2core-gloo", matmul_flops=5.029e+10, attention_flops=3.338e+10,
+    mem_bw=2.239e+10, link_bw=1.288e+09, link_latency=4.731e-05,
+    op_overhead=5.608e-05, dtype_bytes=4, ranks=2,
+    collectives={"all_reduce": [4.731e-05, 1.288e+09],
+                 "reduce_scatter": [5.927e-05, 2.464e+09],
+                 "all_gather": [5.016e-05, 2.337e+09]},
     source=("measured by `seqpar plan --calibrate --model smollm2-8h -tp 2` on the 2-core AMD "
-            "EPYC VM, 1 thread per rank, fp32, gloo"))
+            "EPYC VM, 1 thread per rank, fp32, gloo ranks with shared-memory collectives"))
 
 
 def load_profile(name_or_path: str) -> Hardware:
