@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from seqpar.distributed.shm import ShmGroup
+from seqpar.distributed.shm import ShmGroup, sum_into
 
 
 class Comm:
@@ -62,8 +62,8 @@ class Comm:
         if self.world_size == 1:
             return x
         self._count("all_reduce", x.numel() * x.element_size())
-        if self._shared() is not None:
-            return self.shm.all_reduce(x)
+        if (shm := self._shared()) is not None:
+            return shm.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -80,27 +80,16 @@ class Comm:
         n = self.world_size
         self._count("reduce_scatter", x.numel() * x.element_size())
         x = x.contiguous()
-        if self._shared() is not None:
-            return self.shm.reduce_scatter(x)
+        if (shm := self._shared()) is not None:
+            return shm.reduce_scatter(x)
         if self._p2p:
             # Each peer sends this rank its chunk: receive N - 1 chunks [padded/N, H] (not a
-            # full [padded, H] buffer as all_to_all would, nor a separate sum).
-            chunks = list(x.chunk(n))
-            reqs = []
-            for peer in range(n):
-                if peer != self.rank:
-                    dst = group_dst(self.group, peer)
-                    reqs.append(dist.isend(chunks[peer], dst, group=self.group))
-                    chunks[peer] = torch.empty_like(chunks[self.rank])
-                    reqs.append(dist.irecv(chunks[peer], dst, group=self.group))
-            for req in reqs:
-                req.wait()
-            # Sum into a received buffer, in rank order (c0 + c1 is c1 + c0 bit for bit).
-            first = 1 if self.rank == 0 else 0
-            out = chunks[first]
-            out += chunks[1 - first]
-            for chunk in chunks[2:]:
-                out += chunk
+            # full [padded, H] buffer as all_to_all would) and sum into one of them.
+            mine = list(x.chunk(n))
+            got = [c if p == self.rank else torch.empty_like(c) for p, c in enumerate(mine)]
+            self._exchange(mine, got)
+            out = got[1 if self.rank == 0 else 0]  # a received buffer
+            sum_into(out, got)
             return out
         out = x.new_empty(padded // n, *x.shape[1:])
         dist.reduce_scatter_tensor(out, x, group=self.group)
@@ -113,22 +102,27 @@ class Comm:
         n = self.world_size
         x = x.contiguous()
         self._count("all_gather", n * x.numel() * x.element_size())
-        if self._shared() is not None:
-            return self.shm.all_gather(x)
+        if (shm := self._shared()) is not None:
+            return shm.all_gather(x)
         out = x.new_empty(n * x.shape[0], *x.shape[1:])
         if self._p2p:
             chunks = out.chunk(n)
             chunks[self.rank].copy_(x)
-            reqs = []
-            for peer in range(n):
-                if peer != self.rank:
-                    reqs.append(dist.isend(x, group_dst(self.group, peer), group=self.group))
-                    reqs.append(dist.irecv(chunks[peer], group_dst(self.group, peer), group=self.group))
-            for req in reqs:
-                req.wait()
+            self._exchange([x] * n, chunks)
             return out
         dist.all_gather_into_tensor(out, x, group=self.group)
         return out
+
+    def _exchange(self, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> None:
+        """Point to point with every peer p at once: send sends[p], receive into recvs[p]."""
+        reqs = []
+        for peer in range(self.world_size):
+            if peer != self.rank:
+                dst = group_dst(self.group, peer)
+                reqs.append(dist.isend(sends[peer], dst, group=self.group))
+                reqs.append(dist.irecv(recvs[peer], dst, group=self.group))
+        for req in reqs:
+            req.wait()
 
     def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
         """Join vocab shards on rank 0: [S, V/N] -> [S, V] there, None on the other ranks."""
@@ -136,8 +130,8 @@ class Comm:
             return x
         x = x.contiguous()
         self._count("gather", x.numel() * x.element_size() * self.world_size)
-        if self._shared() is not None:
-            full = self.shm.gather(x, dst=0)  # [N * S, V/N] on rank 0
+        if (shm := self._shared()) is not None:
+            full = shm.gather(x, dst=0)  # [N * S, V/N] on rank 0
             return None if full is None else torch.cat(full.chunk(self.world_size), dim=-1)
         if self.rank == 0:
             parts = [torch.empty_like(x) for _ in range(self.world_size)]

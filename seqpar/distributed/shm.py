@@ -184,7 +184,7 @@ class ShmGroup:
             slots = self._slots(x.dtype)
             slots[self.rank][:k].copy_(piece)
             self._sync("all_reduce")
-            _sum_into(piece, [s[:k] for s in slots])
+            sum_into(piece, [s[:k] for s in slots])
         return x
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +202,7 @@ class ShmGroup:
             # [N, k]: columns a..a+k of every rank's chunk
             slots[r][:n * k].view(n, k).copy_(rows[:, a:a + k])
             self._sync("reduce_scatter")
-            _sum_into(flat[a:a + k], [s[r * k:(r + 1) * k] for s in slots])
+            sum_into(flat[a:a + k], [s[r * k:(r + 1) * k] for s in slots])
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,8 +290,9 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def _sum_into(out: torch.Tensor, parts: list[torch.Tensor]) -> None:
-    """out = parts[0] + parts[1] + ..., added in this order on every rank."""
+def sum_into(out: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """out = parts[0] + parts[1] + ..., added in this order on every rank. out may be parts[0]
+    or parts[1] (a + b is b + a bit for bit), not a later part."""
     torch.add(parts[0], parts[1], out=out)
     for part in parts[2:]:
         out += part
