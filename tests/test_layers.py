@@ -20,7 +20,8 @@ from torch.testing import assert_close
 
 from dist_helpers import run_ranks
 from seqpar.distributed.comm import Comm
-from seqpar.engine.plan import StepPlan
+from seqpar.config import round_up
+from seqpar.engine.plan import SampleSpec, StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
@@ -67,8 +68,9 @@ def _case(n: int) -> dict:
 
 def _plans(ids: torch.Tensor, n: int) -> tuple[StepPlan, StepPlan]:
     """(TP plan, SP plan) for one sequence of len(ids) prefill tokens."""
-    make = lambda sp: StepPlan(sp=sp, token_ids=ids, slots=[0], starts=[0], lens=[len(ids)],  # noqa: E731
-                               sample=[True], world_size=n)
+    tables = [list(range(round_up(len(ids), 16) // 16))]
+    make = lambda sp: StepPlan(sp=sp, token_ids=ids, starts=[0], lens=[len(ids)],  # noqa: E731
+                               sample=[True], block_tables=tables, world_size=n)
     return make(False), make(True)
 
 
@@ -395,27 +397,38 @@ def test_rotary_llama3_matches_transformers():
 def _random_plan(rng: random.Random, n: int, sp: bool = True) -> StepPlan:
     seqs = rng.randint(1, 6)
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
+    starts = [rng.randint(0, 50) for _ in lens]
+    sample = [rng.random() < 0.7 for _ in lens]
+    tables = [rng.sample(range(64), round_up(s + n, 16) // 16) for s, n in zip(starts, lens)]
+    specs = [SampleSpec(rng.randrange(100), rng.randrange(1 << 40), rng.choice([0.0, 0.7, 1.3]),
+                        rng.choice([1.0, 0.9]), rng.choice([0, 5]), rng.choice([-1, 0, 3]))
+             for s in sample if s]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
-                    slots=rng.sample(range(16), seqs), starts=[rng.randint(0, 50) for _ in lens],
-                    lens=lens, sample=[rng.random() < 0.7 for _ in lens], world_size=n)
+                    starts=starts, lens=lens, sample=sample, block_tables=tables, world_size=n,
+                    overlap=sp and rng.random() < 0.5, specs=specs,
+                    released=rng.sample(range(100), rng.randint(0, 3)))
 
 
 def test_step_plan_fields():
-    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), slots=[3, 0, 7], starts=[0, 5, 17],
-                    lens=[3, 1, 4], sample=[True, False, True], world_size=3)
+    tables = [[3], [0], [7, 2]]
+    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), starts=[0, 5, 15],
+                    lens=[3, 1, 4], sample=[True, False, True], block_tables=tables, world_size=3)
     assert plan.num_tokens == 8 and plan.padded == 9
-    assert plan.positions.tolist() == [0, 1, 2, 5, 17, 18, 19, 20]
+    assert plan.positions.tolist() == [0, 1, 2, 5, 15, 16, 17, 18]
     assert plan.sample_rows.tolist() == [2, 7]
-    assert StepPlan(False, plan.token_ids, [3, 0, 7], [0, 5, 17], [3, 1, 4], [True] * 3, 3).padded == 8
+    # Block 3's slots 0-2; block 0's slot 5; block 7's slot 15, then block 2's slots 0-2.
+    assert plan.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
+    assert StepPlan(False, plan.token_ids, [0, 5, 15], [3, 1, 4], [True] * 3, tables, 3).padded == 8
 
 
 def test_step_plan_encode_decode_round_trip():
     rng = random.Random(0)
     for _ in range(20):
         plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
-        back = StepPlan.decode(plan.encode(), plan.world_size)
-        assert (back.sp, back.slots, back.starts, back.lens, back.sample, back.world_size) == (
-            plan.sp, plan.slots, plan.starts, plan.lens, plan.sample, plan.world_size)
+        back = StepPlan.decode(plan.encode(), plan.world_size, plan.block_size)
+        fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
+                  "block_size", "specs", "released")
+        assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
         assert torch.equal(back.token_ids, plan.token_ids)
 
 

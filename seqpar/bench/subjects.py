@@ -26,7 +26,8 @@ class SeqparSubject:
         self.llm = LLM(model_dir, tensor_parallel_size=tp,
                        sequence_parallel="auto" if tp > 1 else "off", dtype=dtype,
                        max_model_len=max_model_len, threads_per_rank=threads_per_rank,
-                       **llm_kwargs)
+                       # Runs repeat the same prompts: each must compute them, not hit the cache.
+                       enable_prefix_caching=False, **llm_kwargs)
 
     def info(self) -> dict:
         policy, worker = self.llm.policy, self.llm.worker

@@ -301,7 +301,7 @@ def _pipeline_fields(cfg: ModelConfig, stats: dict, tokens: int, sampled: int, t
         return {}
     sp = steps["sp"] > 0
     rows = tokens + steps["padded_tokens"]  # T, or T_pad on SP steps
-    measured = (stats["send"]["bytes"] - analytic.pipeline_logits_bytes(cfg, sampled, pp)) / count
+    measured = (stats["send"]["bytes"] - analytic.pipeline_sampled_bytes(sampled, pp)) / count
     minimum = analytic.boundary_bytes(cfg, rows, tp, pp, sp, nbytes) / count
     return {"sp_step": sp, "steps": count, "boundary_bytes": measured,
             "boundary_min_bytes": minimum, "boundary_ratio": measured / minimum,
