@@ -17,7 +17,7 @@ import torch
 
 from seqpar.bench import analytic
 from seqpar.bench.hosts import Host
-from seqpar.bench.models import describe, resolve
+from seqpar.bench.catalog import describe, resolve
 from seqpar.bench.subjects import DTensorSubject, HFSubject, SeqparSubject
 from seqpar.config import DTYPES, ModelConfig
 

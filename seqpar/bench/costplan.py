@@ -124,7 +124,7 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
     seqpar's own prefill of 16 tokens (the one point fitted to the engine; the rest is measured
     by micro-benchmarks)."""
     from seqpar.bench.hosts import Host
-    from seqpar.bench.models import resolve
+    from seqpar.bench.catalog import resolve
     from seqpar.bench.subjects import SeqparSubject
     model_dir = str(resolve(model))
     cfg = ModelConfig.from_dir(model_dir)
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
 
 
 def _model_config(model: str) -> ModelConfig:
-    from seqpar.bench.models import SYNTHETIC, resolve
+    from seqpar.bench.catalog import SYNTHETIC, resolve
     from seqpar.bench.public import PUBLIC_CONFIGS
     if model in PUBLIC_CONFIGS:
         return ModelConfig.from_hf(PUBLIC_CONFIGS[model], source=model)
