@@ -55,12 +55,16 @@ def build(family: str, root: Path, **overrides) -> Path:
     return out
 
 
+def _hf_model(model_dir: Path):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
 def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
     """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time,
     by full forwards without a cache (the simplest independent reference)."""
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = _hf_model(model_dir)
     results = []
     with torch.no_grad():
         for prompt in prompts:
@@ -72,6 +76,14 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
                 ids.append(token)
             results.append((ids[len(prompt):], logprobs))
     return results
+
+
+def hf_next_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """HF transformers' log_softmax over the vocab [V] of the token after each sequence."""
+    model = _hf_model(model_dir)
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+                for ids in sequences]
 
 
 def chosen_logprobs(output) -> list[float]:

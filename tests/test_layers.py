@@ -397,7 +397,8 @@ def _random_plan(rng: random.Random, n: int, sp: bool = True) -> StepPlan:
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
                     slots=rng.sample(range(16), seqs), starts=[rng.randint(0, 50) for _ in lens],
-                    lens=lens, sample=[rng.random() < 0.7 for _ in lens], world_size=n)
+                    lens=lens, sample=[rng.random() < 0.7 for _ in lens], world_size=n,
+                    overlap=sp and rng.random() < 0.5)
 
 
 def test_step_plan_fields():
@@ -414,8 +415,8 @@ def test_step_plan_encode_decode_round_trip():
     for _ in range(20):
         plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
         back = StepPlan.decode(plan.encode(), plan.world_size)
-        assert (back.sp, back.slots, back.starts, back.lens, back.sample, back.world_size) == (
-            plan.sp, plan.slots, plan.starts, plan.lens, plan.sample, plan.world_size)
+        fields = ("sp", "overlap", "slots", "starts", "lens", "sample", "world_size")
+        assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
         assert torch.equal(back.token_ids, plan.token_ids)
 
 

@@ -5,6 +5,8 @@ import torch.nn as nn
 
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
+from seqpar.engine.plan import StepPlan
+from seqpar.layers.attention import KVCache
 from seqpar.models import MODELS
 from seqpar.report import sp_blockers, support_report
 
@@ -21,15 +23,29 @@ def test_supported_families_have_no_blockers(tiny):
 
 
 class CumulativeMix(nn.Module):
-    """A token-mixing op in the residual stream: SP would be wrong here."""
+    """In place of a decoder layer's MLP: a token-mixing op in the residual stream, where SP (each
+    rank holding T/N tokens) would be wrong. Counts its calls, to show the forward runs it."""
 
-    def forward(self, x):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, plan):
+        self.calls += 1
         return x.cumsum(0)
 
 
-def test_undeclared_module_blocks_sp(tiny):
-    model = meta_model(tiny("llama-gqa"))
-    model.model.layers[1].mix = CumulativeMix()
+def test_undeclared_module_in_the_forward_blocks_sp(tiny):
+    model_dir = tiny("llama-gqa")
+    cfg = ModelConfig.from_dir(model_dir)
+    model = MODELS[cfg.model_type](cfg, Comm(None, 0, 1), torch.float32, 64)
+    model.load_weights(model_dir)
+    mix = model.model.layers[1].mlp = CumulativeMix()
+    for layer in model.model.layers:
+        attn = layer.self_attn.attn
+        attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, torch.float32, "cpu", 64)
+    model(StepPlan(False, torch.arange(3, 8), [0], [0], [5], [True], 1))
+    assert mix.calls == 1, "the test's token-mixing module must sit on the forward path"
     assert sp_blockers(model) == ["CumulativeMix: not declared token-wise, so SP would be unsafe"]
 
 
