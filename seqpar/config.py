@@ -12,6 +12,11 @@ SP_MODES = ("off", "on", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def round_up(x: int, multiple: int) -> int:
+    """x rounded up to a multiple of `multiple` (T_pad: tokens padded to N ranks; V_pad: vocab)."""
+    return -(-x // multiple) * multiple
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     """numerator / denominator, or a ValueError naming both numbers and what they count."""
     if numerator % denominator != 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 
 # name -> (config class name, config kwargs). Shapes are tiny but keep every structural case:
 # GQA, KV-head replication (kv < tp), a vocab no tp divides, tied and untied embeddings, biases,
@@ -31,15 +32,9 @@ FAMILIES = {
 }
 
 
-def valid_tp(family: str) -> list[int]:
-    kv = FAMILIES[family][1]["num_key_value_heads"]
-    return [tp for tp in (1, 2, 3) if kv % tp == 0 or tp % kv == 0]
-
-
 def build(family: str, root: Path, **overrides) -> Path:
     """Save a random checkpoint of `family` under root/family (once) and return its directory.
     overrides: config fields set otherwise (e.g. num_hidden_layers=4), named in the directory."""
-    import transformers
     out = root / "-".join([family, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
     if (out / "config.json").is_file():
         return out
@@ -56,7 +51,6 @@ def build(family: str, root: Path, **overrides) -> Path:
 
 
 def _hf_model(model_dir: Path):
-    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
 

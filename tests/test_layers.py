@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dist_helpers import run_ranks
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.engine.plan import StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -46,7 +47,7 @@ def _case(n: int) -> dict:
     """Full (unsharded) weights and inputs, identical in every rank and in the test process."""
     g = torch.Generator().manual_seed(1000 + n)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     # Token ids on both sides of every rank's vocab boundary, plus the first and last id.
     edges = sorted({0, VOCAB - 1} | {b for k in range(1, n) for b in (k * per_rank - 1, k * per_rank)})
     ids = edges + torch.randint(0, VOCAB, (T - len(edges),), generator=g).tolist()
@@ -155,7 +156,7 @@ def _rows(t: torch.Tensor, rank: int, n: int, dim: int = 0) -> torch.Tensor:
 def test_comm_collectives(ranks):
     n, c, res = ranks
     total = c["parts"].sum(0)                                   # [T, H]
-    t_pad = -(-T // n) * n
+    t_pad = round_up(T, n)
     for rank, out in enumerate(res):
         assert out["reduce_scatter"].shape == (t_pad // n, H)
         assert_close(out["reduce_scatter"], _rows(_pad(total, t_pad), rank, n))
@@ -174,7 +175,7 @@ def test_comm_collectives(ranks):
 def test_comm_stats(ranks):
     """Calls, and bytes of the logical full tensor, per collective (the module docstring)."""
     n, _, res = ranks
-    t_pad, f32 = -(-T // n) * n, 4
+    t_pad, f32 = round_up(T, n), 4
     expected = {
         "all_reduce": {"calls": 1, "bytes": T * H * f32},
         "reduce_scatter": {"calls": 2, "bytes": (t_pad + 2 * n) * H * f32},
@@ -305,14 +306,14 @@ def test_parallel_linear_rejects_indivisible_sizes():
 
 def _vocab_shard(w: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     """Rows [r * V_pad / N, (r + 1) * V_pad / N) of w zero-padded to V_pad."""
-    per_rank = -(-w.shape[0] // n)
+    per_rank = round_up(w.shape[0], n) // n
     return _pad(w, per_rank * n)[rank * per_rank:(rank + 1) * per_rank]
 
 
 def test_vocab_parallel_embedding(ranks):
     n, c, res = ranks
     _, sp = _plans(c["ids"], n)
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     assert set((c["ids"] // per_rank).tolist()) == set(range(n))  # every rank has ids to look up
     full = F.embedding(c["ids"], c["emb_w"])  # [T, H]
     for rank, out in enumerate(res):

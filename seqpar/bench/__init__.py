@@ -70,7 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
+def settings_for(args, log=print) -> list[Settings]:
+    """One Settings per group of models x tp sizes, the presets filled in where args has None."""
     preset = QUICK if args.quick else FULL
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
     modes = [m for m in MODES if (m.default if args.modes is None else m.name in args.modes)]
@@ -83,14 +84,14 @@ def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
                   prompt_len=pick("prompt_len"), new_tokens=pick("new_tokens"), runs=pick("runs"),
                   warmup=pick("warmup"), memory_runs=pick("memory_runs"), threads=args.threads,
                   dtype=args.dtype, seed=args.seed, hardware=args.hardware or None, log=log)
-    return [Settings(models=ms, tps=tps, **common) for ms, tps in groups], sys.argv[1:]
+    return [Settings(models=ms, tps=tps, **common) for ms, tps in groups]
 
 
 def main(argv=None) -> int:
     from seqpar.bench import results
     args = parse(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory probe's profiler: quiet
-    runs, _ = settings_for(args)
+    runs = settings_for(args)
     result = None
     if args.replot:
         with open(args.replot[0]) as f:
