@@ -1,6 +1,7 @@
 """Engine behaviour: collective accounting per mode, the auto policy, sampling against an
 independent reference of the distribution, logprobs against HF transformers."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from models import hf_next_logprobs
 from seqpar import LLM, SamplingParams
 from seqpar.engine.policy import NEVER, SWEEP, SPPolicy
-from seqpar.engine.sampler import sample
+from seqpar.engine.plan import SampleSpec
+from seqpar.engine.sampler import Sampler
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -141,10 +143,11 @@ def test_sampling_matches_reference_distribution(temperature, top_k, top_p):
     logits = rng.normal(0, 1.5, size=16)
     expected = reference_distribution(logits, temperature, top_k, top_p)
     draws = 8000
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    gen = torch.Generator().manual_seed(0)
+    # One request (one generator, seeded once) sampled in `draws` rows of one step.
+    spec = SampleSpec(key=0, seed=0, temperature=temperature, top_p=top_p, top_k=top_k, logprobs=-1)
+    plan = SimpleNamespace(specs=[spec] * draws, max_logprobs=0, released=[])
     row = torch.tensor(logits, dtype=torch.float32)
-    tokens, _ = sample(row.expand(draws, -1), [params] * draws, [gen] * draws)
+    tokens = Sampler()(row.expand(draws, -1).contiguous(), plan)[:, 0].long().numpy()
     counts = np.bincount(tokens, minlength=len(logits))
     allowed = expected > 0
     assert counts[~allowed].sum() == 0, f"drew tokens outside the allowed set: {np.flatnonzero(counts * ~allowed)}"

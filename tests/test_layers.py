@@ -21,7 +21,7 @@ from torch.testing import assert_close
 from dist_helpers import run_ranks
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.engine.plan import StepPlan
+from seqpar.engine.plan import SampleSpec, StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
@@ -393,13 +393,21 @@ def test_rotary_llama3_matches_transformers():
 
 # --- Step plan (pure Python) ----------------------------------------------------------------------
 
-def _random_plan(rng: random.Random, n: int, sp: bool = True) -> StepPlan:
+def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 4) -> StepPlan:
     seqs = rng.randint(1, 6)
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
+    starts = [rng.randint(0, 50) for _ in lens]
+    sample = [rng.random() < 0.7 for _ in lens]
+    tables = [rng.sample(range(200), round_up(s + t, block_size) // block_size)
+              for s, t in zip(starts, lens)]
+    specs = [SampleSpec(key=rng.randrange(100), seed=rng.randrange(1 << 62),
+                        temperature=rng.choice([0.0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.9]),
+                        top_k=rng.choice([0, 5]), logprobs=rng.choice([-1, 0, 3]))
+             for _ in range(sum(sample))]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
-                    slots=rng.sample(range(16), seqs), starts=[rng.randint(0, 50) for _ in lens],
-                    lens=lens, sample=[rng.random() < 0.7 for _ in lens], world_size=n,
-                    overlap=sp and rng.random() < 0.5)
+                    starts=starts, lens=lens, sample=sample, block_tables=tables, world_size=n,
+                    block_size=block_size, overlap=sp and rng.random() < 0.5, specs=specs,
+                    released=rng.sample(range(100), rng.randint(0, 3)))
 
 
 def test_step_plan_fields():
@@ -412,11 +420,13 @@ def test_step_plan_fields():
 
 
 def test_step_plan_encode_decode_round_trip():
+    """Every field rank 0 decides reaches the other ranks unchanged."""
     rng = random.Random(0)
+    fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
+              "block_size", "specs", "released")
     for _ in range(20):
         plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
-        back = StepPlan.decode(plan.encode(), plan.world_size)
-        fields = ("sp", "overlap", "slots", "starts", "lens", "sample", "world_size")
+        back = StepPlan.decode(plan.encode(), plan.world_size, plan.block_size)
         assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
         assert torch.equal(back.token_ids, plan.token_ids)
 

@@ -3,10 +3,9 @@ in the model blocks SP (the model then runs TP and says so)."""
 import torch
 import torch.nn as nn
 
+from seqpar import LLM, SamplingParams
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
-from seqpar.engine.plan import StepPlan
-from seqpar.layers.attention import KVCache
 from seqpar.models import MODELS
 from seqpar.report import sp_blockers, support_report
 
@@ -36,17 +35,13 @@ class CumulativeMix(nn.Module):
 
 
 def test_undeclared_module_in_the_forward_blocks_sp(tiny):
-    model_dir = tiny("llama-gqa")
-    cfg = ModelConfig.from_dir(model_dir)
-    model = MODELS[cfg.model_type](cfg, Comm(None, 0, 1), torch.float32, 64)
-    model.load_weights(model_dir)
-    mix = model.model.layers[1].mlp = CumulativeMix()
-    for layer in model.model.layers:
-        attn = layer.self_attn.attn
-        attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, torch.float32, "cpu", 64)
-    model(StepPlan(False, torch.arange(3, 8), [0], [0], [5], [True], 1))
-    assert mix.calls == 1, "the test's token-mixing module must sit on the forward path"
-    assert sp_blockers(model) == ["CumulativeMix: not declared token-wise, so SP would be unsafe"]
+    # tp=1: rank 0's model lives in this process, so the test can swap a layer's MLP for the mix.
+    with LLM(str(tiny("llama-gqa")), threads_per_rank=1) as llm:
+        mix = llm.worker.model.model.layers[1].mlp = CumulativeMix()
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0))
+        assert mix.calls == 1, "the test's token-mixing module must sit on the forward path"
+        assert sp_blockers(llm.worker.model) == [
+            "CumulativeMix: not declared token-wise, so SP would be unsafe"]
 
 
 def test_report_names_each_kind(tiny):
