@@ -88,7 +88,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from seqpar.bench.plan import main as plan_main
+    from seqpar.bench.costplan import main as plan_main
 
     return plan_main(args.plan_args)
 

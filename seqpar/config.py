@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def round_up(x: int, multiple: int) -> int:
-    """x rounded up to a multiple of `multiple`."""
+    """x rounded up to a multiple of `multiple` (T_pad: tokens padded to N ranks; V_pad: vocab)."""
     return -(-x // multiple) * multiple
 
 

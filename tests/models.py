@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 
 # name -> (config class name, config kwargs). Shapes are tiny but keep every structural case:
 # GQA, KV-head replication (kv < tp), a vocab no tp divides, tied and untied embeddings, biases,
@@ -31,15 +32,9 @@ FAMILIES = {
 }
 
 
-def valid_tp(family: str) -> list[int]:
-    kv = FAMILIES[family][1]["num_key_value_heads"]
-    return [tp for tp in (1, 2, 3) if kv % tp == 0 or tp % kv == 0]
-
-
 def build(family: str, root: Path, **overrides) -> Path:
     """Save a random checkpoint of `family` under root/family (once) and return its directory.
     overrides: config fields set otherwise (e.g. num_hidden_layers=4), named in the directory."""
-    import transformers
     out = root / "-".join([family, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
     if (out / "config.json").is_file():
         return out
@@ -55,12 +50,15 @@ def build(family: str, root: Path, **overrides) -> Path:
     return out
 
 
+def _hf_model(model_dir: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
 def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
     """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time,
     by full forwards without a cache (the simplest independent reference)."""
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = _hf_model(model_dir)
     results = []
     with torch.no_grad():
         for prompt in prompts:
@@ -72,6 +70,14 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
                 ids.append(token)
             results.append((ids[len(prompt):], logprobs))
     return results
+
+
+def hf_next_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """HF transformers' log_softmax over the vocab [V] of the token after each sequence."""
+    model = _hf_model(model_dir)
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+                for ids in sequences]
 
 
 def chosen_logprobs(output) -> list[float]:

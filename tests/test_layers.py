@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dist_helpers import run_ranks
-from seqpar.distributed.comm import Comm
 from seqpar.config import round_up
+from seqpar.distributed.comm import Comm
 from seqpar.engine.plan import SampleSpec, StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
@@ -47,7 +47,7 @@ def _case(n: int) -> dict:
     """Full (unsharded) weights and inputs, identical in every rank and in the test process."""
     g = torch.Generator().manual_seed(1000 + n)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     # Token ids on both sides of every rank's vocab boundary, plus the first and last id.
     edges = sorted({0, VOCAB - 1} | {b for k in range(1, n) for b in (k * per_rank - 1, k * per_rank)})
     ids = edges + torch.randint(0, VOCAB, (T - len(edges),), generator=g).tolist()
@@ -68,9 +68,8 @@ def _case(n: int) -> dict:
 
 def _plans(ids: torch.Tensor, n: int) -> tuple[StepPlan, StepPlan]:
     """(TP plan, SP plan) for one sequence of len(ids) prefill tokens."""
-    tables = [list(range(round_up(len(ids), 16) // 16))]
-    make = lambda sp: StepPlan(sp=sp, token_ids=ids, starts=[0], lens=[len(ids)],  # noqa: E731
-                               sample=[True], block_tables=tables, world_size=n)
+    make = lambda sp: StepPlan(sp=sp, token_ids=ids, slots=[0], starts=[0], lens=[len(ids)],  # noqa: E731
+                               sample=[True], world_size=n)
     return make(False), make(True)
 
 
@@ -157,7 +156,7 @@ def _rows(t: torch.Tensor, rank: int, n: int, dim: int = 0) -> torch.Tensor:
 def test_comm_collectives(ranks):
     n, c, res = ranks
     total = c["parts"].sum(0)                                   # [T, H]
-    t_pad = -(-T // n) * n
+    t_pad = round_up(T, n)
     for rank, out in enumerate(res):
         assert out["reduce_scatter"].shape == (t_pad // n, H)
         assert_close(out["reduce_scatter"], _rows(_pad(total, t_pad), rank, n))
@@ -176,7 +175,7 @@ def test_comm_collectives(ranks):
 def test_comm_stats(ranks):
     """Calls, and bytes of the logical full tensor, per collective (the module docstring)."""
     n, _, res = ranks
-    t_pad, f32 = -(-T // n) * n, 4
+    t_pad, f32 = round_up(T, n), 4
     expected = {
         "all_reduce": {"calls": 1, "bytes": T * H * f32},
         "reduce_scatter": {"calls": 2, "bytes": (t_pad + 2 * n) * H * f32},
@@ -307,14 +306,14 @@ def test_parallel_linear_rejects_indivisible_sizes():
 
 def _vocab_shard(w: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     """Rows [r * V_pad / N, (r + 1) * V_pad / N) of w zero-padded to V_pad."""
-    per_rank = -(-w.shape[0] // n)
+    per_rank = round_up(w.shape[0], n) // n
     return _pad(w, per_rank * n)[rank * per_rank:(rank + 1) * per_rank]
 
 
 def test_vocab_parallel_embedding(ranks):
     n, c, res = ranks
     _, sp = _plans(c["ids"], n)
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     assert set((c["ids"] // per_rank).tolist()) == set(range(n))  # every rank has ids to look up
     full = F.embedding(c["ids"], c["emb_w"])  # [T, H]
     for rank, out in enumerate(res):
@@ -394,18 +393,20 @@ def test_rotary_llama3_matches_transformers():
 
 # --- Step plan (pure Python) ----------------------------------------------------------------------
 
-def _random_plan(rng: random.Random, n: int, sp: bool = True) -> StepPlan:
+def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 4) -> StepPlan:
     seqs = rng.randint(1, 6)
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
     starts = [rng.randint(0, 50) for _ in lens]
     sample = [rng.random() < 0.7 for _ in lens]
-    tables = [rng.sample(range(64), round_up(s + n, 16) // 16) for s, n in zip(starts, lens)]
-    specs = [SampleSpec(rng.randrange(100), rng.randrange(1 << 40), rng.choice([0.0, 0.7, 1.3]),
-                        rng.choice([1.0, 0.9]), rng.choice([0, 5]), rng.choice([-1, 0, 3]))
-             for s in sample if s]
+    tables = [rng.sample(range(200), round_up(s + t, block_size) // block_size)
+              for s, t in zip(starts, lens)]
+    specs = [SampleSpec(key=rng.randrange(100), seed=rng.randrange(1 << 62),
+                        temperature=rng.choice([0.0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.9]),
+                        top_k=rng.choice([0, 5]), logprobs=rng.choice([-1, 0, 3]))
+             for _ in range(sum(sample))]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
                     starts=starts, lens=lens, sample=sample, block_tables=tables, world_size=n,
-                    overlap=sp and rng.random() < 0.5, specs=specs,
+                    block_size=block_size, overlap=sp and rng.random() < 0.5, specs=specs,
                     released=rng.sample(range(100), rng.randint(0, 3)))
 
 
@@ -422,12 +423,13 @@ def test_step_plan_fields():
 
 
 def test_step_plan_encode_decode_round_trip():
+    """Every field rank 0 decides reaches the other ranks unchanged."""
     rng = random.Random(0)
+    fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
+              "block_size", "specs", "released")
     for _ in range(20):
         plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
         back = StepPlan.decode(plan.encode(), plan.world_size, plan.block_size)
-        fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
-                  "block_size", "specs", "released")
         assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
         assert torch.equal(back.token_ids, plan.token_ids)
 

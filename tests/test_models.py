@@ -1,7 +1,7 @@
 """seqpar against HF transformers on the same weights: every family, tp 1-3, SP off / on / auto.
 
 One LLM per (family, tp); the SP mode is switched between calls, which the engine allows because
-layers read each step's mode from its plan (invariant 4).
+layers read each step's mode from its plan (docs/architecture.md, invariant 4).
 """
 import pytest
 

@@ -11,7 +11,7 @@ import pytest
 from models import build, chosen_logprobs, hf_reference
 from seqpar import LLM, SamplingParams
 from seqpar.cli import main as cli
-from seqpar.config import ParallelConfig
+from seqpar.config import ParallelConfig, round_up
 
 MAX_TOKENS = 5
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True)
@@ -91,7 +91,7 @@ class TestTwoStagesOfTwo:
             assert stats["send"]["calls"] == tp + 1  # each TP rank's boundary message + the token
             assert stats["recv"] == stats["send"]
             boundary[mode] = stats["send"]["bytes"] - logits
-        padded = -(-tokens // tp) * tp
+        padded = round_up(tokens, tp)
         assert boundary["on"] == tp * 2 * (padded // tp) * hidden * 4
         assert boundary["off"] == tp * 2 * tokens * hidden * 4
         if tokens % tp == 0:

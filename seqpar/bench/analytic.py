@@ -6,11 +6,7 @@ width, L layers, D head dim, hq / hkv the query / KV heads on one rank, b bytes 
 """
 from __future__ import annotations
 
-from seqpar.config import ModelConfig
-
-
-def _ceil_to(x: int, n: int) -> int:
-    return -(-x // n) * n
+from seqpar.config import ModelConfig, round_up
 
 
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
@@ -20,7 +16,7 @@ def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
 
 def sample_rows_per_rank(seq_lens: list[int], tp: int) -> int:
     """K on an SP step: the most sampled rows (each sequence's last) one rank owns."""
-    padded = _ceil_to(sum(seq_lens), tp)
+    padded = round_up(sum(seq_lens), tp)
     shard, owned, row = padded // tp, [0] * tp, 0
     for n in seq_lens:
         row += n
@@ -43,10 +39,10 @@ def step_collectives(cfg: ModelConfig, seq_lens: list[int], tp: int,
     if tp == 1:
         return []
     t, h, layers = sum(seq_lens), cfg.hidden_size, cfg.num_layers
-    logits = ("gather", len(seq_lens), _ceil_to(cfg.vocab_size, tp))
+    logits = ("gather", len(seq_lens), round_up(cfg.vocab_size, tp))
     if not sp:
         return [("all_reduce", t, h)] * (2 * layers + 1) + [logits]
-    padded = _ceil_to(t, tp)
+    padded = round_up(t, tp)
     # embedding's reduction, then per layer: gather -> QKV, out -> scatter, gather -> MLP -> scatter
     per_layer = [("all_gather", padded, h), ("reduce_scatter", padded, h)] * 2
     return ([("reduce_scatter", padded, h)] + per_layer * layers
@@ -111,7 +107,7 @@ def peak_activation(cfg: ModelConfig, tokens: int, tp: int, sp: bool, nbytes: in
     """
     h, i = cfg.hidden_size, cfg.intermediate_size
     sp = sp and tp > 1
-    t_all = _ceil_to(tokens, tp) if sp else tokens
+    t_all = round_up(tokens, tp) if sp else tokens
     rows = t_all // tp if sp else tokens
     stream = 2 * rows * h
     transient = max(t_all * (2 * i // tp + h),

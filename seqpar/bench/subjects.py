@@ -133,8 +133,9 @@ class HFSubject:
 
 def dtensor_plan(model, mesh) -> None:
     """PyTorch's TP tutorial plan (Colwise / Rowwise / SequenceParallel / PrepareModuleInput) on HF
-    Llama, with the residual stream kept a DTensor sharded along the sequence (NOTES.md): HF then
-    derives positions and the causal mask from the global length, and uneven lengths work."""
+    Llama, with the residual stream kept a DTensor sharded along the sequence: HF then derives
+    positions and the causal mask from the global length, and uneven lengths work (facts in
+    docs/architecture.md, "Facts the code relies on")."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel,

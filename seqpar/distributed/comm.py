@@ -51,7 +51,7 @@ class Comm:
 
     def _shared(self) -> ShmGroup | None:
         """The shared-memory collectives, set up by the first collective that asks (every rank
-        asks in the same one, DESIGN.md invariant 1); None: the backend's."""
+        asks in the same one, docs/architecture.md, invariant 1); None: the backend's."""
         if self._shm_pending:
             self._shm_pending = False
             self.shm = ShmGroup.create(self.group, self.rank, self.world_size)

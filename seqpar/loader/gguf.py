@@ -93,6 +93,16 @@ def _compute_dtype(reader: gguf.GGUFReader) -> str:
     return "bfloat16"
 
 
+def _read_gguf(path: Path) -> gguf.GGUFReader:
+    """The file's header, metadata and tensor index; a truncated or corrupt file raises a
+    ValueError naming it (the gguf library's errors name no path)."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize `gguf_path` into `out_dir` (HF Llama layout, float32). Returns `out_dir`.
 
@@ -103,7 +113,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    reader = gguf.GGUFReader(gguf_path)
+    reader = _read_gguf(gguf_path)
     arch = _meta(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(

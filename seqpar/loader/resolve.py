@@ -3,7 +3,7 @@
 Accepted forms, checked in this order:
   1. an alias from ALIASES ("smollm2"): a GGUF file shipped inside an installed wheel;
   2. a path to a .gguf file: converted once into the cache, keyed by file name + size + mtime;
-  3. a directory holding config.json and at least one *.safetensors file.
+  3. a directory holding config.json and at least one *.safetensors file, each with a valid header.
 """
 
 import os
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .checkpoint import check_safetensors
 from .gguf import convert_gguf
 
 
@@ -59,6 +60,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
         for pattern in ("config.json", "*.safetensors"):
             if not any(path.glob(pattern)):
                 raise FileNotFoundError(f"{path} is not a model directory: no {pattern} in it")
+        check_safetensors(path)
         return path.resolve()
     raise FileNotFoundError(
         f"model {str(model)!r} not found. Pass a directory with config.json and *.safetensors, "

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
@@ -25,6 +24,7 @@ from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear, check_shape)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
+from seqpar.loader.checkpoint import open_safetensors
 
 
 class LlamaAttention(nn.Module):
@@ -180,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
         expected = {(name, shard) for name, shard in self._expected_shards(params)}
         loaded = set()
         for file in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
+            with open_safetensors(file) as f:
                 for ckpt_name in f.keys():
                     target = self._target(ckpt_name)
                     if target is None:
