@@ -23,7 +23,7 @@ def _step(comm: Comm, x: torch.Tensor, padded: int):
     """A TP all_reduce, then SP's reduce_scatter -> token-wise op -> all_gather, as layers call them."""
     summed = comm.all_reduce(x * 2)                          # [T, H]
     shard = comm.reduce_scatter_tokens(x, padded) + 1        # [padded / N, H]
-    return summed, shard, comm.all_gather_tokens(shard)      # [padded, H]
+    return summed, shard, comm.all_gather_tokens(shard) * 3  # [padded, H]
 
 
 def _ops_ranks(rank: int, n: int, compile: bool) -> dict:
@@ -38,6 +38,11 @@ def _ops_ranks(rank: int, n: int, compile: bool) -> dict:
                            torch.ops.seqpar.reduce_scatter_tokens(x, padded, comm.handle),
                            torch.ops.seqpar.all_gather_tokens(x, comm.handle))
         assert torch.equal(x, keep), "a functional op changed its input"
+        # torch's own checks of a custom op: schema, fake kernel against the real one, AOT.
+        for op, args in ((torch.ops.seqpar.all_reduce, (x, comm.handle)),
+                         (torch.ops.seqpar.reduce_scatter_tokens, (x, padded, comm.handle)),
+                         (torch.ops.seqpar.all_gather_tokens, (x, comm.handle))):
+            torch.library.opcheck(op, args)
     if not compile:
         return out
     comm.reset()
@@ -88,8 +93,8 @@ def test_collective_ops_eager_and_compiled(n):
             assert torch.equal(reduce_scatter, shard)
             assert torch.equal(all_gather, torch.cat(xs))
             want = (_ranked_sum([2 * x for x in xs]), shard + 1,
-                    torch.cat([F.pad(_ranked_sum(xs), (0, 0, 0, padded - t)).chunk(n)[r] + 1
-                               for r in range(n)]))
+                    3 * torch.cat([F.pad(_ranked_sum(xs), (0, 0, 0, padded - t)).chunk(n)[r] + 1
+                                   for r in range(n)]))
             if not compile:
                 continue
             for got, expected in zip(res["compiled", t], want):
