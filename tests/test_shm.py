@@ -147,15 +147,24 @@ def _waiting_group(peer_pid: int, timeout: float) -> ShmGroup:
     return ShmGroup(segment, 0, 2, slot, [os.getpid(), peer_pid], timeout)
 
 
-def test_dead_peer_ends_the_wait():
+def _ring_step(group: ShmGroup) -> None:
+    """A ring step larger than the ring's slots: it waits on rank 1 to take its pieces."""
+    x = torch.ones(4 * group.slot_bytes)
+    for handle in group.ring_exchange(x, torch.empty_like(x)):
+        handle.wait()
+
+
+@pytest.mark.parametrize("op, run", [("all_reduce", lambda g: g.all_reduce(torch.ones(4))),
+                                     ("ring_exchange", _ring_step)])
+def test_dead_peer_ends_the_wait(op, run):
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         group = _waiting_group(peer.pid, timeout=60)
-        threading.Timer(0.3, peer.kill).start()  # dies while rank 0 waits in the all-reduce
+        threading.Timer(0.3, peer.kill).start()  # dies while rank 0 waits for it
         start = time.monotonic()
-        with pytest.raises(PeerGone, match=rf"all_reduce on shared memory: rank 1 \(pid {peer.pid}\) "
+        with pytest.raises(PeerGone, match=rf"{op} on shared memory: rank 1 \(pid {peer.pid}\) "
                                            "exited while rank 0 waited for it"):
-            group.all_reduce(torch.ones(4))
+            run(group)
         assert time.monotonic() - start < 3
     finally:
         peer.kill()
