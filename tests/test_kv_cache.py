@@ -49,13 +49,14 @@ def test_small_pool_queues_and_preempts(tiny, family, tp):
         assert stats["used_blocks"] == 0, "blocks still held after every request finished"
 
 
-def test_prefix_cache_hits_and_outputs(tiny):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_prefix_cache_hits_and_outputs(tiny, tp, pp):
     model_dir = tiny("qwen3")
     shared = [(5 * i) % 900 + 3 for i in range(40)]  # 2 full blocks + 8 tokens
     prompts = [shared + [100 + j, 200 + j] for j in range(3)] + [shared[:32]]
     expected = reference(model_dir, prompts)
-    with LLM(str(model_dir), tensor_parallel_size=2, sequence_parallel="on",
-             threads_per_rank=1) as llm:
+    with LLM(str(model_dir), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             sequence_parallel="on" if tp > 1 else "off", threads_per_rank=1) as llm:
         assert_matches(llm.generate(prompts[:1], GREEDY), expected[:1], "first, uncached")
         assert llm.cache_stats()["prefix_hits"] == 0
         outs = llm.generate(prompts[1:], GREEDY)
@@ -66,6 +67,8 @@ def test_prefix_cache_hits_and_outputs(tiny):
         assert [o.num_cached_tokens for o in outs] == [32, 32, 16]
         assert stats["prefix_hits"] == 32 + 32 + 16
         assert stats["prefix_queries"] == sum(map(len, prompts))
+    if tp > 1:
+        return
     with LLM(str(model_dir), enable_prefix_caching=False, threads_per_rank=1) as llm:
         assert_matches(llm.generate(prompts, GREEDY), expected, "prefix caching off")
         assert llm.cache_stats()["prefix_hits"] == 0
