@@ -15,6 +15,7 @@ the point-to-point ops (ring_exchange, send, recv, which stay on gloo) never mak
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -111,6 +112,25 @@ class Comm:
             self._exchange([x] * n, chunks)
             return out
         dist.all_gather_into_tensor(out, x, group=self.group)
+        return out
+
+    def all_to_all(self, x: torch.Tensor, send_splits: list[int] | None = None,
+                   recv_splits: list[int] | None = None, total_rows: int | None = None
+                   ) -> torch.Tensor:
+        """Send rows send_splits[p] of x (in rank order) to peer p; receive recv_splits[p] rows
+        from each. [sum(send_splits), ...] -> [sum(recv_splits), ...]; without splits, N equal
+        chunks each way (the shape is kept).
+
+        Counted as the logical payload, as all_gather counts its joined tensor: every rank's
+        rows together, total_rows (the caller knows it from the plan) or N x this rank's rows.
+        """
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        rows = total_rows if total_rows is not None else self.world_size * x.shape[0]
+        self._count("all_to_all", rows * math.prod(x.shape[1:]) * x.element_size())
+        out = x.new_empty(x.shape[0] if recv_splits is None else sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x, recv_splits, send_splits, group=self.group)
         return out
 
     def _exchange(self, sends: list[torch.Tensor], recvs: list[torch.Tensor]) -> None:
