@@ -113,7 +113,8 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         sliding = raw.get("sliding_window") if model_type in ("mistral", "mixtral") else None
-        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window", False):
+        qwen = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+        if model_type in qwen and raw.get("use_sliding_window", False):
             raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not supported")
         # Which projections carry a bias, as each family's HF modeling code builds them.
         attn_bias = bool(raw.get("attention_bias", False)) and model_type in ("llama", "qwen3",
@@ -154,7 +155,7 @@ def _moe_fields(raw: dict, model_type: str, source: str) -> dict:
     layers = raw["num_hidden_layers"]
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, as Mixtral's.
     experts = raw.get("num_local_experts", raw.get("num_experts"))
-    needed = ["num_experts_per_tok"] + ([] if model_type == "mixtral" else ["moe_intermediate_size"])
+    needed = ["num_experts_per_tok"] + (["moe_intermediate_size"] if model_type != "mixtral" else [])
     missing = [k for k in needed if k not in raw] + ([] if experts else ["num_local_experts"])
     if missing:
         raise ValueError(f"{source}: missing {', '.join(missing)}")

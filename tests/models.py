@@ -109,3 +109,12 @@ def hf_next_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[torch.
 def chosen_logprobs(output) -> list[float]:
     """The chosen token's logprob at each step of a seqpar RequestOutput."""
     return [step[token] for step, token in zip(output.logprobs, output.token_ids)]
+
+
+def assert_matches(outputs, expected, what: str) -> None:
+    """seqpar RequestOutputs against hf_reference's (tokens, logprobs): greedy tokens identical,
+    each chosen token's logprob within 2e-4."""
+    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
+        assert out.token_ids == tokens, f"{what}: prompt {i} greedy tokens differ from HF"
+        worst = max(abs(a - b) for a, b in zip(chosen_logprobs(out), logprobs))
+        assert worst <= 2e-4, f"{what}: prompt {i} logprob differs from HF by {worst:.2e}"

@@ -205,7 +205,8 @@ class SparseMoeBlock(nn.Module):
         expert = ids.flatten()  # [t * k] pairs
         order = torch.argsort(expert, stable=True)  # grouped by expert, so by owner rank
         token = order // k
-        counts = torch.bincount(expert, minlength=self.num_experts).view(n, local)  # to owner, expert
+        # [N owners, E/N experts each]: this rank's pairs per expert, in owner order
+        counts = torch.bincount(expert, minlength=self.num_experts).view(n, local)
         # Each owner learns how many rows each rank sends each of its experts: [N sources, E/N].
         got_counts = comm.all_to_all(counts)
         send, recv = counts.sum(1).tolist(), got_counts.sum(1).tolist()

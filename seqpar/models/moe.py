@@ -36,7 +36,9 @@ class MoeForCausalLM(LlamaForCausalLM):
         if "experts" not in parts:
             return target
         i = parts.index("experts")
-        if len(parts) != i + 4 or not parts[i + 1].isdigit() or (parts[i + 2], shard) not in EXPERT_PROJ:
+        known = (len(parts) == i + 4 and parts[i + 1].isdigit()
+                 and (parts[i + 2], shard) in EXPERT_PROJ)
+        if not known:
             return ckpt_name, None  # no place for it: reported by load_weights
         expert = int(parts[i + 1])
         if expert >= self.cfg.num_experts:
