@@ -16,6 +16,7 @@ Per step (the plan's mode, read at forward time, the same on every rank):
   sends the results back (all-to-all "combine"), where the routing weights sum them per token.
   No rank gathers the whole batch; each token is routed on exactly one rank, so top-k ties
   cannot split the ranks.
+On SP + overlap steps the block runs the plain SP collectives (no collective matmul for experts).
 
 Qwen2-MoE's shared expert (a dense MLP behind a sigmoid gate, on every token) is split by columns
 like the dense MLP under TP. Under EP it is replicated whole, so an SP + EP step runs it on the
