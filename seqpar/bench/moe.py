@@ -15,7 +15,7 @@ import time
 
 from seqpar import LLM, SamplingParams
 from seqpar.bench import analytic
-from seqpar.bench.models import resolve
+from seqpar.bench.catalog import resolve
 
 MODES = {"tp": ("off", False), "sp": ("on", False), "sp+ep": ("on", True)}
 
