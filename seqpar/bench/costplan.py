@@ -207,7 +207,7 @@ def _model_config(model: str) -> ModelConfig:
     if model in PUBLIC_CONFIGS:
         return ModelConfig.from_hf(PUBLIC_CONFIGS[model], source=model)
     if model in SYNTHETIC:
-        return ModelConfig.from_hf(dict(SYNTHETIC[model], model_type="llama"), source=model)
+        return ModelConfig.from_hf({"model_type": "llama", **SYNTHETIC[model]}, source=model)
     if model.endswith(".json") and os.path.isfile(model):
         return ModelConfig.from_hf(json.load(open(model)), source=model)
     return ModelConfig.from_dir(resolve(model))
