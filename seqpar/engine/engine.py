@@ -101,6 +101,9 @@ class Engine:
         with self.cluster.guard():
             self._issue()
             if not self.in_flight:
+                if self.requests:  # a pool that holds one max_model_len sequence always can
+                    raise RuntimeError(f"no step could be scheduled for {len(self.requests)} "
+                                       f"requests ({self.cache_stats()})")
                 return []
             plan, seqs, counts, pending = self.in_flight.popleft()
             sampled = pending.wait()
