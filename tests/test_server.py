@@ -321,6 +321,19 @@ def test_models_health_and_metrics(server):
     assert m["seqpar:tp_steps_total"] > 0 and m["seqpar:sp_steps_total"] > 0  # --sp-min-tokens 8
 
 
+def test_bench_serve_against_the_server(server, tmp_path):
+    from seqpar.bench.serve import main as bench_serve
+    out = tmp_path / "bench.json"
+    assert bench_serve(["--url", server.url, "--api-key", KEY, "--vocab-size", "1001",
+                        "--num-prompts", "6", "--input-len", "5", "--output-len", "4",
+                        "--max-concurrency", "3", "--warmup", "1", "--json", str(out)]) == 0
+    [rec] = json.loads(out.read_text())["records"]
+    assert (rec["completed"], rec["failed"]) == (6, 0)
+    assert rec["output_throughput"] == pytest.approx(6 * 4 / rec["duration_s"])
+    assert 0 < rec["ttft_ms"]["p50"] <= rec["ttft_ms"]["p99"]
+    assert rec["tpot_ms"]["p50"] > 0 and rec["engine_step_ms"] > 0
+
+
 @pytest.fixture(scope="module")
 def small_server(model):
     s = ServerProcess(model, "-tp", "2", "--sp", "off", "--max-num-seqs", "1",

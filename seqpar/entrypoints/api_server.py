@@ -67,7 +67,7 @@ class Server:
         self.tokenizer = copy.deepcopy(llm.tokenizer)
         self.metrics = ServerMetrics(model_name)
         self.front = AsyncEngine(llm.engine, max_waiting, lambda: _rank_failure(llm),
-                                 self.metrics.on_output, on_death)
+                                 self.metrics, on_death)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

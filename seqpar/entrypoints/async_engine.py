@@ -98,18 +98,18 @@ class AsyncEngine:
     """engine: the Engine (add_request / step / abort_request / has_unfinished / num_waiting).
     max_waiting: most requests waiting for admission; an add beyond it raises QueueFull.
     rank_failure: returns why a rank died, or None while all live (polled while idle).
-    on_output(route, out, now): metrics hook, on the loop thread.
+    metrics: on_output(route, out, now) on the loop thread, on_step(seconds) on the engine thread.
     on_death(reason): called from the engine thread once when the engine fails."""
 
     IDLE_POLL_S = 0.5
     """How often an idle engine thread checks that the ranks are alive."""
 
     def __init__(self, engine, max_waiting: int, rank_failure: Callable[[], str | None],
-                 on_output: Callable, on_death: Callable[[str], None]):
+                 metrics, on_death: Callable[[str], None]):
         self.engine = engine
         self.max_waiting = max_waiting
         self._rank_failure = rank_failure
-        self._on_output = on_output
+        self._metrics = metrics
         self._on_death = on_death
         self._inbox: deque[_Command] = deque()
         self._wake = threading.Condition()
@@ -176,7 +176,7 @@ class AsyncEngine:
             route = self._routes.get(out.request_id)
             if route is None:
                 continue  # aborted while its step ran
-            self._on_output(route, out, now)
+            self._metrics.on_output(route, out, now)
             if out.finished:
                 del self._routes[out.request_id]
             route.queue.put_nowait(out)
@@ -201,7 +201,9 @@ class AsyncEngine:
                 for cmd in commands:
                     self._apply(cmd)
                 if engine.has_unfinished():
+                    start = time.perf_counter()
                     outputs = engine.step()
+                    self._metrics.on_step(time.perf_counter() - start)
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as e:  # a rank died (the engine names it), or a bug: stop serving

@@ -88,6 +88,8 @@ class ServerMetrics:
         self.itl = hist("seqpar:inter_token_latency_seconds", "Between a request's tokens")
         self.e2e = hist("seqpar:e2e_request_latency_seconds",
                         "From a request's arrival to its last token")
+        self.step = hist("seqpar:engine_step_seconds",
+                         "Wall time of one engine step (on the engine thread)")
         self._finished = Counter("seqpar:request_success", "Requests finished, by reason",
                                  labels + ["finished_reason"], registry=self.registry)
         self._model = model_name
@@ -106,6 +108,9 @@ class ServerMetrics:
         if out.finished:
             self.e2e.observe(now - route.arrival)
             self._finished.labels(self._model, out.finish_reason).inc()
+
+    def on_step(self, seconds: float) -> None:
+        self.step.observe(seconds)
 
     def render(self, snap: dict | None) -> bytes:
         self.engine.last = snap
