@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -211,10 +212,12 @@ def _split_extra(kw: dict) -> dict:
 
 def test_sixteen_concurrent_clients(server, model, tokenizer):
     prompts = [word_prompt(10 + i, 3 + i % 6) for i in range(16)]
-    want = expected(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], 6)
+    want = expected(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], 16)
+    start = threading.Barrier(16)  # all at once, so that they share steps
 
     def one(i):
-        kw = dict(model="tiny", prompt=prompts[i], max_tokens=6, temperature=0)
+        kw = dict(model="tiny", prompt=prompts[i], max_tokens=16, temperature=0)
+        start.wait(30)
         if i % 2:
             chunks = server.client.completions.create(**kw, stream=True)
             return "".join(c.choices[0].text for c in chunks if c.choices)
