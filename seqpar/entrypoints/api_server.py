@@ -100,11 +100,11 @@ class Server:
 
 
 def _rank_failure(llm) -> str | None:
-    """Why one of the LLM's spawned ranks died, None while they all live."""
-    spawner = llm._spawner
-    if spawner is None or spawner.alive():
+    """Why one of the LLM's ranks died, None while they all live."""
+    cluster = llm.cluster
+    if cluster.alive():
         return None
-    return spawner.failure(5.0) or "a rank died"
+    return (cluster.spawner and cluster.spawner.failure(5.0)) or "a rank died"
 
 
 # ---- request -> engine requests --------------------------------------------------------------
