@@ -50,14 +50,19 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def torchrun(nproc: int) -> list[str]:
+    return ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port())]
+
+
 class ServerProcess:
-    def __init__(self, model: Path, *flags: str):
+    def __init__(self, model: Path, *flags: str, launcher: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(model.parent / f"server-{self.port}.log", "w+")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "seqpar.cli", "serve", str(model), "--port", str(self.port),
+            [sys.executable, *launcher, "-m", "seqpar.cli", "serve", str(model), "--port", str(self.port),
              "--served-model-name", "tiny", *flags],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
@@ -203,6 +208,26 @@ def test_streaming_equals_non_streaming(server):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 12
 
 
+def test_n_and_stop(server, model, tokenizer):
+    prompts = [word_prompt(5), "the"]
+    want = expected(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], 12)
+    r = server.client.completions.create(model="tiny", prompt=prompts, max_tokens=12,
+                                         temperature=0, n=2)
+    # Choice i*n + j is sample j of prompt i; greedy samples are alike.
+    assert [(c.index, c.text) for c in r.choices] == \
+        [(i, want[i // 2][0]) for i in range(4)]
+    assert r.usage.completion_tokens == 2 * sum(len(ids) for *_, ids in want)
+    assert r.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+
+    text = want[0][0]
+
+    stop = text.split()[2]
+    r = server.client.completions.create(model="tiny", prompt=prompts[0], max_tokens=12,
+                                         temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
 def _split_extra(kw: dict) -> dict:
     """vLLM's extensions (ignore_eos, top_k) travel in extra_body with the openai client."""
     kw = dict(kw)
@@ -335,6 +360,25 @@ def test_bench_serve_against_the_server(server, tmp_path):
     assert rec["output_throughput"] == pytest.approx(6 * 4 / rec["duration_s"])
     assert 0 < rec["ttft_ms"]["p50"] <= rec["ttft_ms"]["p99"]
     assert rec["tpot_ms"]["p50"] > 0 and rec["engine_step_ms"] > 0
+
+
+def test_torchrun_rank0_serves_and_the_ranks_end(model, tokenizer):
+    s = ServerProcess(model, "-tp", "2", "--sp", "on", launcher=torchrun(2))
+    try:
+        text, reason, _ = expected(model, tokenizer, [[5, 6, 7]], 4)[0]
+        r = s.client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4,
+                                        temperature=0)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (text, reason)
+        workers = _children(s.proc.pid)
+        s.proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+        s.proc.wait(60)  # torchrun itself exits 1 on SIGTERM, whatever its ranks do
+        _gone(workers)
+        out = s.output()
+        assert "Finished server process" in out
+        # No rank killed after the grace period, no rank's traceback ("[rank1]: ...").
+        assert "forcefully" not in out and "[rank" not in out, out
+    finally:
+        s.kill()
 
 
 @pytest.fixture(scope="module")
