@@ -7,7 +7,6 @@ object `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import hmac
 import os
@@ -62,9 +61,9 @@ class Server:
         self.llm = llm
         self.model_name = model_name
         self.max_model_len = llm.cfg.max_model_len
-        # The engine thread detokenizes with llm.tokenizer; a fast tokenizer must not be used
-        # from two threads at once, so the loop tokenizes prompts with its own copy.
-        self.tokenizer = copy.deepcopy(llm.tokenizer)
+        # Shared with the engine thread's detokenizers: encoding, chat templates and decoding
+        # only read a fast tokenizer (tokenizers' objects take shared borrows for them).
+        self.tokenizer = llm.tokenizer
         self.metrics = ServerMetrics(model_name)
         self.front = AsyncEngine(llm.engine, max_waiting, lambda: _rank_failure(llm),
                                  self.metrics, on_death)
@@ -75,19 +74,17 @@ class Server:
                                 f"'{self.model_name}'", param="model", code="model_not_found")
 
     def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise APIError(400, f"{self.llm.cfg.model_dir} has no tokenizer files; send the "
-                                "prompt as token ids", param="prompt")
-        return list(self.tokenizer(text)["input_ids"])
+        try:
+            return self.llm.encode(text)
+        except ValueError as e:  # no tokenizer
+            raise APIError(400, str(e), param="prompt") from e
 
     def chat_ids(self, messages: list[P.ChatMessage]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, f"{self.llm.cfg.model_dir} has no tokenizer with a chat "
-                                "template; use /v1/completions", param="messages")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                 tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        try:
+            return self.llm.chat_prompt_ids([{"role": m.role, "content": m.text()}
+                                             for m in messages])
+        except ValueError as e:  # no tokenizer or no chat template
+            raise APIError(400, f"{e}; use /v1/completions", param="messages") from e
 
     def token_text(self, token: int) -> str:
         return str(token) if self.tokenizer is None else self.tokenizer.decode([token])
@@ -458,7 +455,10 @@ def serve(args, llm_kwargs: dict) -> int:
             signal.signal(sig, handler)
     with llm:
         if rank != 0:
-            llm.engine.follow()  # rank 0's steps, until rank 0 closes the LLM
+            # torchrun signals every rank; this one ends when rank 0 stops serving.
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            llm.cluster.follow_call()  # rank 0's steps, until rank 0's end_call below
             return 0
         death: list[str] = []
         uv = None
@@ -478,7 +478,11 @@ def serve(args, llm_kwargs: dict) -> int:
         # under the handlers it found: these swallow it, so the ranks close below and we exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
+        if llm.cluster.torchrun:
+            llm.cluster.begin_call()  # the other ranks follow (follow_call above) until end_call
         uv.run(sockets=[sock])
+        if llm.cluster.torchrun and not death:
+            llm.cluster.end_call(None)
     if death:
         print(f"seqpar serve: error: {death[0]}", file=sys.stderr)
         return 1
