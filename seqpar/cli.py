@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --sp auto: use this token threshold instead of measuring one")
     p.add_argument("--overlap", action="store_true", help="collective matmul on SP steps")
     p.add_argument("--compile", action="store_true", help="torch.compile + the SP graph pass")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: whole experts per TP rank, all-to-all on SP steps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's; on a CPU without "
                         "native bf16, 16-bit checkpoints run in float32)")
@@ -47,7 +49,8 @@ def _llm_kwargs(args) -> dict:
                 block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_expert_parallel=args.enable_expert_parallel)
 
 
 def cmd_generate(args) -> int:
@@ -98,7 +101,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from seqpar.bench.plan import main as plan_main
+    from seqpar.bench.costplan import main as plan_main
 
     return plan_main(args.plan_args)
 
