@@ -1,4 +1,4 @@
-"""`seqpar generate | check | bench | plan`: flag names follow vLLM where one exists."""
+"""`seqpar generate | serve | check | bench | plan`: flag names follow vLLM where one exists."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from seqpar.entrypoints.api_server import serve
+
+    args.model = args.model_tag or args.model
+    return serve(args, _llm_kwargs(args))
+
+
 def cmd_check(args) -> int:
     from seqpar.report import support_report
 
@@ -85,6 +92,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_args[:1] == ["serve"]:
+        from seqpar.bench.serve import main as bench_serve_main
+        return bench_serve_main(args.bench_args[1:])
     from seqpar.bench import main as bench_main
 
     return bench_main(args.bench_args)
@@ -114,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-shm", dest="shm", action="store_false",
                      help="TP collectives through gloo even when the ranks share a host")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see README: Serving)")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="the model, as --model (which it replaces)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send and /v1/models lists (default: MODEL)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="most requests waiting for a batch slot; beyond it requests get 429")
+    serve.add_argument("--seed", type=int, default=0, help="engine seed (requests may set their own)")
+    serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a model x tp x pp and print the parallel plan")
     _add_model_args(check)
