@@ -153,10 +153,6 @@ class Engine:
                              list(seq.logprobs) if p.logprobs is not None else None,
                              seq.num_cached_tokens)
 
-    def follow(self) -> None:
-        """Under torchrun, ranks other than 0: run rank 0's steps until it closes the LLM."""
-        self.cluster.worker.follow()
-
     # ---- statistics --------------------------------------------------------------------------
 
     def cache_stats(self) -> dict:
