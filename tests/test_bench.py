@@ -78,7 +78,9 @@ def test_quick_bench_records(tiny_llama, tmp_path):
         if r.pp > 1:
             assert r.boundary_bytes == r.boundary_min_bytes > 0, r
             assert r.p2p["send"]["bytes"] == r.p2p["recv"]["bytes"]
-            assert r.ratio_vs_pp1 > 0
+            # Computed for every pipeline record; only prefill times are direct enough to be
+            # sure of a sign (a decode time is a difference of two medians of a tiny model).
+            assert r.ratio_vs_pp1 is not None and (r.scenario == "decode" or r.ratio_vs_pp1 > 0)
     for scenario, n in (("prefill", 16), ("decode", 4)):
         tp_step, sp_step = at[scenario, 2, "pp=2", n], at[scenario, 2, "pp=2+sp", n]
         assert sp_step.sp_step and not tp_step.sp_step
