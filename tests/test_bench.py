@@ -162,3 +162,17 @@ def test_plan_cli(capsys):
     assert "SP token threshold" in out and "overlap gain" in out
     with pytest.raises(ValueError, match="unknown hardware"):
         costmodel.load_profile("no-such-node")
+
+
+def test_record_json_round_trip():
+    """--json writes what applies; --replot reads back the same record, and rejects a field it
+    does not know (a file from another version), naming it."""
+    rec = Record(scenario="prefill", model="m", model_desc="d", mode="sp=on", tp=2, pp=1, tokens=16,
+                 threads=2, runs=2, times_s=[0.1, 0.2], median_s=0.15, min_s=0.1, max_s=0.2,
+                 tokens_per_s=106.7, sp_step=True, comm={"all_gather": {"calls": 5, "bytes": 80}},
+                 peak_bytes=[10, 12], overlap_step=False, compile_in_runs_s=0.0)
+    data = json.loads(json.dumps(rec.to_dict()))
+    assert "ratio_vs_pp1" not in data and data["overlap_step"] is False  # None left out, not 0
+    assert Record.from_dict(data) == rec
+    with pytest.raises(ValueError, match=r"unknown fields \['speedup'\]"):
+        Record.from_dict({**data, "speedup": 2.0})
