@@ -6,19 +6,18 @@ Fences mark where a token-wise region of the residual stream starts and ends, so
     tokenwise_begin(x)  after a reduction over the TP group (row-parallel output, embedding)
     tokenwise_end(x)    at a column-parallel input (the matmul that needs every token)
 
-Both return their input unchanged. The layers emit them only while torch.compile traces
-(`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from the
-graph before Inductor sees it.
+Both return their input unchanged. Comm emits them (distributed/comm.py) only while torch.compile
+traces (`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from
+the graph before Inductor sees it.
 
 `attention(qkv, layer, out_dim)` hides the per-sequence attention over the KV cache (a Python loop
 over the step's sequences) from the compiler: one opaque node per layer, so the whole forward is
-one graph and the residual stream stays sharded across layers. Its eager body is looked up in
-`ATTENTION` (set by the runner for the step being run).
+one graph and the residual stream stays sharded across layers. Its eager body is `ATTEND[0]`, set
+by the runner for the step being run (runner.py), so the per-step plan never enters the graph.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.library import custom_op
 
 
@@ -44,29 +43,18 @@ def _(x):
 
 FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
 
-# layer index -> callable(qkv [rows, q+k+v features]) -> [rows, out_dim]; set per step (runner.py)
-ATTENTION: dict = {}
+# callable(layer, qkv [rows, q+k+v features]) -> [rows, out_dim] for the step being run (runner.py)
+ATTEND: list = [None]
 
 
 @custom_op("seqpar::attention", mutates_args=())
 def attention(qkv: torch.Tensor, layer: int, out_dim: int) -> torch.Tensor:
-    return ATTENTION[layer](qkv)
+    return ATTEND[0](layer, qkv)
 
 
 @attention.register_fake
 def _(qkv, layer, out_dim):
     return qkv.new_empty(qkv.shape[0], out_dim)
-
-
-def traced_all_reduce(comm, x: torch.Tensor) -> torch.Tensor:
-    """While compiling: Comm.all_reduce as a functional all_reduce (a node the pass can see,
-    counted per step by the runner) followed by the begin fence."""
-    if comm.world_size == 1:
-        return x
-    from torch.distributed import _functional_collectives as funcol
-
-    group = comm.group if comm.group is not None else dist.group.WORLD
-    return tokenwise_begin(funcol.all_reduce(x, "sum", group))
 
 
 # ---- collective matmuls (layers/overlap.py) as graph ops, for the pass's overlap option --------

@@ -12,6 +12,12 @@ a maximal set of token-wise nodes joined by data edges; the residual stream join
 all layers into one component, so they are rewritten together or not at all.
 
 Algorithm:
+0. Make the residual stream's in-place ops out of place (`_functionalize`): the model's decoder
+   layer adds into the residual and writes the norm over its input (`residual += x`,
+   `out.copy_(norm)`), which Dynamo records as mutations whose later readers name the old node.
+   Each becomes its out-of-place op, and every later reader of the mutated tensor reads the new
+   node instead, so data edges tell the whole story. Only mutations of a tensor that is no view
+   and has no view read after the mutation are rewritten; others stay as they are.
 1. Find the sources (`_is_all_reduce` + its `_is_wait`). No source: nothing to do.
 2. Grow components with a union-find over token-wise nodes (`_is_token_wise`): a token-wise node
    joins every token-wise producer and consumer it is connected to through a token-dim tensor.
@@ -105,6 +111,8 @@ class Region:
 class PassReport:
     regions: list[Region] = field(default_factory=list)
     fences_removed: int = 0
+    functionalized: int = 0
+    """In-place ops made out of place (step 0)."""
 
     @property
     def rewritten(self) -> list[Region]:
@@ -226,6 +234,86 @@ def _is_exit(node: fx.Node, user: fx.Node) -> bool:
             and all(_is_matmul_input(user, u) for u in user.users))
 
 
+# In-place op -> its out-of-place twin (None: copy_, whose value is its source).
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                      operator.imul: operator.mul, operator.itruediv: operator.truediv}
+_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "copy_": None}
+# Ops whose output may share storage with their first input.
+_VIEW_METHODS = {"view", "reshape", "narrow", "transpose", "t", "permute", "unsqueeze", "squeeze",
+                 "expand", "expand_as", "flatten", "unflatten", "chunk", "split", "contiguous",
+                 "float", "half", "bfloat16", "to", "type_as", "detach", "view_as", "select"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.chunk, torch.split, torch.narrow, torch.transpose,
+                   torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten}
+
+
+def _inplace(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes (its first argument), else None."""
+    if node.op == "call_function" and (node.target in _INPLACE_FUNCTIONS
+                                       or node.kwargs.get("inplace") is True):
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return node.args[0]
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS))
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """Nodes that may share node's storage through views of it (node excluded)."""
+    out, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if _is_view(user) and user not in out:
+                out.add(user)
+                todo.append(user)
+    return out
+
+
+def _functionalize(graph: fx.Graph) -> int:
+    """Step 0: in-place ops on fresh tensors become out of place; returns how many."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    latest: dict = {}  # a mutated tensor -> the node now holding its value
+    done = 0
+    for node in list(graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg in latest:
+                new = arg
+                while new in latest:
+                    new = latest[new]
+                node.replace_input_with(arg, new)
+        target = _inplace(node)
+        if target is None or target.op == "placeholder" or _is_view(target):
+            continue
+        if any(order.get(u, -1) > order[node] for a in _aliases(target) for u in a.users):
+            continue  # a view read after the write would miss it
+        if node.op == "call_method" and node.target == "copy_":
+            src, dst = _val(node.args[1]), _val(target)
+            if src is None or dst is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                continue  # a broadcasting or casting copy: keep it
+            new = node.args[1]
+        else:
+            with graph.inserting_before(node):
+                if node.op == "call_method":
+                    new = graph.call_method(_INPLACE_METHODS.get(node.target, node.target[:-1]),
+                                            node.args, node.kwargs)
+                elif node.target in _INPLACE_FUNCTIONS:
+                    new = graph.call_function(_INPLACE_FUNCTIONS[node.target], node.args,
+                                              node.kwargs)
+                else:
+                    new = graph.call_function(node.target, node.args,
+                                              {**node.kwargs, "inplace": False})
+            new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        latest[target] = new
+        order[new] = order[node]
+        done += 1
+    return done
+
+
 # ---- the pass ----------------------------------------------------------------------------------
 
 class _UnionFind:
@@ -259,6 +347,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
     """
     graph = gm.graph
     report = PassReport()
+    report.functionalized = _functionalize(graph)
     nodes = list(graph.nodes)
 
     # 1. sources
@@ -338,7 +427,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
             report.fences_removed += 1
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(lambda n: n.is_impure() or _inplace(n) is not None)
     graph.lint()
     gm.recompile()
     return report

@@ -61,6 +61,8 @@ class Comm:
         """Sum x over the group, in place. [T, H] -> [T, H]."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return self._traced_all_reduce(x)
         self._count("all_reduce", x.numel() * x.element_size())
         if (shm := self._shared()) is not None:
             return shm.all_reduce(x)
@@ -169,6 +171,31 @@ class Comm:
         """Start receiving into x from global rank `src` on the world group; returns the Work."""
         self._count("recv", x.numel() * x.element_size())
         return dist.irecv(x, src, tag=tag)
+
+    # ---- while torch.compile traces (compile/runner.py): the nodes the SP pass reads -----------
+    # Layers call the collectives above and tokenwise_end, and nothing else; what the graph needs
+    # (functional collectives, the fences of compile/ops.py) is emitted here. Eager steps pay one
+    # is_compiling() test. The compiled steps' collectives are counted by the runner, per step.
+
+    def _traced_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """all_reduce as a functional all_reduce (a node the SP pass can rewrite) followed by the
+        fence that opens a token-wise region. [T, H] -> [T, H], a new tensor."""
+        from torch.distributed import _functional_collectives as funcol
+
+        from seqpar.compile import ops  # registers the fences
+
+        group = self.group if self.group is not None else dist.group.WORLD
+        return ops.tokenwise_begin(funcol.all_reduce(x, "sum", group))
+
+    def tokenwise_end(self, x: torch.Tensor) -> torch.Tensor:
+        """Mark a column-parallel input on a TP step (where an SP step all-gathers tokens): the
+        identity, except while torch.compile traces, where it is the fence that closes a
+        token-wise region for the SP pass. [T, in] -> [T, in]."""
+        if self.world_size == 1 or not torch.compiler.is_compiling():
+            return x
+        from seqpar.compile import ops
+
+        return ops.tokenwise_end(x)
 
     def snapshot(self) -> dict:
         return {op: {"calls": c, "bytes": b} for op, (c, b) in sorted(self.stats.items())}
