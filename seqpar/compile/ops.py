@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
+from seqpar.distributed.ops import comm_of
+
 
 @custom_op("seqpar::tokenwise_begin", mutates_args=())
 def tokenwise_begin(x: torch.Tensor) -> torch.Tensor:
@@ -58,43 +60,33 @@ def _(qkv, layer, out_dim):
 
 
 # ---- collective matmuls (layers/overlap.py) as graph ops, for the pass's overlap option --------
-
-def _comm(group_name: str):
-    from seqpar.distributed.comm import Comm
-
-    pg = torch._C._distributed_c10d._resolve_process_group(group_name)
-    return Comm(pg, pg.rank(), pg.size())
-
-
-def _group_size(group_name: str) -> int:
-    return torch._C._distributed_c10d._resolve_process_group(group_name).size()
-
+# `handle` names the Comm they run on (distributed/ops.py).
 
 @custom_op("seqpar::all_gather_matmul", mutates_args=())
 def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      group_name: str) -> torch.Tensor:
+                      handle: int) -> torch.Tensor:
     """linear(all_gather(x), weight, bias), the gather hidden behind the matmuls:
     [S, in] -> [N * S, out]."""
     from seqpar.layers import overlap
 
-    return overlap.all_gather_matmul(_comm(group_name), x, weight, bias)
+    return overlap.all_gather_matmul(comm_of(handle), x, weight, bias)
 
 
 @all_gather_matmul.register_fake
-def _(x, weight, bias, group_name):
-    return x.new_empty(x.shape[0] * _group_size(group_name), weight.shape[0])
+def _(x, weight, bias, handle):
+    return x.new_empty(x.shape[0] * comm_of(handle).world_size, weight.shape[0])
 
 
 @custom_op("seqpar::matmul_reduce_scatter", mutates_args=())
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, padded: int,
-                          group_name: str) -> torch.Tensor:
+                          handle: int) -> torch.Tensor:
     """reduce_scatter(pad(linear(x, weight), padded)), the transfers hidden behind the matmuls:
     [T, in] -> [padded / N, out]."""
     from seqpar.layers import overlap
 
-    return overlap.matmul_reduce_scatter(_comm(group_name), x, weight, padded)
+    return overlap.matmul_reduce_scatter(comm_of(handle), x, weight, padded)
 
 
 @matmul_reduce_scatter.register_fake
-def _(x, weight, padded, group_name):
-    return x.new_empty(padded // _group_size(group_name), weight.shape[0])
+def _(x, weight, padded, handle):
+    return x.new_empty(padded // comm_of(handle).world_size, weight.shape[0])

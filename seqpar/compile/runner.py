@@ -131,18 +131,11 @@ class CompiledForward:
             self.compile_s += spent
             log.info(f"seqpar: compiled the {self.kind} forward in {spent:.1f} s")
         self.steps += 1
-        self._count(rows)
         if self.sp:  # a region the pass left TP returns [T_pad, H]: keep this rank's rows
             shard = rows // n
             h, residual = (y if y.shape[0] == shard else y.narrow(0, self.comm.rank * shard, shard)
                            for y in (h, residual))
         return self.model.logits(plan, h, residual)
-
-    def _count(self, rows: int) -> None:
-        """Account the graph's collectives in the rank's Comm stats, as eager steps are."""
-        for op, row_bytes in self.backend.collectives.items():
-            for b in row_bytes:
-                self.comm._count(op, rows * b)
 
     @property
     def report(self):
