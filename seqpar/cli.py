@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
@@ -19,18 +20,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --sp auto: use this token threshold instead of measuring one")
     p.add_argument("--overlap", action="store_true", help="collective matmul on SP steps")
     p.add_argument("--compile", action="store_true", help="torch.compile + the SP graph pass")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (auto: the checkpoint's; on a CPU without "
+                        "native bf16, 16-bit checkpoints run in float32)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output per sequence (default: the model's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per paged-KV block")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache bytes per rank (default: a share of free memory on CPU, "
+                        "--gpu-memory-utilization on CUDA)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of the device for weights, activations and KV cache")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of cached prompt prefixes")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step; longer prompts are chunked (default: max model len)")
 
 
 def _llm_kwargs(args) -> dict:
     return dict(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size, sequence_parallel=args.sp,
                 sp_min_tokens=args.sp_min_tokens, overlap=args.overlap, compile=args.compile,
-                dtype=args.dtype, max_model_len=args.max_model_len, device=args.device)
+                dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+                block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -49,7 +66,7 @@ def cmd_generate(args) -> int:
                 print(f"--- {prompt}")
             print(out.text.strip() if args.chat else prompt + out.text)
         if args.stats:
-            print(json.dumps(llm.comm_stats(), indent=2))
+            print(json.dumps({"comm": llm.comm_stats(), "cache": llm.cache_stats()}, indent=2))
     return 0
 
 
@@ -89,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--stats", action="store_true", help="print comm_stats() as JSON")
+    gen.add_argument("--stats", action="store_true",
+                     help="print comm_stats() and cache_stats() as JSON")
     gen.add_argument("--no-shm", dest="shm", action="store_false",
                      help="TP collectives through gloo even when the ranks share a host")
     gen.set_defaults(func=cmd_generate)
@@ -110,7 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """The CLI is an application: seqpar's log lines go to stderr, as they are."""
+    log = logging.getLogger("seqpar")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
+    _setup_logging()
     parser = build_parser()
     # bench and plan parse their own flags (argparse's REMAINDER stops short of leading options).
     args, extra = parser.parse_known_args(argv)

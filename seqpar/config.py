@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +11,13 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SP_MODES = ("off", "on", "auto")
+log = logging.getLogger("seqpar")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def round_up(x: int, multiple: int) -> int:
+    """x rounded up to a multiple of `multiple`."""
+    return -(-x // multiple) * multiple
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -47,6 +55,8 @@ class ModelConfig:
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
     hidden_act: str = "silu"
+    checkpoint_dtype: str = "float32"
+    """The dtype the checkpoint was saved in (config.json `torch_dtype` / `dtype`)."""
 
     @classmethod
     def from_dir(cls, path: Path) -> "ModelConfig":
@@ -107,6 +117,7 @@ class ModelConfig:
             sliding_window=sliding,
             eos_token_ids=eos_ids,
             hidden_act=raw.get("hidden_act", "silu"),
+            checkpoint_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         )
 
 
@@ -169,6 +180,59 @@ class ParallelConfig:
                              f"num_key_value_heads={kv}")
 
 
+KV_SHARE_OF_FREE_MEMORY = 0.25
+"""CPU default KV budget: this share of the memory available at start-up, split over the ranks. A
+quarter leaves room for the weights (loaded after the budget is taken), activations and the rest
+of the machine; the pool's pages are only touched as blocks fill, but prefix caching keeps
+finished blocks, so over time the whole budget is really used."""
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 avx512_bf16 / amx_bf16, Arm bf16): there bf16
+    matmuls run several times the fp32 rate; elsewhere they are emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+_said_dtype: set[str] = set()
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: str) -> str:
+    """dtype="auto" -> the checkpoint's dtype, as vLLM does; on a CPU a 16-bit checkpoint runs in
+    bf16 where the CPU has it natively (float16 has no fast CPU path), else in float32 (said once)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use auto or one of {list(DTYPES)}")
+        return dtype
+    chosen = checkpoint_dtype if checkpoint_dtype in DTYPES else "float32"
+    if device.startswith("cpu") and chosen != "float32":
+        chosen = "bfloat16" if cpu_has_native_bf16() else "float32"
+        if chosen != checkpoint_dtype and checkpoint_dtype not in _said_dtype:
+            _said_dtype.add(checkpoint_dtype)
+            log.info(f"seqpar: dtype auto: the checkpoint is {checkpoint_dtype}; this CPU runs it "
+                     f"in {chosen}" + ("" if chosen == "bfloat16" else " (no native bf16)"))
+    return chosen
+
+
 @dataclass
 class EngineConfig:
     """Everything one LLM instance needs, validated together."""
@@ -176,31 +240,81 @@ class EngineConfig:
     model_dir: Path
     model: ModelConfig
     parallel: ParallelConfig
-    dtype: str = "float32"
-    """float32 | bfloat16 | float16."""
+    dtype: str = "auto"
+    """auto (the checkpoint's, see resolve_dtype) | float32 | bfloat16 | float16; resolved to a
+    concrete dtype in __post_init__."""
     max_model_len: int = 4096
     """Longest prompt + generation per sequence."""
     max_num_seqs: int = 64
-    """Sequences running at once (KV cache slots)."""
+    """Sequences running at once."""
     max_num_batched_tokens: int | None = None
     """Tokens per step; longer prefills are chunked. Default: max_model_len."""
     seed: int = 0
     device: str = "cpu"
     threads_per_rank: int | None = None
     """torch threads per rank; default: the machine's cores split evenly over the ranks."""
-    extra: dict = field(default_factory=dict)
+    block_size: int = 16
+    """Tokens per paged-KV block."""
+    kv_cache_memory_bytes: int | None = None
+    """KV pool bytes per rank. Default: on CPU KV_SHARE_OF_FREE_MEMORY of the available memory
+    split over the ranks (capped at what max_num_seqs full-length sequences can use); on CUDA
+    gpu_memory_utilization of the device after the weights and a profiled activation peak."""
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of prompt prefixes already computed (hash of parent + tokens)."""
+    compile: bool = False
+    """Run every step through torch.compile and the SP graph pass (seqpar/compile/)."""
+    num_blocks: int | None = field(default=None, init=False)
+    """Blocks in every rank's pool: from the budget here, or (CUDA default) set by the ranks."""
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {list(DTYPES)}")
+        self.dtype = resolve_dtype(self.dtype, self.model.checkpoint_dtype, self.device)
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = self.max_model_len
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
+        budget = self.kv_cache_memory_bytes
+        if budget is not None and budget < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {budget}")
+        if budget is None and not self.device.startswith("cuda"):
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.parallel.world_size))
+            budget = int(available_memory_bytes() * KV_SHARE_OF_FREE_MEMORY) // ranks_here
+            useful = self.max_num_seqs * round_up(self.max_model_len, self.block_size)
+            budget = min(budget, useful // self.block_size * self.kv_block_bytes)
+        if budget is not None:
+            self.set_num_blocks(budget // self.kv_block_bytes)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block on a rank of the stage with the most layers (every rank has the
+        same number of blocks, so the fullest stage sets it): K and V x layers x KV heads per rank
+        x block_size x head_dim x dtype bytes. KV heads fewer than ranks are replicated: 1 each."""
+        m, parallel = self.model, self.parallel
+        layers = max(len(parallel.stage_layers(m.num_layers, s))
+                     for s in range(parallel.pipeline_parallel_size))
+        kv_heads = max(1, m.num_kv_heads // parallel.tensor_parallel_size)
+        return 2 * layers * kv_heads * self.block_size * m.head_dim * self.torch_dtype.itemsize
+
+    def set_num_blocks(self, num_blocks: int) -> None:
+        """Fix the pool size; a pool that cannot hold one max_model_len sequence is an error."""
+        capacity = num_blocks * self.block_size
+        if capacity < self.max_model_len:
+            need = round_up(self.max_model_len, self.block_size) // self.block_size
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = {capacity} "
+                f"tokens per rank, fewer than max_model_len={self.max_model_len} tokens of one "
+                f"sequence: raise kv_cache_memory_bytes to at least {need * self.kv_block_bytes} "
+                f"({self.kv_block_bytes} bytes per block) or lower max_model_len to {capacity}")
+        self.num_blocks = num_blocks

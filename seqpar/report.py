@@ -64,9 +64,11 @@ def stage_layout(parallel: ParallelConfig, cfg: ModelConfig) -> list[str]:
 
 def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                    sequence_parallel: str = "auto", sp_min_tokens: int | None = None,
-                   overlap: bool = False, compile: bool = False, dtype: str = "float32",
-                   max_model_len: int | None = None, device: str | None = None) -> str:
-    """Validate the configuration (raising ValueError naming the number at fault) and describe it."""
+                   overlap: bool = False, compile: bool = False, dtype: str = "auto",
+                   max_model_len: int | None = None, device: str | None = None,
+                   **engine_options) -> str:
+    """Validate the configuration (raising ValueError naming the number at fault) and describe it.
+    engine_options: the other EngineConfig fields (block_size, kv_cache_memory_bytes, ...)."""
     from seqpar.loader.resolve import resolve_model
     from seqpar.models import MODELS
 
@@ -74,7 +76,8 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
                               sp_min_tokens, overlap)
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_dir(model_dir)
-    engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings)
+    engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings,
+                          device=device or "cpu", **engine_options)
     tp = parallel.tensor_parallel_size
     with torch.device("meta"):
         net = MODELS[cfg.model_type](cfg, Comm(None, 0, tp), engine.torch_dtype,

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import mmap
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -191,3 +192,95 @@ def test_engine_same_with_and_without_shm(tiny):
 def test_shm_option_is_validated(tiny):
     with pytest.raises(ValueError, match=r"shm must be True or False, got 'yes'"):
         LLM(str(tiny("qwen2")), tensor_parallel_size=2, threads_per_rank=1, shm="yes")
+
+
+# ---- stress: thousands of rounds with random per-rank delays, every result exact ---------------
+
+STRESS_ROUNDS = 2000
+STRESS_SLOT = 256          # 64 float32: most payloads take several rounds / ring pieces
+# Most rounds in step; some late by less than the spin window, some by more (the peers sleep).
+DELAYS = (0,) * 6 + (20e-6, 400e-6)
+
+
+def _pattern(rank: int, i: int, k: int) -> torch.Tensor:
+    """Rank `rank`'s payload of round i: small integers, so every sum is exact in float32 whatever
+    the order, and no two rounds or ranks send the same bytes (a stale slot shows)."""
+    return ((torch.arange(k) * (rank + 1) + 7 * i + 1) % 1009).float()
+
+
+def _stress(rank: int, n: int, rounds: int) -> dict:
+    torch.set_num_threads(2 if n == 2 else 1)  # big copies then run on OpenMP threads
+    small = ShmGroup.create(dist.group.WORLD, rank, n, slot_bytes=STRESS_SLOT, ring_slots=2)
+    big = ShmGroup.create(dist.group.WORLD, rank, n)
+    rng = random.Random(1000 * n + rank)  # each rank its own delays
+    wrong = []
+    for i in range(rounds):
+        group, k = (big, 300_000) if i % 200 == 199 else (small, 1 + (i * 37) % 200)
+        if (delay := rng.choice(DELAYS)):
+            time.sleep(delay)
+        op = ("all_reduce", "reduce_scatter", "all_gather", "gather", "ring")[i % 5]
+        x = _pattern(rank, i, n * k)
+        every = [_pattern(r, i, n * k) for r in range(n)]
+        if op == "all_reduce":
+            got, want = group.all_reduce(x), _ranked_sum(every)
+        elif op == "reduce_scatter":
+            got, want = group.reduce_scatter(x.view(n, k)), _ranked_sum(every).view(n, k)[rank:rank + 1]
+        elif op == "all_gather":
+            got, want = group.all_gather(x.view(1, -1)), torch.stack(every)
+        elif op == "gather":
+            parts = group.gather(x.view(1, -1))
+            got, want = (None, None) if rank else (torch.cat(parts), torch.stack(every))
+        else:  # a ring step with "a matmul" (a delay) between its start and its wait
+            got = torch.empty_like(x)
+            handles = group.ring_exchange(x, got)
+            if (delay := rng.choice(DELAYS)):
+                time.sleep(delay)
+            for h in handles:
+                h.wait()
+            want = every[(rank - 1) % n]
+        if got is not None and not torch.equal(got, want):
+            wrong.append((i, op))
+    return {"wrong": wrong, "sleeps": small.sleeps + big.sleeps}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_shm_stress_random_delays(n):
+    # A segment file of a set-up that died (its pid is gone): the next set-up removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{shm_module.SEGMENT_PREFIX}{dead.pid}-deadbeef"
+    open(stale, "wb").close()
+    start = time.monotonic()
+    results = run_ranks(_stress, n, STRESS_ROUNDS, timeout=120)
+    for rank, res in enumerate(results):
+        assert res["wrong"] == [], f"rank {rank}: wrong results at (round, op) {res['wrong'][:10]}"
+    # The delays make ranks sleep on the futex, not only spin: both paths ran.
+    assert sum(r["sleeps"] for r in results) > 0
+    assert not os.path.exists(stale), "a dead process's segment file survived the next set-up"
+    print(f"stress n={n}: {STRESS_ROUNDS} rounds in {time.monotonic() - start:.1f} s")
+
+
+def test_stale_segments_only_of_dead_pids():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{shm_module.SEGMENT_PREFIX}{dead.pid}-0000"
+    alive = f"{shm_module.SEGMENT_PREFIX}{os.getpid()}-0000"
+    for path in (stale, alive):
+        open(path, "wb").close()
+    try:
+        assert stale in shm_module.remove_stale_segments()
+        assert not os.path.exists(stale) and os.path.exists(alive)
+    finally:
+        for path in (stale, alive):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_bell_rung_only_for_a_sleeping_peer():
+    group = _waiting_group(os.getpid(), timeout=1)
+    bell = group._bells[1 * shm_module._BELL]
+    group._notify([1])  # rank 1 is not sleeping: no futex call
+    assert group.wakes == 0 and group._bells[1 * shm_module._BELL] == bell
+    group._ctrl[1 * shm_module._WORDS + shm_module._SLEEPING] = 1
+    group._notify([1])
+    assert group.wakes == 1 and group._bells[1 * shm_module._BELL] != bell

@@ -40,7 +40,7 @@ class Comm:
         """How the collectives travel (transport.py); `transport.name` says which. None at world
         size 1."""
         self.handle = ops.register(self)
-        """This Comm's id in compiled graphs (ops.py)."""
+        """This Comm's name in compiled graphs (ops.py), e.g. "tp0"."""
 
     def _count(self, op: str, nbytes: int) -> None:
         entry = self.stats[op]

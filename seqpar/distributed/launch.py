@@ -4,7 +4,7 @@ Two ways to run N ranks, one engine:
 - spawn (the default): the user's process is rank 0, the driver; it spawns ranks 1..N-1 as daemon
   processes. A rank that raises sends its traceback to the driver and exits, which breaks the
   collectives the driver is in, so the driver raises with that rank's error. A rank whose driver
-  dies is killed by the kernel (PR_SET_PDEATHSIG) and sees its sockets close.
+  dies ends itself (a thread watching a pidfd of the driver) and sees its sockets close.
 - torchrun: every rank runs the user's script; rank 0 drives, the others follow its plans inside
   `generate` and return the same outputs.
 
@@ -20,12 +20,12 @@ with its activations, and rank 0 can issue the next step while later stages stil
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
-import signal
+import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Commands rank 0 sends the followers (down the command tree).
-(STEP, RESET_STATS, END_CALL, SHUTDOWN, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
- TIME_COMM) = range(9)
+# RPC: run a Worker method on every rank (measurements, statistics, profiling).
+STEP, RPC, END_CALL, SHUTDOWN = range(4)
 
 DATA_TIMEOUT = datetime.timedelta(minutes=10)
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
@@ -190,10 +190,25 @@ def free_port() -> int:
 
 
 def die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (a spawned rank or bench subject)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """End this process when its parent process dies (a spawned rank or bench subject).
+
+    Not PR_SET_PDEATHSIG: that fires when the *thread* that spawned us exits, so an LLM built in a
+    worker thread would lose its ranks when that thread ends. A daemon thread waits on a pidfd of
+    the parent instead (polls the parent pid where pidfds are missing)."""
+    parent = os.getppid()
+
+    def watch():
+        try:
+            fd = os.pidfd_open(parent)
+        except (AttributeError, OSError):
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+        if os.getppid() == parent:  # else it died before the pidfd existed
+            select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="seqpar-parent-watch", daemon=True).start()
 
 
 def _follower_main(target, args, rank: int, errors) -> None:

@@ -1,8 +1,9 @@
 """The TP group's collectives as torch custom ops, so compiled graphs run them on the group's own
 transport (shared memory on one host, see transport.py) instead of torch's functional collectives.
 
-A graph cannot hold a Comm, so every Comm registers itself here and gets an int `handle`
-(Comm.handle); the ops find their Comm by it. The ops are functional (they return new tensors and
+A graph cannot hold a Comm, so every Comm registers itself here and gets a `handle`, a short
+string ("tp0", Comm.handle); the ops find their Comm by it. A string, not an int: Dynamo turns ints
+into symbols under dynamic shapes, a string always stays a constant of the graph. The ops are functional (they return new tensors and
 leave their inputs alone) and have fake kernels, so Dynamo, AOTAutograd and Inductor trace them
 with symbolic token counts:
 
@@ -16,7 +17,8 @@ that inserts one writes `graph.call_function(torch.ops.seqpar.reduce_scatter_tok
 (x, padded, handle))`, the handle taken from the op it replaces. Each op counts its bytes in the
 Comm's stats when it runs, as the eager verb does: do not count it again from the graph.
 
-Handles are the smallest id not in use, so a process's first group gets 0 in every run and a
+Handles number the live Comms from 0, the smallest number free, so a process's first group is
+"tp0" in every run and a
 graph cached on disk (Inductor's FX graph cache) matches on the next start.
 """
 from __future__ import annotations
@@ -30,19 +32,19 @@ _COMMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 """handle -> the live Comm it names."""
 
 
-def register(comm) -> int:
+def register(comm) -> str:
     """A handle for `comm`, valid while comm lives."""
-    handle = next(h for h in range(len(_COMMS) + 1) if h not in _COMMS)
+    handle = next(h for h in (f"tp{i}" for i in range(len(_COMMS) + 1)) if h not in _COMMS)
     _COMMS[handle] = comm
     return handle
 
 
-def comm_of(handle: int):
+def comm_of(handle: str):
     """The Comm behind `handle`; KeyError naming it when that Comm is gone."""
     try:
         return _COMMS[handle]
     except KeyError:
-        raise KeyError(f"no live Comm has handle {handle} (live: {sorted(_COMMS)})") from None
+        raise KeyError(f"no live Comm has handle {handle!r} (live: {sorted(_COMMS)})") from None
 
 
 def _fresh(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ def _fresh(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @custom_op("seqpar::all_reduce", mutates_args=())
-def all_reduce(x: torch.Tensor, handle: int) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, handle: str) -> torch.Tensor:
     return comm_of(handle).all_reduce(x, out=torch.empty_like(x))
 
 
@@ -61,7 +63,7 @@ def _(x, handle):
 
 
 @custom_op("seqpar::reduce_scatter_tokens", mutates_args=())
-def reduce_scatter_tokens(x: torch.Tensor, padded: int, handle: int) -> torch.Tensor:
+def reduce_scatter_tokens(x: torch.Tensor, padded: int, handle: str) -> torch.Tensor:
     return _fresh(comm_of(handle).reduce_scatter_tokens(x, padded), x)
 
 
@@ -71,7 +73,7 @@ def _(x, padded, handle):
 
 
 @custom_op("seqpar::all_gather_tokens", mutates_args=())
-def all_gather_tokens(x: torch.Tensor, handle: int) -> torch.Tensor:
+def all_gather_tokens(x: torch.Tensor, handle: str) -> torch.Tensor:
     return _fresh(comm_of(handle).all_gather_tokens(x), x)
 
 

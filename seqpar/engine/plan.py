@@ -1,16 +1,49 @@
 """The step plan: what every rank runs in one forward, decided on rank 0 and broadcast.
 
 A plan is a flat batch of T tokens from several sequences (prefill chunks and single decode tokens
-side by side), the sequences' KV-cache slots and start positions, which rows are sampled, and the
-step's mode. Everything else (positions, padding, which rank owns which sampled row) is derived from
-those fields the same way on every rank, so the ranks cannot disagree (invariant 1).
+side by side), each sequence's block table into the paged KV cache and its start position, which
+rows are sampled and how, and the step's mode. Everything else (positions, cache slots, padding,
+attention masks, which rank owns which sampled row) is derived from those fields the same way on
+every rank, so the ranks cannot disagree (docs/architecture.md, invariant 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+
+from seqpar.config import round_up
+from seqpar.layers.attention import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How the sampler rank draws one sampled row's token (engine/sampler.py)."""
+
+    key: int
+    """The request's number: names its random generator on the sampler rank."""
+    seed: int
+    """Seeds that generator when the sampler first meets the key."""
+    temperature: float
+    top_p: float
+    top_k: int
+    logprobs: int
+    """Top log-probabilities to return; -1: none."""
+
+    def encode(self) -> list[int]:
+        floats = struct.unpack("<2q", struct.pack("<2d", self.temperature, self.top_p))
+        return [self.key, self.seed, *floats, self.top_k, self.logprobs]
+
+    @classmethod
+    def decode(cls, values: list[int]) -> "SampleSpec":
+        key, seed, t_bits, p_bits, top_k, logprobs = values
+        temperature, top_p = struct.unpack("<2d", struct.pack("<2q", t_bits, p_bits))
+        return cls(key, seed, temperature, top_p, top_k, logprobs)
+
+
+SPEC_FIELDS = 6
 
 
 @dataclass
@@ -19,18 +52,24 @@ class StepPlan:
     """Sequence-parallel step: the residual stream is sharded along tokens between layers."""
     token_ids: torch.Tensor
     """[T] int64, the step's tokens, sequence after sequence."""
-    slots: list[int]
-    """Per sequence: its KV-cache slot."""
     starts: list[int]
     """Per sequence: tokens already in its KV cache (the position of its first token here)."""
     lens: list[int]
     """Per sequence: tokens it has in this step (a prefill chunk, or 1 when decoding)."""
     sample: list[bool]
     """Per sequence: whether its last row is sampled (its prompt is fully in after this step)."""
+    block_tables: list[list[int]]
+    """Per sequence: its KV-cache blocks, enough for start + len tokens."""
     world_size: int
     """TP group size N: on SP steps T is padded to a multiple of it."""
+    block_size: int = 16
+    """Tokens per KV-cache block (the engine's, not sent)."""
     overlap: bool = False
     """On an SP step: collective matmuls (layers/overlap.py) instead of gather/scatter + matmul."""
+    specs: list[SampleSpec] = field(default_factory=list)
+    """Per sampled sequence, in order: how to draw its token."""
+    released: list[int] = field(default_factory=list)
+    """Request keys that ended since the last plan: the sampler drops their generators."""
 
     @property
     def num_tokens(self) -> int:
@@ -39,30 +78,56 @@ class StepPlan:
     @property
     def padded(self) -> int:
         """T_pad: T rounded up to a multiple of N on SP steps, T otherwise."""
-        n = self.world_size if self.sp else 1
-        return -(-self.num_tokens // n) * n
+        return round_up(self.num_tokens, self.world_size if self.sp else 1)
 
-    def seq_iter(self):
-        """(slot, start, n, first row) per sequence."""
-        row = 0
-        for slot, start, n in zip(self.slots, self.starts, self.lens):
-            yield slot, start, n, row
+    @property
+    def device(self) -> torch.device:
+        return self.token_ids.device
+
+    @cached_property
+    def first_rows(self) -> list[int]:
+        """Per sequence: the row (of T) of its first token in this step."""
+        rows, row = [], 0
+        for n in self.lens:
+            rows.append(row)
             row += n
+        return rows
 
     @cached_property
     def positions(self) -> torch.Tensor:
         """[T] int64: the position of every token in its sequence."""
         return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.lens)]).to(
-            self.token_ids.device)
+            self.device)
+
+    @cached_property
+    def slot_mapping(self) -> torch.Tensor:
+        """[T] int64: where each token's key and value go in a layer's pool viewed as
+        [num_blocks * block_size, ...] (block_table[pos // block_size] * block_size + pos % bs)."""
+        bs, slots = self.block_size, []
+        for table, s, n in zip(self.block_tables, self.starts, self.lens):
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def attention_metadata(self, window: int | None) -> AttentionMetadata:
+        """The step's attention layouts for a sliding window (None: none), built once per step
+        and shared by every layer."""
+        built = self.__dict__.setdefault("_attention", {})
+        if window not in built:
+            built[window] = AttentionMetadata(self, window)
+        return built[window]
 
     @cached_property
     def _sample_rows(self) -> list[int]:
-        return [row + n - 1 for (_, _, n, row), s in zip(self.seq_iter(), self.sample) if s]
+        return [row + n - 1 for row, n, s in zip(self.first_rows, self.lens, self.sample) if s]
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self._sample_rows)
 
     @cached_property
     def sample_rows(self) -> torch.Tensor:
         """[S] rows (of T) whose logits are sampled, in sequence order."""
-        return torch.tensor(self._sample_rows, dtype=torch.int64, device=self.token_ids.device)
+        return torch.tensor(self._sample_rows, dtype=torch.int64, device=self.device)
 
     @cached_property
     def _sp_ownership(self):
@@ -81,24 +146,45 @@ class StepPlan:
 
     def local_sample_rows(self, rank: int) -> torch.Tensor:
         """[K] rows of this rank's shard to gather for sampling (SP steps)."""
-        return torch.tensor(self._sp_ownership[0][rank], dtype=torch.int64, device=self.token_ids.device)
+        return torch.tensor(self._sp_ownership[0][rank], dtype=torch.int64, device=self.device)
 
     @property
     def sample_gather_index(self) -> torch.Tensor:
         """[S] index into the all-gathered [N * K, H] sampled rows, in sequence order."""
-        return torch.tensor(self._sp_ownership[1], dtype=torch.int64, device=self.token_ids.device)
+        return torch.tensor(self._sp_ownership[1], dtype=torch.int64, device=self.device)
+
+    @property
+    def max_logprobs(self) -> int:
+        """The most top log-probabilities any sampled row asks for (0: none asks)."""
+        return max([0, *(s.logprobs for s in self.specs)])
 
     def encode(self) -> torch.Tensor:
-        """One int64 tensor: [sp, overlap, n_seqs, slots, starts, lens, sample, token ids]."""
-        meta = [int(self.sp), int(self.overlap), len(self.slots), *self.slots, *self.starts, *self.lens,
-                *map(int, self.sample)]
+        """One int64 tensor: [sp, overlap, n_seqs, n_specs, n_released, starts, lens, sample,
+        table lengths, tables, specs, released, token ids]."""
+        meta = [int(self.sp), int(self.overlap), len(self.starts), len(self.specs),
+                len(self.released), *self.starts, *self.lens, *map(int, self.sample),
+                *map(len, self.block_tables)]
+        for table in self.block_tables:
+            meta.extend(table)
+        for spec in self.specs:
+            meta.extend(spec.encode())
+        meta.extend(self.released)
         return torch.cat([torch.tensor(meta, dtype=torch.int64), self.token_ids.cpu()])
 
     @classmethod
-    def decode(cls, data: torch.Tensor, world_size: int, device="cpu") -> "StepPlan":
-        sp, overlap, n = data[:3].tolist()
-        values = data[3:3 + 4 * n].tolist()  # only the per-sequence fields, not the token ids
-        fields = [values[i * n:(i + 1) * n] for i in range(4)]
-        token_ids = data[3 + 4 * n:].to(device)
-        return cls(bool(sp), token_ids, fields[0], fields[1], fields[2], [bool(x) for x in fields[3]],
-                   world_size, bool(overlap))
+    def decode(cls, data: torch.Tensor, world_size: int, block_size: int,
+               device="cpu") -> "StepPlan":
+        sp, overlap, n, n_specs, n_released = data[:5].tolist()
+        at = 5 + 4 * n
+        fields = [data[5 + i * n:5 + (i + 1) * n].tolist() for i in range(4)]
+        tables = []
+        for length in fields[3]:
+            tables.append(data[at:at + length].tolist())
+            at += length
+        specs = [SampleSpec.decode(data[at + i * SPEC_FIELDS:at + (i + 1) * SPEC_FIELDS].tolist())
+                 for i in range(n_specs)]
+        at += SPEC_FIELDS * n_specs
+        released = data[at:at + n_released].tolist()
+        token_ids = data[at + n_released:].to(device)
+        return cls(bool(sp), token_ids, fields[0], fields[1], [bool(x) for x in fields[2]], tables,
+                   world_size, block_size, bool(overlap), specs, released)

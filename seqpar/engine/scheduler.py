@@ -1,50 +1,44 @@
-"""Continuous batching on rank 0: which sequences and how many of their tokens run in each step."""
+"""Continuous batching on rank 0: which sequences and how many of their tokens run in each step.
+
+Each step takes, within a token budget (max_num_batched_tokens): first the running sequences that
+decode (one token each, so they never starve behind long prompts), then running prompts' next
+chunks, then waiting requests in arrival order while blocks and sequence slots last. A sequence
+that needs a new KV block when none is free preempts the most recently admitted running sequence:
+its blocks are freed and it goes back to the front of the queue, to be recomputed (its prompt and
+the tokens generated so far, as one prefill) when blocks free up. Nothing is dropped.
+
+Under pipeline parallelism several steps are in flight at once. A sequence runs again only on
+tokens not yet handed to a step: a decoding one after its last sample, a prompt's next chunk right
+away (stages run steps in issue order, so its KV cache is written in order). A sequence with a
+step in flight is never preempted (that step still writes its blocks).
+"""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
-from seqpar.engine.plan import StepPlan
-from seqpar.engine.sampler import SamplingParams
-
-
-@dataclass
-class Sequence:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    computed: int = 0
-    """Tokens already in the KV cache."""
-    scheduled: int = 0
-    """Tokens handed to steps (>= computed; more while a step with this sequence is in flight)."""
-    slot: int = -1
-    finish_reason: str | None = None
-    text: str = ""
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+from seqpar.config import EngineConfig
+from seqpar.engine.block_manager import BlockManager
+from seqpar.engine.plan import SampleSpec, StepPlan
+from seqpar.engine.sequence import Sequence
 
 
 class Scheduler:
-    """Decodes first (one token each), then prompt chunks, within a token budget per step.
-
-    Under pipeline parallelism several steps are in flight at once. A sequence runs again only on
-    tokens not yet handed to a step: a decoding one after its last sample, a prompt's next chunk
-    right away (stages run steps in issue order, so its KV cache is written in order).
-    """
-
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, world_size: int):
-        self.max_tokens = max_num_batched_tokens
-        self.world_size = world_size
-        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+    def __init__(self, cfg: EngineConfig):
+        self.max_tokens = cfg.max_num_batched_tokens
+        self.max_seqs = cfg.max_num_seqs
+        self.world_size = cfg.parallel.tensor_parallel_size
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        """In admission order: the last is the first to preempt."""
+        self.preemptions = 0
+        self.released: list[int] = []
+        """Keys of sequences that ended since the last plan (their generators can go)."""
+        self._arrivals = 0
+        self._draining: list[Sequence] = []
+        """Finished sequences whose blocks a step in flight still writes."""
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,39 +50,89 @@ class Scheduler:
         """Pick this step's (sequences, token counts); empty when no sequence can run now.
 
         parts: steps that may still be issued before one completes. This step takes at most
-        1/parts of the sequences ready to run, so the steps in flight share them evenly.
+        1/parts of the running sequences ready to run, so the steps in flight share them evenly.
         """
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
-            self.running.append(seq)
         budget = self.max_tokens
         seqs, counts = [], []
-        ready = [s for s in self.running if s.scheduled < len(s.all_ids)]
-        # Decoding sequences first so they never starve behind long prompts; then prompts with
-        # no step in flight.
-        ordered = sorted(ready, key=lambda s: (s.scheduled < len(s.prompt_ids),
-                                               s.scheduled > s.computed))
-        for seq in ordered[:-(-len(ordered) // parts)]:
+        ready = [s for s in self.running if s.scheduled < s.num_tokens]
+        # Decoding sequences first, then prompts with no step in flight, then the rest; older
+        # sequences first within each kind (sort is stable).
+        ready.sort(key=lambda s: (s.scheduled < s.num_prompt_tokens, s.in_flight))
+        starved = False
+        for seq in ready[:-(-len(ready) // parts)]:
             if budget == 0:
                 break
-            n = min(len(seq.all_ids) - seq.scheduled, budget)
+            if seq not in self.running:
+                continue  # preempted below, for an older sequence of this step
+            n = min(seq.num_tokens - seq.scheduled, budget)
+            if not self._make_room(seq, n, taken=seqs):
+                starved = True
+                continue
+            self.blocks.allocate(seq, n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        # New requests only while every running sequence got its blocks: admitting one would
+        # take blocks an older sequence waits for.
+        while not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            cached = self.blocks.match(seq)
+            n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
+            if not self.blocks.can_admit(cached, n):
+                break
+            self.waiting.popleft()
+            seq.computed = seq.scheduled = seq.num_cached_tokens = self.blocks.admit(seq, cached)
+            self.blocks.allocate(seq, n)
+            self._arrivals += 1
+            seq.arrival = self._arrivals
+            self.running.append(seq)
             seqs.append(seq)
             counts.append(n)
             budget -= n
         return seqs, counts
 
+    def _make_room(self, seq: Sequence, n: int, taken: list[Sequence]) -> bool:
+        """Free blocks for `seq` to take n more tokens, preempting the newest running sequences
+        that are neither in flight nor already in this step; False if `seq` cannot run now (it
+        may have preempted itself)."""
+        need = self.blocks.blocks_needed(seq, n)
+        while not self.blocks.can_allocate(need):
+            victims = [s for s in self.running if not s.in_flight and s not in taken]
+            if not victims:
+                return False
+            victim = victims[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first, to be recomputed."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.computed = seq.scheduled = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
     def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool, overlap: bool = False,
                    device="cpu") -> StepPlan:
         """The step running `counts` more tokens of each of `seqs`; hands those tokens over."""
-        ids = []
+        ids, sample, specs = [], [], []
         for seq, n in zip(seqs, counts):
-            ids.extend(seq.all_ids[seq.scheduled:seq.scheduled + n])
+            ids.extend(seq.token_ids[seq.scheduled:seq.scheduled + n])
+            sampled = seq.scheduled + n == seq.num_tokens
+            sample.append(sampled)
+            if sampled:
+                p = seq.params
+                specs.append(SampleSpec(seq.key, seq.seed, p.temperature, p.top_p, p.top_k,
+                                        -1 if p.logprobs is None else p.logprobs))
         plan = StepPlan(
             sp=sp, token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            slots=[s.slot for s in seqs], starts=[s.scheduled for s in seqs], lens=counts,
-            sample=[s.scheduled + n == len(s.all_ids) for s, n in zip(seqs, counts)],
-            world_size=self.world_size, overlap=sp and overlap)
+            starts=[s.scheduled for s in seqs], lens=counts, sample=sample,
+            block_tables=[list(s.block_table) for s in seqs], world_size=self.world_size,
+            block_size=self.blocks.block_size, overlap=sp and overlap, specs=specs,
+            released=self.released)
+        self.released = []
         for seq, n in zip(seqs, counts):
             seq.scheduled += n
         return plan
@@ -97,8 +141,33 @@ class Scheduler:
         """A step's tokens are in the KV cache (its samples are appended next)."""
         for seq, n in zip(seqs, counts):
             seq.computed += n
+            self.blocks.register(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence: it leaves the queue or the running set; its blocks are freed now, or,
+        if a step still writes them, when that step completes (free_finished)."""
         seq.finish_reason = reason
-        self.running.remove(seq)
-        self.free_slots.append(seq.slot)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+            if not seq.in_flight:
+                self.blocks.release(seq)
+            else:
+                self._draining.append(seq)
+        self.released.append(seq.key)
+
+    def free_finished(self) -> None:
+        """Free the blocks of finished sequences whose last step has completed."""
+        done = [s for s in self._draining if not s.in_flight]
+        for seq in done:
+            self._draining.remove(seq)
+            self.blocks.release(seq)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

@@ -8,27 +8,30 @@ stream: on an SP step its token shard, [T_pad / N, H] each; on a TP step the ful
 from __future__ import annotations
 
 import contextlib
+import math
+import mmap
 import os
+import pickle
 import time
 
 import torch
 import torch.distributed as dist
 
-from seqpar.config import EngineConfig
+from seqpar.config import EngineConfig, round_up
 from seqpar.distributed.comm import Comm, group_dst
-from seqpar.distributed.launch import (END_CALL, MEASURE, MEMORY_ON, MEMORY_REPORT, P2P_REPORT,
-                                       RESET_STATS, SHUTDOWN, STEP, TIME_COMM, ControlChannel,
-                                       Outbox, backend_for, init_groups)
+from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
+                                       backend_for, init_groups)
 from seqpar.engine.memory import PeakMemory
 from seqpar.engine.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
-from seqpar.layers.attention import KVCache
+from seqpar.engine.sampler import Sampler
+from seqpar.layers.attention import Attention
 from seqpar.models import MODELS
 
-# Point-to-point tags: activations between stages, logits from the last stage to rank 0.
-TAG_HIDDEN, TAG_LOGITS = 1, 2
+# Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
+TAG_HIDDEN, TAG_SAMPLED = 1, 2
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "gather")
-"""TIME_COMM's ops, by index: Comm's collectives under their comm_stats() names."""
+"""time_collectives' ops: Comm's collectives under their comm_stats() names."""
 
 
 def rank_threads(cfg: EngineConfig) -> int:
@@ -37,8 +40,24 @@ def rank_threads(cfg: EngineConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.parallel.world_size)
 
 
-class Logits:
-    """A step's sampled-row logits [S, V] on rank 0, maybe still arriving from the last stage."""
+def rank_device(device: str, rank: int) -> torch.device:
+    """This rank's device. "cuda" means one GPU per rank of this host: LOCAL_RANK under torchrun
+    (global rank mod GPU count would be wrong across nodes), the rank when spawned (one host). An
+    explicit "cuda:K" is honoured for a single rank; several ranks cannot share it."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if dev.index is not None:
+        if rank != 0 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"device={device!r} names one GPU, but several ranks run; pass "
+                             "device='cuda' (one GPU per rank, by local rank)")
+        return dev
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+
+
+class Sampled:
+    """A step's sampled tokens on rank 0 ([S, 2 + 2K] float64, see Sampler), maybe still arriving
+    from the last stage."""
 
     def __init__(self, tensor: torch.Tensor | None, work=None):
         self.tensor, self.work = tensor, work
@@ -54,8 +73,7 @@ class Worker:
     def __init__(self, cfg: EngineConfig, rank: int, init_method: str | None = None):
         parallel = cfg.parallel
         self.cfg = cfg
-        self.device = torch.device(f"cuda:{rank % torch.cuda.device_count()}"
-                                   if cfg.device == "cuda" else cfg.device)
+        self.device = rank_device(cfg.device, rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.topo = topo = init_groups(backend_for(cfg.device), rank, parallel.tensor_parallel_size,
@@ -70,27 +88,77 @@ class Worker:
                                                       self.layers)
         self.model.load_weights(cfg.model_dir)
         self.model.eval()
-        for layer in self.model.model.layers:  # this stage's layers only
-            attn = layer.self_attn.attn
-            attn.cache = KVCache(attn.num_kv_heads, attn.head_dim, dtype, self.device,
-                                 cfg.max_model_len)
+        self.sampler = Sampler() if topo.rank == topo.sampler_source else None
         self.compiled = None
         """compile=True: runs every step compiled, one forward per kind of step (TP, SP,
         SP + overlap), each built on its first step; a single stage (LLM checks)."""
-        if cfg.extra.get("compile"):
+        if cfg.compile:
             from seqpar.compile.runner import CompiledModel
             self.compiled = CompiledModel(self.model)
+        if cfg.num_blocks is None:  # CUDA default: what the device has left after a test step
+            cfg.num_blocks = self._profile_num_blocks()
+        self.kv_pool = self._allocate_kv(cfg.num_blocks)
         self.sp_threshold: int | None = None
         self.peak_bytes: int | None = None
-        """While not None: the largest peak activation memory of the steps run since MEMORY_ON."""
+        """While not None: the largest peak activation memory of the steps run since memory_on()."""
         if parallel.world_size > 1:
             dist.barrier()  # every rank loaded: a failed load surfaces here
 
-    def execute(self, plan: StepPlan) -> Logits | None:
-        """Run this rank's stage of one step. Rank 0 gets the sampled rows' logits as a Logits
-        handle: with several stages they arrive later, from the last one. Other ranks get None."""
+    def _allocate_kv(self, num_blocks: int) -> torch.Tensor:
+        """One pool for this stage's layers, [layers, 2, num_blocks, block_size, kv_heads, D],
+        allocated once; each Attention gets its layer's K and V views.
+
+        Zero-filled: attention reads whole blocks and masks the slots past a sequence's end, and
+        a masked slot still multiplies its value by 0, so it must hold a number, never NaN
+        garbage. On CPU the pool is an anonymous mapping: its pages read as zeros for free and are
+        only backed by memory once a block is written."""
+        attns = [m for m in self.model.modules() if isinstance(m, Attention)]
+        first = attns[0]
+        shape = (len(attns), 2, num_blocks, self.cfg.block_size, first.num_kv_heads,
+                 first.head_dim)
+        dtype = self.cfg.torch_dtype
+        if self.device.type == "cpu":
+            self._kv_mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+            pool = torch.frombuffer(self._kv_mapping, dtype=torch.uint8).view(dtype).view(shape)
+        else:
+            pool = torch.zeros(shape, dtype=dtype, device=self.device)
+        for attn, layer in zip(attns, pool):
+            attn.k_cache, attn.v_cache = layer.unbind(0)
+        return pool
+
+    def _profile_num_blocks(self) -> int:
+        """CUDA without a budget: blocks that fit in gpu_memory_utilization of the device after the
+        weights and the activation peak of a max_num_batched_tokens prefill, the same on every
+        rank (the smallest)."""
+        cfg = self.cfg
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        blocks = round_up(tokens, cfg.block_size) // cfg.block_size
+        pool = self._allocate_kv(blocks)
+        plan = StepPlan(False, torch.zeros(tokens, dtype=torch.int64, device=self.device), [0],
+                        [tokens], [True], [list(range(blocks))], self.comm.world_size,
+                        cfg.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            if self.topo.prev is None and self.topo.next is None:
+                self.model(plan)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del pool
+        _, total = torch.cuda.mem_get_info(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        budget = int(total * cfg.gpu_memory_utilization) - weights - peak
+        count = torch.tensor([max(0, budget // cfg.kv_block_bytes)], device=self.device)
+        if self.cfg.parallel.world_size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        cfg.set_num_blocks(int(count.item()))
+        return cfg.num_blocks
+
+    def execute(self, plan: StepPlan) -> Sampled | None:
+        """Run this rank's stage of one step. Rank 0 gets the sampled tokens as a Sampled handle:
+        with several stages they arrive later, from the last one. Other ranks get None."""
         topo = self.topo
-        pending = self._expect_logits(plan) if topo.rank == 0 and topo.pp_size > 1 else None
+        pending = self._expect_sampled(plan) if topo.rank == 0 and topo.pp_size > 1 else None
         with torch.inference_mode(), self._memory():
             h = residual = None
             if topo.prev is not None:
@@ -107,25 +175,25 @@ class Worker:
                 # [2, rows, H]: one message for hidden + residual.
                 self.outbox.add([self.comm.send(torch.stack(out), topo.next, TAG_HIDDEN)])
                 return pending
+            sampled = None if self.sampler is None else self.sampler(out, plan)
         if topo.rank == 0:
-            return Logits(out)
-        if out is not None and out.shape[0] > 0:
-            self.outbox.add([self.comm.send(out, 0, TAG_LOGITS)])
+            return Sampled(sampled)
+        if sampled is not None and sampled.shape[0] > 0:
+            self.outbox.add([self.comm.send(sampled, 0, TAG_SAMPLED)])
         return None
 
-    def _expect_logits(self, plan: StepPlan) -> Logits:
-        """Rank 0: post the receive of a step's logits before running its first stage."""
-        logits = torch.empty(sum(plan.sample), self.cfg.model.vocab_size, dtype=torch.float32,
-                             device=self.device)
-        if logits.shape[0] == 0:
-            return Logits(logits)
-        return Logits(logits, self.comm.recv(logits, self.topo.sampler_source, TAG_LOGITS))
+    def _expect_sampled(self, plan: StepPlan) -> Sampled:
+        """Rank 0: post the receive of a step's sampled tokens before running its first stage."""
+        sampled = torch.empty(plan.num_sampled, 2 + 2 * plan.max_logprobs, dtype=torch.float64)
+        if sampled.shape[0] == 0:
+            return Sampled(sampled)
+        return Sampled(sampled, self.comm.recv(sampled, self.topo.sampler_source, TAG_SAMPLED))
 
     def _memory(self):
         return contextlib.nullcontext() if self.peak_bytes is None else _PeakTracker(self)
 
     def report_memory(self) -> list[int] | None:
-        """Gather every rank's peak since MEMORY_ON to rank 0 (a list there, None elsewhere)."""
+        """Gather every rank's peak since memory_on() to rank 0 (a list there, None elsewhere)."""
         mine = torch.tensor([self.peak_bytes or 0], dtype=torch.int64)
         self.peak_bytes = None
         group = self.channel.group
@@ -154,7 +222,7 @@ class Worker:
 
     def time_collectives(self, payload: torch.Tensor) -> list[float] | None:
         """Run a list of collectives alone, back to back on stage 0's TP group with no compute
-        between them, and time them (TIME_COMM; the bench's "communication alone").
+        between them, and time them (the bench's "communication alone").
 
         payload: int64 (index in COLLECTIVES, rows, cols) per collective; [rows, cols] is its
         logical tensor as comm_stats() counts it: all_gather joins [rows / N, cols] shards, gather
@@ -196,25 +264,23 @@ class Worker:
         dist.reduce(cpu_all, group_dst(comm.group, 0), group=comm.group)
         return [wall, cpu_all.item()] if self.topo.rank == 0 else None
 
+    def memory_on(self) -> None:
+        """Start tracking the peak activation memory of the steps that follow."""
+        self.peak_bytes = 0
+
+    def reset_stats(self) -> None:
+        self.comm.reset()
+
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""
-        tp = self.comm.world_size
+        tp, bs = self.comm.world_size, self.cfg.block_size
         while True:
             cmd, payload = self.channel.recv()
             if cmd == STEP:
-                self.execute(StepPlan.decode(payload, tp, self.device))
-            elif cmd == MEASURE:
-                self.measure()
-            elif cmd == TIME_COMM:
-                self.time_collectives(payload)
-            elif cmd == RESET_STATS:
-                self.comm.reset()
-            elif cmd == MEMORY_ON:
-                self.peak_bytes = 0
-            elif cmd == MEMORY_REPORT:
-                self.report_memory()
-            elif cmd == P2P_REPORT:
-                self.report_p2p()
+                self.execute(StepPlan.decode(payload, tp, bs, self.device))
+            elif cmd == RPC:
+                method, args = decode_call(payload)
+                getattr(self, method)(*args)
             elif cmd in (END_CALL, SHUTDOWN):
                 # The ranks below have the command (and every step's data) before this returns.
                 self.channel.flush()
@@ -222,6 +288,20 @@ class Worker:
                 return
             else:
                 raise RuntimeError(f"unknown command {cmd} from rank 0")
+
+
+def encode_call(method: str, args: tuple) -> torch.Tensor:
+    """An RPC (a Worker method and its arguments) as the int64 payload the control channel carries:
+    [byte count, pickled bytes padded to 8-byte words]."""
+    data = pickle.dumps((method, args))
+    words = torch.zeros(round_up(len(data), 8), dtype=torch.uint8)
+    words[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.cat([torch.tensor([len(data)]), words.view(torch.int64)])
+
+
+def decode_call(payload: torch.Tensor) -> tuple[str, tuple]:
+    size = int(payload[0])
+    return pickle.loads(payload[1:].view(torch.uint8)[:size].numpy().tobytes())
 
 
 class _PeakTracker(PeakMemory):

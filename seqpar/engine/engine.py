@@ -1,0 +1,163 @@
+"""The engine: requests in, one flat step at a time, tokens out.
+
+    engine.add_request("a", prompt_ids, SamplingParams(...))
+    while engine.has_unfinished():
+        for out in engine.step():      # the requests that got a token (or finished) in this step
+            ...
+    engine.abort_request("a")          # frees its KV blocks at once
+
+It owns the scheduler (and through it the block manager) and drives the ranks (Cluster). It is
+not thread-safe: one thread calls it (LLM.generate's loop, or the server's engine thread).
+Under pipeline parallelism up to pp steps are in flight, one per stage: step() issues steps until
+that many are out, then completes the oldest.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from seqpar.config import EngineConfig
+from seqpar.engine.cluster import Cluster
+from seqpar.engine.detokenizer import Detokenizer
+from seqpar.engine.outputs import RequestOutput
+from seqpar.engine.policy import SPPolicy
+from seqpar.engine.sampler import SamplingParams, unpack
+from seqpar.engine.scheduler import Scheduler
+from seqpar.engine.sequence import Sequence
+
+SEED_MIX = 1_000_003
+"""Default per-request seed: LLM seed x SEED_MIX + the request's number (a prime, so distinct
+(seed, number) pairs rarely collide)."""
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, cluster: Cluster, policy: SPPolicy, tokenizer,
+                 eos_ids: set[int]):
+        self.cfg, self.cluster, self.policy = cfg, cluster, policy
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.scheduler = Scheduler(cfg)
+        self.requests: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, Detokenizer] = {}
+        self.in_flight: deque = deque()
+        self.max_in_flight = cfg.parallel.pipeline_parallel_size
+        """Steps in flight at once: one per stage (fewer only to measure what they buy)."""
+        self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        """Totals since start: prompt tokens of admitted requests and tokens generated."""
+        self._keys = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def check_prompt(self, ids: list[int], what: str = "prompt") -> None:
+        """ValueError naming the limit a prompt breaks: empty, longer than max_model_len, or a
+        token id outside the vocab."""
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        if len(ids) > self.cfg.max_model_len:
+            raise ValueError(f"{what} has {len(ids)} tokens, longer than "
+                             f"max_model_len={self.cfg.max_model_len}")
+        vocab = self.cfg.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what}: token id {bad[0]} is outside the vocab (size {vocab})")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a request (ValueError, and nothing queued, for a bad prompt or a duplicate id)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = [int(t) for t in prompt_ids]
+        self.check_prompt(ids)
+        key, self._keys = self._keys, self._keys + 1
+        seed = params.seed if params.seed is not None else self.cfg.seed * SEED_MIX + key
+        seq = Sequence(request_id, key, ids, params, seed, prompt)
+        self.requests[request_id] = seq
+        if self.tokenizer is not None:
+            self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop)
+        self.stats["prompt_tokens"] += len(ids)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """End a request now and free its KV blocks (unknown or finished ids: nothing to do)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.detokenizers.pop(request_id, None)
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self.in_flight)
+
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step (issuing more while stages are free) and return the outputs of the
+        requests that got a token or finished in it; [] when nothing could run."""
+        self.cluster.check_open()
+        with self.cluster.guard():
+            self._issue()
+            if not self.in_flight:
+                return []
+            plan, seqs, counts, pending = self.in_flight.popleft()
+            sampled = pending.wait()
+            self.scheduler.complete(seqs, counts)
+            outputs = []
+            chosen = [seq for seq, flag in zip(seqs, plan.sample) if flag]
+            for seq, (token, logprob) in zip(chosen, unpack(sampled, plan.specs)):
+                if not seq.finished:  # an abort while its step was in flight: drop the token
+                    outputs.append(self._append(seq, token, logprob))
+            self.scheduler.free_finished()
+            if not self.has_unfinished():
+                self.cluster.flush()  # every send has been received by now: release them
+        return outputs
+
+    def _issue(self) -> None:
+        while len(self.in_flight) < self.max_in_flight:
+            seqs, counts = self.scheduler.schedule(parts=self.max_in_flight - len(self.in_flight))
+            if not seqs:
+                return  # every runnable sequence waits for a step in flight, or for blocks
+            total = sum(counts)
+            plan = self.scheduler.build_plan(seqs, counts, *self.policy.decide(total),
+                                             device=self.cluster.worker.device)
+            self.steps["sp" if plan.sp else "tp"] += 1
+            self.steps["padded_tokens"] += plan.padded - total
+            self.in_flight.append((plan, seqs, counts, self.cluster.run_step(plan)))
+
+    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        detok = self.detokenizers.get(seq.request_id)
+        reason = None
+        if detok is not None and detok.add(token):
+            reason = "stop"
+        elif token in self.eos_ids and not p.ignore_eos:
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+            self.detokenizers.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.output_ids,
+                             "" if detok is None else detok.text(seq.finished), seq.finish_reason,
+                             list(seq.logprobs) if p.logprobs is not None else None,
+                             seq.num_cached_tokens)
+
+    def follow(self) -> None:
+        """Under torchrun, ranks other than 0: run rank 0's steps until it closes the LLM."""
+        self.cluster.worker.follow()
+
+    # ---- statistics --------------------------------------------------------------------------
+
+    def cache_stats(self) -> dict:
+        blocks = self.scheduler.blocks
+        return {"num_blocks": blocks.num_blocks, "block_size": blocks.block_size,
+                "used_blocks": blocks.used, "prefix_queries": blocks.queries,
+                "prefix_hits": blocks.hits, "preemptions": self.scheduler.preemptions}

@@ -1,0 +1,65 @@
+"""One request as the engine tracks it: its tokens, its KV blocks, its progress and its text."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seqpar.engine.sampler import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    key: int
+    """The engine's number for it: names its generator on the sampler rank."""
+    token_ids: list[int]
+    """The prompt, then every generated token (appended as they come)."""
+    params: SamplingParams
+    seed: int
+    prompt: str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    computed: int = 0
+    """Tokens whose keys and values are in the KV cache."""
+    scheduled: int = 0
+    """Tokens handed to steps (>= computed; more while a step with this sequence is in flight)."""
+    block_table: list[int] = field(default_factory=list)
+    num_hashed: int = 0
+    """Leading blocks of block_table keyed in the prefix cache."""
+    hashed_key: int | None = None
+    """The prefix key of block num_hashed - 1 (the parent of the next one)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens the prefix cache served at its (last) admission."""
+    finish_reason: str | None = None
+    text: str = ""
+    """Generated text so far, safe to show: no stop string and nothing that may begin one."""
+    arrival: int = 0
+    """Admission order: the newest running sequence is preempted first."""
+
+    num_prompt_tokens: int = 0
+
+    def __post_init__(self):
+        self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def in_flight(self) -> bool:
+        """A step holding some of its tokens has not completed yet."""
+        return self.scheduled > self.computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
