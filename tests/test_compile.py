@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_helpers import run_ranks
-from models import FAMILIES, chosen_logprobs, hf_reference
+from models import FAMILIES, chosen_logprobs, hf_reference, paged_kv
 from seqpar import LLM, SamplingParams
 from seqpar.bench.suite import MODES, Settings, _compiled_rounds
 
@@ -115,9 +115,9 @@ def _plans(world):
     from seqpar.engine.plan import StepPlan
 
     lens = [len(p) for p in SEQS]
-    slots, ones = list(range(len(SEQS))), [True] * len(SEQS)
-    prefill = StepPlan(True, torch.tensor(sum(SEQS, [])), slots, [0] * 3, lens, ones, world)
-    decode = StepPlan(True, torch.tensor(NEXT), slots, lens, [1] * 3, ones, world)
+    tables, ones = [[i] for i in range(len(SEQS))], [True] * len(SEQS)  # a block each
+    prefill = StepPlan(True, torch.tensor(sum(SEQS, [])), [0] * 3, lens, ones, tables, world)
+    decode = StepPlan(True, torch.tensor(NEXT), lens, [1] * 3, ones, tables, world)
     return prefill, decode
 
 
@@ -127,7 +127,6 @@ def _compiled_logprobs(rank, world, model_dirs):
     from seqpar.compile.runner import CompiledForward
     from seqpar.config import ModelConfig
     from seqpar.distributed.comm import Comm
-    from seqpar.layers.attention import KVCache
     from seqpar.models import MODELS
 
     out = {}
@@ -136,9 +135,7 @@ def _compiled_logprobs(rank, world, model_dirs):
         model = MODELS[cfg.model_type](cfg, Comm(dist.group.WORLD, rank, world), torch.float32, 64)
         model.load_weights(model_dir)
         for overlap in (False, True):
-            for layer in model.model.layers:
-                a = layer.self_attn.attn
-                a.cache = KVCache(a.num_kv_heads, a.head_dim, torch.float32, "cpu", 64)
+            paged_kv(model)
             runner = CompiledForward(model, sp=True, inductor=False, overlap=overlap)
             steps = []
             for plan in _plans(world):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
 from dist_helpers import run_ranks
-from models import FAMILIES
+from models import FAMILIES, paged_kv
 
 C10D = torch.ops._c10d_functional
 
@@ -196,7 +196,6 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
     from seqpar.config import ModelConfig
     from seqpar.distributed.comm import Comm
     from seqpar.engine.plan import StepPlan
-    from seqpar.layers.attention import KVCache
     from seqpar.models import MODELS
 
     cfg = ModelConfig.from_dir(model_dir)
@@ -207,11 +206,6 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
         layer = model.model.layers[1]
         layer.post_attention_layernorm = TokenMixingNorm(layer.post_attention_layernorm)
 
-    def fresh_caches():
-        for layer in model.model.layers:
-            a = layer.self_attn.attn
-            a.cache = KVCache(a.num_kv_heads, a.head_dim, torch.float32, "cpu", 64)
-
     torch._dynamo.reset()
     runner = CompiledForward(model, sp=sp, inductor=False)
     runner.backend = backend = _Wrapped(runner.backend, overlap, rewrite=sp)
@@ -219,10 +213,10 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
     worst = 0.0
     for t in lengths:
         ids = torch.arange(t) * 5 % 90 + 3
-        plans = {sp: StepPlan(sp, ids, [0], [0], [t], [True], world) for sp in (False, True)}
-        fresh_caches()
+        plans = {sp: StepPlan(sp, ids, [0], [t], [True], [[0]], world) for sp in (False, True)}
+        paged_kv(model)
         eager = model(plans[False])
-        fresh_caches()
+        paged_kv(model)
         compiled = runner(plans[sp])
         if rank == 0:
             worst = max(worst, (eager - compiled).abs().max().item())

@@ -64,7 +64,7 @@ def _(qkv, layer, out_dim):
 
 @custom_op("seqpar::all_gather_matmul", mutates_args=())
 def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      handle: int) -> torch.Tensor:
+                      handle: str) -> torch.Tensor:
     """linear(all_gather(x), weight, bias), the gather hidden behind the matmuls:
     [S, in] -> [N * S, out]."""
     from seqpar.layers import overlap
@@ -79,7 +79,7 @@ def _(x, weight, bias, handle):
 
 @custom_op("seqpar::matmul_reduce_scatter", mutates_args=())
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, padded: int,
-                          handle: int) -> torch.Tensor:
+                          handle: str) -> torch.Tensor:
     """reduce_scatter(pad(linear(x, weight), padded)), the transfers hidden behind the matmuls:
     [T, in] -> [padded / N, out]."""
     from seqpar.layers import overlap

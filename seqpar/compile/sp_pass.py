@@ -221,7 +221,7 @@ class _Group:
         g = graph.call_function(_C10D.all_gather_into_tensor.default, (x, self.size, self.name))
         return graph.call_function(_C10D.wait_tensor.default, (g,))
 
-    def ring_handle(self) -> int:
+    def ring_handle(self) -> str:
         """The Comm the collective matmuls run on: the source's own, or for a torch process group
         one over its backend, built once per group at compile time."""
         if self.handle is not None:
