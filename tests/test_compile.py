@@ -41,7 +41,7 @@ def as_expected(outputs):
 
 
 @pytest.mark.parametrize("family,overlap", [("llama-gqa", False), ("qwen3", True)])
-def test_compiled_matches_eager_and_hf(tiny, family, overlap, capfd):
+def test_compiled_matches_eager_and_hf(tiny, family, overlap):
     model_dir = tiny(family)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True)
     hf = hf_reference(model_dir, PROMPTS, MAX_TOKENS)
@@ -100,10 +100,6 @@ def test_compiled_matches_eager_and_hf(tiny, family, overlap, capfd):
     assert mixed_stats["all_reduce"]["calls"] == 5 * tp_steps  # the TP graph's, counted per step
     assert compile_s == sp_runner.compile_s + tp_runner.compile_s
     assert sp_runner.compile_s > 0 and tp_runner.compile_s > 0
-    # The log says what the pass did (the seqpar logger writes to stderr).
-    err = capfd.readouterr().err
-    assert "seqpar sp pass: 2 region(s) rewritten, 0 left TP" in err
-    assert "seqpar: compiled the TP forward in" in err
 
 
 # Three sequences (prompts of 5, 4 and 2 tokens, then one token each): steps of 11 and 3 tokens.
