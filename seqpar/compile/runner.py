@@ -2,11 +2,12 @@
 
 torch.compile traces the model's own `hidden_states` (models/llama.py: the embedding and the
 decoder layers, the code eager steps run) with a GraphPlan: a TP step over the graph's token ids,
-nothing else. Comm then emits functional all_reduces and the fences of ops.py, and each layer's
-`attend` (attention over the KV cache, a Python loop over the step's sequences) is the opaque op
-`seqpar::attention`, whose eager body reads the step's plan outside the graph. So the whole stream,
-from the token ids to the last layer's residual, is one graph with no graph break and no guard on
-the per-step plan; the SP pass (sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
+nothing else. Comm then emits its collectives as custom ops (distributed/ops.py: the group's own
+transport) and the fences of ops.py, and each layer's `attend` (attention over the paged KV cache,
+laid out by the step's block tables) is the opaque op `seqpar::attention`, whose eager body reads
+the step's plan outside the graph. So the whole stream, from the token ids to the last layer's
+residual, is one graph with no graph break and no guard on the per-step plan; the SP pass
+(sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
 
 Token counts: the ids go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
 same padding as eager SP), with S dynamic, so the graph's T is N * S and divides by N exactly; one
