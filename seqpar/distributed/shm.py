@@ -60,7 +60,9 @@ The stress test in tests/test_shm.py checks every sum of thousands of rounds wit
 The segment's file /dev/shm/seqpar-<pid of rank 0>-<random> is unlinked as soon as every rank has
 mapped it: nothing is left behind whatever later happens to the processes; the memory goes with the
 last mapping. A set-up killed in between leaves the file; the next set-up on this host removes files
-whose pid is no longer alive.
+of this user whose pid is no longer alive. (A process in another pid namespace sharing this
+/dev/shm looks dead here: should its file go during its own set-up, its peers fail to map it and
+that group stays on gloo, as create() says.)
 
 Needs Linux (futex, pidfd) on x86-64 (the store order above); elsewhere `ShmGroup.create` declines
 and the group stays on gloo.
