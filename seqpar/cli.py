@@ -1,4 +1,4 @@
-"""`seqpar generate | check | bench | plan`: flag names follow vLLM where one exists."""
+"""`seqpar generate | serve | check | bench | plan`: flag names follow vLLM where one exists."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --sp auto: use this token threshold instead of measuring one")
     p.add_argument("--overlap", action="store_true", help="collective matmul on SP steps")
     p.add_argument("--compile", action="store_true", help="torch.compile + the SP graph pass")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: whole experts per TP rank, all-to-all on SP steps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's; on a CPU without "
                         "native bf16, 16-bit checkpoints run in float32)")
@@ -47,7 +49,8 @@ def _llm_kwargs(args) -> dict:
                 block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_expert_parallel=args.enable_expert_parallel)
 
 
 def cmd_generate(args) -> int:
@@ -70,6 +73,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from seqpar.entrypoints.api_server import serve
+
+    args.model = args.model_tag or args.model
+    return serve(args, _llm_kwargs(args))
+
+
 def cmd_check(args) -> int:
     from seqpar.report import support_report
 
@@ -82,13 +92,16 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench_args[:1] == ["serve"]:
+        from seqpar.bench.serve import main as bench_serve_main
+        return bench_serve_main(args.bench_args[1:])
     from seqpar.bench import main as bench_main
 
     return bench_main(args.bench_args)
 
 
 def cmd_plan(args) -> int:
-    from seqpar.bench.plan import main as plan_main
+    from seqpar.bench.costplan import main as plan_main
 
     return plan_main(args.plan_args)
 
@@ -111,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-shm", dest="shm", action="store_false",
                      help="TP collectives through gloo even when the ranks share a host")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see README: Serving)")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="the model, as --model (which it replaces)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send and /v1/models lists (default: MODEL)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="most requests waiting for a batch slot; beyond it requests get 429")
+    serve.add_argument("--seed", type=int, default=0, help="engine seed (requests may set their own)")
+    serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a model x tp x pp and print the parallel plan")
     _add_model_args(check)

@@ -1,6 +1,7 @@
 """Configuration dataclasses. Each validates itself, so a bad setup fails before any rank starts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -9,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SP_MODES = ("off", "on", "auto")
 log = logging.getLogger("seqpar")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def round_up(x: int, multiple: int) -> int:
-    """x rounded up to a multiple of `multiple`."""
+    """x rounded up to a multiple of `multiple` (T_pad: tokens padded to N ranks; V_pad: vocab)."""
     return -(-x // multiple) * multiple
 
 
@@ -57,6 +59,25 @@ class ModelConfig:
     hidden_act: str = "silu"
     checkpoint_dtype: str = "float32"
     """The dtype the checkpoint was saved in (config.json `torch_dtype` / `dtype`)."""
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0: a dense model."""
+    num_experts_per_tok: int = 0
+    """top_k: experts each token is routed to."""
+    moe_intermediate_size: int = 0
+    """One routed expert's MLP width (Mixtral: intermediate_size)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: the always-on shared expert's width, behind a sigmoid gate; 0: none."""
+    norm_topk_prob: bool = False
+    """Renormalize the top-k routing weights to sum to 1 (Mixtral always does)."""
+    moe_layers: tuple[int, ...] = ()
+    """The decoder layers with an MoE block; the others keep a dense MLP (intermediate_size)."""
+    expert_parallel: bool = False
+    """Whole experts per TP rank instead of each expert split: a layout choice, not the
+    checkpoint's; EngineConfig sets it from ParallelConfig.enable_expert_parallel."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_dir(cls, path: Path) -> "ModelConfig":
@@ -91,11 +112,15 @@ class ModelConfig:
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        sliding = raw.get("sliding_window") if model_type == "mistral" else None
-        if model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window", False):
+        sliding = raw.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+        qwen = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+        if model_type in qwen and raw.get("use_sliding_window", False):
             raise ValueError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not supported")
         # Which projections carry a bias, as each family's HF modeling code builds them.
-        attn_bias = bool(raw.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+        attn_bias = bool(raw.get("attention_bias", False)) and model_type in ("llama", "qwen3",
+                                                                               "qwen3_moe")
+        qkv_bias = attn_bias or model_type == "qwen2" or (model_type == "qwen2_moe"
+                                                           and raw.get("qkv_bias", True))
         return cls(
             model_type=model_type,
             vocab_size=raw["vocab_size"],
@@ -110,15 +135,45 @@ class ModelConfig:
             rope_scaling=rope if rope_type == "llama3" else None,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=attn_bias or model_type == "qwen2",
+            qkv_bias=qkv_bias,
             o_bias=attn_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)) and model_type == "llama",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             eos_token_ids=eos_ids,
             hidden_act=raw.get("hidden_act", "silu"),
             checkpoint_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            **(_moe_fields(raw, model_type, source) if model_type in MOE_MODEL_TYPES else {}),
         )
+
+
+def _moe_fields(raw: dict, model_type: str, source: str) -> dict:
+    """The MoE part of an HF config: Mixtral (num_local_experts, every layer sparse, experts as
+    wide as intermediate_size) or Qwen2/3-MoE (num_experts or num_local_experts,
+    moe_intermediate_size, dense layers
+    by mlp_only_layers and decoder_sparse_step, as their HF decoder layers choose)."""
+    layers = raw["num_hidden_layers"]
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, as Mixtral's.
+    experts = raw.get("num_local_experts", raw.get("num_experts"))
+    needed = ["num_experts_per_tok"] + (["moe_intermediate_size"] if model_type != "mixtral" else [])
+    missing = [k for k in needed if k not in raw] + ([] if experts else ["num_local_experts"])
+    if missing:
+        raise ValueError(f"{source}: missing {', '.join(missing)}")
+    if model_type == "mixtral":
+        width, sparse = raw["intermediate_size"], range(layers)
+    else:
+        width = raw["moe_intermediate_size"]
+        step, dense = raw.get("decoder_sparse_step", 1), set(raw.get("mlp_only_layers") or ())
+        sparse = [i for i in range(layers) if i not in dense and step > 0 and (i + 1) % step == 0]
+    top_k = raw["num_experts_per_tok"]
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the "
+                         f"expert count {experts}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width,
+                shared_expert_intermediate_size=(raw.get("shared_expert_intermediate_size", 0)
+                                                 if model_type == "qwen2_moe" else 0),
+                norm_topk_prob=model_type == "mixtral" or bool(raw.get("norm_topk_prob", False)),
+                moe_layers=tuple(sparse))
 
 
 @dataclass(frozen=True)
@@ -136,6 +191,9 @@ class ParallelConfig:
     shm: bool = True
     """CPU (gloo) ranks of a TP group on one host carry its collectives through shared memory
     instead of sockets (distributed/shm.py); False: always through gloo."""
+    enable_expert_parallel: bool = False
+    """MoE models: the experts divided whole among the TP group's ranks (an SP step all-to-alls
+    each rank's tokens to their experts' owners and back) instead of each expert split."""
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -146,8 +204,9 @@ class ParallelConfig:
             raise ValueError(f"sequence_parallel must be one of {SP_MODES}, got {self.sequence_parallel!r}")
         if self.sp_min_tokens is not None and self.sp_min_tokens < 1:
             raise ValueError(f"sp_min_tokens must be >= 1, got {self.sp_min_tokens}")
-        if not isinstance(self.shm, bool):
-            raise ValueError(f"shm must be True or False, got {self.shm!r}")
+        for name in ("shm", "enable_expert_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def world_size(self) -> int:
@@ -168,7 +227,13 @@ class ParallelConfig:
             raise ValueError(f"pipeline_parallel_size={pp} exceeds num_hidden_layers="
                              f"{model.num_layers}: every stage needs at least one layer")
         divide(model.num_heads, tp, f"tensor_parallel_size={tp}: num_attention_heads")
-        divide(model.intermediate_size, tp, f"tensor_parallel_size={tp}: intermediate_size")
+        if len(model.moe_layers) < model.num_layers:  # some layers keep a dense MLP
+            divide(model.intermediate_size, tp, f"tensor_parallel_size={tp}: intermediate_size")
+        if model.is_moe:
+            self._check_experts(model)
+        elif self.enable_expert_parallel:
+            raise ValueError(f"enable_expert_parallel=True needs a mixture-of-experts model; "
+                             f"{model.model_type} has no experts")
         kv = model.num_kv_heads
         if kv % tp != 0 and tp % kv != 0:
             raise ValueError(
@@ -178,6 +243,23 @@ class ParallelConfig:
         if model.num_heads % kv != 0:
             raise ValueError(f"num_attention_heads={model.num_heads} is not a multiple of "
                              f"num_key_value_heads={kv}")
+
+    def _check_experts(self, model: ModelConfig) -> None:
+        tp = self.tensor_parallel_size
+        if self.enable_expert_parallel:
+            # Whole experts per rank, the same count on each: an uneven split is not supported.
+            if model.num_experts % tp != 0:
+                raise ValueError(f"enable_expert_parallel with tensor_parallel_size={tp}: "
+                                 f"{model.num_experts} experts do not divide evenly over {tp} "
+                                 f"ranks; use a tensor_parallel_size that divides "
+                                 f"{model.num_experts}, or expert parallelism off")
+        else:
+            divide(model.moe_intermediate_size, tp,
+                   f"tensor_parallel_size={tp}: moe_intermediate_size (each expert's width)")
+            # Under EP the shared expert is replicated whole, so only TP splits it.
+            if model.shared_expert_intermediate_size:
+                divide(model.shared_expert_intermediate_size, tp,
+                       f"tensor_parallel_size={tp}: shared_expert_intermediate_size")
 
 
 KV_SHARE_OF_FREE_MEMORY = 0.25
@@ -281,6 +363,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
+        if self.compile and self.model.is_moe:  # the compiled forward has no MoE block yet
+            raise ValueError(f"compile=True does not support mixture-of-experts models "
+                             f"({self.model.model_type}, {self.model.num_experts} experts); "
+                             f"run it eager")
+        if self.model.expert_parallel != self.parallel.enable_expert_parallel:
+            self.model = dataclasses.replace(
+                self.model, expert_parallel=self.parallel.enable_expert_parallel)
         budget = self.kv_cache_memory_bytes
         if budget is not None and budget < 1:
             raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {budget}")

@@ -21,6 +21,7 @@ from seqpar.layers.attention import Attention
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
+from seqpar.layers.moe import Experts, ReplicatedLinear, Router, SparseMoeBlock
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
 
@@ -35,6 +36,10 @@ SP_ROLES: dict[type, str] = {
     RowParallelLinear: "reduce-scatter along tokens instead of all-reduce",
     Attention: "mixes tokens: runs on the gathered T real tokens (pad rows dropped), sharded by heads",
     RotaryEmbedding: "position-wise, inside attention on gathered tokens",
+    SparseMoeBlock: "where the MLP sits: see the MoE block's steps below",
+    Router: "token-wise, replicated: routes the rows the MoE block gives it",
+    Experts: "row-wise: each routed row through its expert",
+    ReplicatedLinear: "token-wise, replicated (the shared expert's gate)",
 }
 
 
@@ -66,21 +71,22 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
                    sequence_parallel: str = "auto", sp_min_tokens: int | None = None,
                    overlap: bool = False, compile: bool = False, dtype: str = "auto",
                    max_model_len: int | None = None, device: str | None = None,
-                   **engine_options) -> str:
+                   enable_expert_parallel: bool = False, **engine_options) -> str:
     """Validate the configuration (raising ValueError naming the number at fault) and describe it.
     engine_options: the other EngineConfig fields (block_size, kv_cache_memory_bytes, ...)."""
     from seqpar.loader.resolve import resolve_model
     from seqpar.models import MODELS
 
     parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
-                              sp_min_tokens, overlap)
+                              sp_min_tokens, overlap,
+                              enable_expert_parallel=enable_expert_parallel)
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_dir(model_dir)
     engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings,
-                          device=device or "cpu", **engine_options)
+                          device=device or "cpu", compile=compile, **engine_options)
     tp = parallel.tensor_parallel_size
     with torch.device("meta"):
-        net = MODELS[cfg.model_type](cfg, Comm(None, 0, tp), engine.torch_dtype,
+        net = MODELS[cfg.model_type](engine.model, Comm(None, 0, tp), engine.torch_dtype,
                                      engine.max_model_len)
     qkv = net.model.layers[0].self_attn.qkv_proj
     lines = [
@@ -116,6 +122,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         "           SP step: 2 x (all_gather [T_pad/N -> T_pad, H], reduce_scatter "
         "[T_pad, H -> T_pad/N])",
         "           residual stream between layers: TP [T, H] on every rank; SP [T_pad/N, H]",
+        *_moe_lines(engine.model, tp),
     ]
     if parallel.pipeline_parallel_size > 1:
         lines += [
@@ -132,6 +139,32 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
     if compile:
         lines += ["", *_compile_lines(parallel, cfg, engine)]
     return "\n".join(lines)
+
+
+def _moe_lines(cfg: ModelConfig, tp: int) -> list[str]:
+    """The MoE block's layout and what it runs per kind of step (layers/moe.py)."""
+    if not cfg.is_moe:
+        return []
+    e, k, w = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    dense = cfg.num_layers - len(cfg.moe_layers)
+    lines = [f"MoE        {len(cfg.moe_layers)} MoE layers{f' ({dense} dense)' if dense else ''}: "
+             f"{e} experts x {w} wide, top-{k}"
+             + (f", a shared expert {cfg.shared_expert_intermediate_size} wide" if
+                cfg.shared_expert_intermediate_size else "")]
+    if cfg.expert_parallel:
+        lines += [f"  per rank {e // tp} whole experts (expert parallel); router and shared expert "
+                  "replicated",
+                  "  TP step: route all T tokens (same on every rank) -> own experts on the pairs "
+                  "routed to them -> all_reduce [T, H]",
+                  "  SP step: route own T_pad/N tokens -> all_to_all dispatch [T x k, H] -> own "
+                  "experts -> all_to_all combine [T x k, H]; no all-gather"]
+    else:
+        lines += [f"  per rank every expert, {w // tp} of its {w} columns; router replicated",
+                  "  TP step: route all T tokens (same on every rank) -> expert columns -> "
+                  "all_reduce [T, H]",
+                  "  SP step: all_gather [T_pad/N -> T_pad, H] -> route + experts on the T real "
+                  "rows -> reduce_scatter, as the dense MLP"]
+    return lines
 
 
 def _compile_lines(parallel: ParallelConfig, cfg: ModelConfig, engine: EngineConfig) -> list[str]:

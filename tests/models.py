@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 
 # name -> (config class name, config kwargs). Shapes are tiny but keep every structural case:
 # GQA, KV-head replication (kv < tp), a vocab no tp divides, tied and untied embeddings, biases,
@@ -29,21 +30,41 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(vocab_size=1002, num_attention_heads=12, num_key_value_heads=6,
                                   head_dim=16, tie_word_embeddings=False)),
 }
+# Mixture-of-experts families, apart from FAMILIES (their tests switch expert parallelism too).
+# 6 experts: whole experts divide over 1, 2 and 3 ranks; every expert width divides by 2 and 3.
+MOE_FAMILIES = {
+    # Every layer sparse, experts as wide as intermediate_size, top-2 renormalized; GQA.
+    "mixtral": ("MixtralConfig", dict(vocab_size=1001, num_attention_heads=12, num_key_value_heads=6,
+                                      head_dim=8, tie_word_embeddings=False, num_local_experts=6,
+                                      num_experts_per_tok=2)),
+    # A shared expert behind a sigmoid gate, q/k/v biases, top-2 not renormalized, one KV head
+    # (replicated at tp > 1), tied; layer 1 dense (mlp_only_layers).
+    "qwen2-moe": ("Qwen2MoeConfig", dict(vocab_size=997, num_attention_heads=6, num_key_value_heads=1,
+                                         tie_word_embeddings=True, num_hidden_layers=3,
+                                         num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=36, norm_topk_prob=False,
+                                         mlp_only_layers=[1])),
+    # q/k norms, top-3 renormalized; decoder_sparse_step 2 keeps layer 0 dense.
+    "qwen3-moe": ("Qwen3MoeConfig", dict(vocab_size=1002, num_attention_heads=12, num_key_value_heads=6,
+                                         head_dim=16, tie_word_embeddings=False, num_experts=6,
+                                         num_experts_per_tok=3, moe_intermediate_size=24,
+                                         norm_topk_prob=True, decoder_sparse_step=2)),
+}
 
 
 def valid_tp(family: str) -> list[int]:
-    kv = FAMILIES[family][1]["num_key_value_heads"]
+    kv = {**FAMILIES, **MOE_FAMILIES}[family][1]["num_key_value_heads"]
     return [tp for tp in (1, 2, 3) if kv % tp == 0 or tp % kv == 0]
 
 
 def build(family: str, root: Path, **overrides) -> Path:
     """Save a random checkpoint of `family` under root/family (once) and return its directory.
     overrides: config fields set otherwise (e.g. num_hidden_layers=4), named in the directory."""
-    import transformers
     out = root / "-".join([family, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
     if (out / "config.json").is_file():
         return out
-    cls_name, kwargs = FAMILIES[family]
+    cls_name, kwargs = {**FAMILIES, **MOE_FAMILIES}[family]
     config = getattr(transformers, cls_name)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(sum(map(ord, family)))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -55,12 +76,15 @@ def build(family: str, root: Path, **overrides) -> Path:
     return out
 
 
+def _hf_model(model_dir: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
 def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
     """Greedy tokens and the chosen tokens' logprobs from HF transformers, one prompt at a time,
     by full forwards without a cache (the simplest independent reference)."""
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = _hf_model(model_dir)
     results = []
     with torch.no_grad():
         for prompt in prompts:
@@ -72,6 +96,14 @@ def hf_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int):
                 ids.append(token)
             results.append((ids[len(prompt):], logprobs))
     return results
+
+
+def hf_next_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """HF transformers' log_softmax over the vocab [V] of the token after each sequence."""
+    model = _hf_model(model_dir)
+    with torch.no_grad():
+        return [torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+                for ids in sequences]
 
 
 def chosen_logprobs(output) -> list[float]:
@@ -88,3 +120,12 @@ def paged_kv(model, num_blocks: int = 8, block_size: int = 16) -> None:
         if isinstance(m, Attention):
             m.k_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
             m.v_cache = torch.zeros_like(m.k_cache)
+
+
+def assert_matches(outputs, expected, what: str) -> None:
+    """seqpar RequestOutputs against hf_reference's (tokens, logprobs): greedy tokens identical,
+    each chosen token's logprob within 2e-4."""
+    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
+        assert out.token_ids == tokens, f"{what}: prompt {i} greedy tokens differ from HF"
+        worst = max(abs(a - b) for a, b in zip(chosen_logprobs(out), logprobs))
+        assert worst <= 2e-4, f"{what}: prompt {i} logprob differs from HF by {worst:.2e}"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from seqpar.bench import analytic, costmodel, markdown, plan, report
+from seqpar.bench import analytic, costmodel, costplan, markdown, results
 from seqpar.bench.suite import MODES, Settings, run
 from seqpar.config import ModelConfig
 
@@ -83,13 +83,13 @@ def test_quick_bench_records(tiny_llama, tmp_path):
         assert sp_step["boundary_bytes"] * 2 == tp_step["boundary_bytes"]
     assert at["prefill", 1, "pp=2", 16]["boundary_bytes"] == analytic.boundary_bytes(
         ModelConfig.from_hf(dict(TINY, model_type="llama")), 16, 1, 2, sp=False)
-    targets = {t[0]: t[1] for t in report.targets(recs)}
+    targets = {t[0]: t[1] for t in results.targets(recs)}
     assert any("analytic minimum" in n for n in targets)
     assert targets["pipeline boundary bytes per step = analytic (SP: 1/tp of TP)"] == "met"
     assert targets["overlap hides >= 50% of the communication at >= 2048 tokens, tp=2"] == \
         "not measured"
-    assert "sp=on" in report.table(recs)
-    assert "hidden" in report.overlap_table(recs) and "pp=2+sp" in report.pipeline_table(recs)
+    assert "sp=on" in results.table(recs)
+    assert "hidden" in results.overlap_table(recs) and "pp=2+sp" in results.pipeline_table(recs)
     markdown.write({**result, "command": "seqpar bench (test)", "settings": {
         "runs": 2, "warmup": 1, "prompt_len": 8, "new_tokens": 3, "hardware": "cpu-2core-gloo"}},
         tmp_path / "b.md", plots_dir=tmp_path)
@@ -152,7 +152,7 @@ def test_cost_model():
 
 
 def test_plan_cli(capsys):
-    assert plan.main(["--model", "llama-3-70b", "-tp", "8", "--hardware", "h100-sxm-nvlink",
+    assert costplan.main(["--model", "llama-3-70b", "-tp", "8", "--hardware", "h100-sxm-nvlink",
                       "--tokens", "128", "8192"]) == 0
     out = capsys.readouterr().out
     assert "SP token threshold" in out and "overlap gain" in out

@@ -1,10 +1,17 @@
-"""Engine behaviour: collective accounting per mode, the auto policy, random plans, sampling."""
-import random
+"""Engine behaviour: collective accounting per mode, the auto policy, sampling against an
+independent reference of the distribution, logprobs against HF transformers."""
+import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
-from models import chosen_logprobs
+from models import hf_next_logprobs
 from seqpar import LLM, SamplingParams
+from seqpar.engine.policy import NEVER, SWEEP, SPPolicy
+from seqpar.engine.plan import SampleSpec
+from seqpar.engine.sampler import Sampler
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -45,18 +52,50 @@ def test_tp_prefill_uses_all_reduce_only(llm2):
     assert stats["steps"] == {"sp": 0, "tp": 1, "padded_tokens": 0}
 
 
-def test_auto_keeps_decode_on_tp_when_measured_threshold_says_so(llm2):
-    llm2.policy.mode = "auto"
-    threshold = llm2.worker.sp_threshold
-    # Measured at start-up on this gloo group: a 1-token all-reduce beats reduce-scatter +
-    # all-gather (two latency-bound collectives instead of one).
-    assert threshold > 1, f"measured threshold {threshold}: SP would run 1-token decodes"
-    llm2.policy.threshold = threshold
-    llm2.reset_comm_stats()
-    llm2.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
-    stats = llm2.comm_stats()
-    assert stats["steps"]["sp"] == 0 and stats["steps"]["tp"] == 5
-    assert stats["reduce_scatter"]["calls"] == 0
+def test_auto_policy_decides_by_threshold():
+    """"auto": TP below the threshold, SP from it, SP + overlap from the overlap threshold."""
+    policy = SPPolicy("auto", world_size=2, threshold=4, overlap=True, overlap_threshold=64)
+    assert [policy.decide(t) for t in (1, 3, 4, 63, 64, 1000)] == [
+        (False, False), (False, False), (True, False), (True, False), (True, True), (True, True)]
+    never = SPPolicy("auto", world_size=2, threshold=NEVER, overlap=True, overlap_threshold=NEVER)
+    assert never.decide(1 << 20) == (False, False)
+    assert SPPolicy("auto", world_size=1, threshold=1).decide(100) == (False, False)
+    assert SPPolicy("on", world_size=2, overlap=True).decide(1) == (True, True)
+    assert SPPolicy("off", world_size=2, threshold=1).decide(100) == (False, False)
+
+
+def test_auto_keeps_decode_on_tp_below_threshold(llm2):
+    """With a threshold of 5 tokens, a 5-token prompt's step runs SP and every 1-token decode
+    step after it runs TP: the policy's decision reaches the ranks through the plan."""
+    saved = llm2.policy.mode, llm2.policy.threshold
+    llm2.policy.mode, llm2.policy.threshold = "auto", 5
+    try:
+        llm2.reset_comm_stats()
+        llm2.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        stats = llm2.comm_stats()
+    finally:
+        llm2.policy.mode, llm2.policy.threshold = saved
+    assert stats["steps"] == {"sp": 1, "tp": 4, "padded_tokens": 1}
+    layers = 2  # the prefill step alone reduce-scatters: embedding + 2 per layer
+    assert stats["reduce_scatter"]["calls"] == 1 + 2 * layers
+
+
+def test_measured_thresholds_are_sane(llm2):
+    """The start-up measurement (timings on a shared machine, so only its form is checked): both
+    thresholds are swept token counts or NEVER, and the SP one is where the table says SP (with
+    or without overlap) starts to beat TP for good."""
+    worker = llm2.worker
+    table = worker.sp_table
+    assert [row["tokens"] for row in table] == list(SWEEP)
+    assert all(row["tp_s"] > 0 and row["sp_s"] > 0 for row in table)
+    assert worker.sp_threshold in (*SWEEP, NEVER) and worker.overlap_threshold in (*SWEEP, NEVER)
+    wins = [min(r["sp_s"], r.get("overlap_s", math.inf)) < r["tp_s"] for r in table]
+    expected = NEVER
+    for row, win in zip(reversed(table), reversed(wins)):
+        if not win:
+            break
+        expected = row["tokens"]
+    assert worker.sp_threshold == expected
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +112,49 @@ def test_seeded_sampling_is_reproducible(llm1):
     assert llm1.generate([[5, 6, 7]], other)[0].token_ids != first
 
 
+def reference_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float):
+    """What temperature, top-k and top-p sampling should draw from, in float64: softmax(z / T),
+    the top_k most likely kept, then the smallest most-likely-first prefix whose mass reaches
+    top_p, renormalized."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, dtype=bool)
+    keep[order[:top_k] if top_k > 0 else order] = True
+    q = np.where(keep, p, 0.0) / p[keep].sum()
+    if top_p < 1:
+        mass_before = np.cumsum(q[order]) - q[order]
+        assert np.all(np.abs(mass_before - top_p) > 1e-3), "top_p too close to a boundary to test"
+        q[order[mass_before >= top_p]] = 0.0
+    return q / q.sum()
+
+
+def chi2_bound(df: int, z: float = 4.0) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at z standard deviations."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (0.6, 0, 1.0), (1.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.75), (1.3, 6, 0.8)])
+def test_sampling_matches_reference_distribution(temperature, top_k, top_p):
+    """Draws from one row of logits stay inside the allowed set and their frequencies fit the
+    renormalized distribution (chi-square, fixed seed)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, size=16)
+    expected = reference_distribution(logits, temperature, top_k, top_p)
+    draws = 8000
+    # One request (one generator, seeded once) sampled in `draws` rows of one step.
+    spec = SampleSpec(key=0, seed=0, temperature=temperature, top_p=top_p, top_k=top_k, logprobs=-1)
+    plan = SimpleNamespace(specs=[spec] * draws, max_logprobs=0, released=[])
+    row = torch.tensor(logits, dtype=torch.float32)
+    tokens = Sampler()(row.expand(draws, -1).contiguous(), plan)[:, 0].long().numpy()
+    counts = np.bincount(tokens, minlength=len(logits))
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0, f"drew tokens outside the allowed set: {np.flatnonzero(counts * ~allowed)}"
+    stat = ((counts[allowed] - draws * expected[allowed]) ** 2 / (draws * expected[allowed])).sum()
+    assert stat < chi2_bound(int(allowed.sum()) - 1), (stat, counts, np.round(expected * draws))
+
+
 def test_top_k_one_is_greedy(llm1):
     greedy = llm1.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     topk1 = llm1.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=1.5, top_k=1,
@@ -80,14 +162,20 @@ def test_top_k_one_is_greedy(llm1):
     assert topk1[0].token_ids == greedy[0].token_ids
 
 
-def test_logprobs_top_k(llm1):
-    out = llm1.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=1.0, logprobs=4,
-                                                    ignore_eos=True))[0]
-    for step, token in zip(out.logprobs, out.token_ids):
-        assert token in step and 4 <= len(step) <= 5
-        assert all(v <= 0 for v in step.values())
-        top4 = sorted(step.values(), reverse=True)[:4]
-        assert top4 == sorted(top4, reverse=True)
+def test_logprobs_top_k(llm2, tiny):
+    """Per generated token: the top-4 entries and the chosen token's logprob equal HF's
+    log_softmax on the same weights (tp=2, a vocab of 1001 split over two ranks with padding),
+    the model's distribution before temperature."""
+    prompt = [5, 6, 7]
+    out = llm2.generate([prompt], SamplingParams(max_tokens=3, temperature=0.8, logprobs=4,
+                                                 seed=7, ignore_eos=True))[0]
+    prefixes = [prompt + out.token_ids[:i] for i in range(len(out.token_ids))]
+    for step, token, ref in zip(out.logprobs, out.token_ids,
+                                hf_next_logprobs(tiny("llama-gqa"), prefixes)):
+        top = ref.topk(4)
+        assert set(step) == set(top.indices.tolist()) | {token}
+        for t, value in step.items():
+            assert abs(value - ref[t].item()) < 1e-4, (t, value, ref[t].item())
 
 
 def test_finish_reasons(llm1):

@@ -1,6 +1,7 @@
 """GGUF conversion and model resolution, checked against transformers' own GGUF loader."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -199,15 +200,37 @@ def test_alias_without_distribution(monkeypatch):
         resolve_model("smollm2")
 
 
-def test_non_llama_architecture(tmp_path, monkeypatch):
-    path = tmp_path / "tiny-gpt2.gguf"
-    writer = gguf.GGUFWriter(path, "gpt2")
+def tiny_gguf(path, arch: str, rows: int = 4):
+    """A one-tensor GGUF file of architecture `arch`."""
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((rows, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[:len(b) - 100],   # truncated in the tensor data
+    lambda b: b[:40],             # truncated in the metadata
+    lambda b: b"GGUF" + b"\xff" * 200,  # garbage after the magic
+    lambda b: b"",
+], ids=["truncated-data", "truncated-metadata", "garbage", "empty"])
+def test_corrupt_gguf_names_the_file(tmp_path, monkeypatch, damage):
+    path = tiny_gguf(tmp_path / "broken.gguf", "llama", rows=64)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable GGUF file"):
+        convert_gguf(path, tmp_path / "out")
+    monkeypatch.setenv("SEQPAR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable GGUF file"):
+        resolve_model(str(path))
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "cache").glob("*"))
+
+
+def test_non_llama_architecture(tmp_path, monkeypatch):
+    path = tiny_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2")
 
     with pytest.raises(ValueError, match=r"'gpt2'.*supports: llama"):
         convert_gguf(path, tmp_path / "out")

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dist_helpers import run_ranks
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.engine.plan import StepPlan
+from seqpar.engine.plan import SampleSpec, StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
@@ -46,7 +47,7 @@ def _case(n: int) -> dict:
     """Full (unsharded) weights and inputs, identical in every rank and in the test process."""
     g = torch.Generator().manual_seed(1000 + n)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     # Token ids on both sides of every rank's vocab boundary, plus the first and last id.
     edges = sorted({0, VOCAB - 1} | {b for k in range(1, n) for b in (k * per_rank - 1, k * per_rank)})
     ids = edges + torch.randint(0, VOCAB, (T - len(edges),), generator=g).tolist()
@@ -67,8 +68,9 @@ def _case(n: int) -> dict:
 
 def _plans(ids: torch.Tensor, n: int) -> tuple[StepPlan, StepPlan]:
     """(TP plan, SP plan) for one sequence of len(ids) prefill tokens."""
-    make = lambda sp: StepPlan(sp=sp, token_ids=ids, slots=[0], starts=[0], lens=[len(ids)],  # noqa: E731
-                               sample=[True], world_size=n)
+    tables = [list(range(round_up(len(ids), 16) // 16))]
+    make = lambda sp: StepPlan(sp=sp, token_ids=ids, starts=[0], lens=[len(ids)],  # noqa: E731
+                               sample=[True], block_tables=tables, world_size=n)
     return make(False), make(True)
 
 
@@ -155,7 +157,7 @@ def _rows(t: torch.Tensor, rank: int, n: int, dim: int = 0) -> torch.Tensor:
 def test_comm_collectives(ranks):
     n, c, res = ranks
     total = c["parts"].sum(0)                                   # [T, H]
-    t_pad = -(-T // n) * n
+    t_pad = round_up(T, n)
     for rank, out in enumerate(res):
         assert out["reduce_scatter"].shape == (t_pad // n, H)
         assert_close(out["reduce_scatter"], _rows(_pad(total, t_pad), rank, n))
@@ -174,7 +176,7 @@ def test_comm_collectives(ranks):
 def test_comm_stats(ranks):
     """Calls, and bytes of the logical full tensor, per collective (the module docstring)."""
     n, _, res = ranks
-    t_pad, f32 = -(-T // n) * n, 4
+    t_pad, f32 = round_up(T, n), 4
     expected = {
         "all_reduce": {"calls": 1, "bytes": T * H * f32},
         "reduce_scatter": {"calls": 2, "bytes": (t_pad + 2 * n) * H * f32},
@@ -305,14 +307,14 @@ def test_parallel_linear_rejects_indivisible_sizes():
 
 def _vocab_shard(w: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     """Rows [r * V_pad / N, (r + 1) * V_pad / N) of w zero-padded to V_pad."""
-    per_rank = -(-w.shape[0] // n)
+    per_rank = round_up(w.shape[0], n) // n
     return _pad(w, per_rank * n)[rank * per_rank:(rank + 1) * per_rank]
 
 
 def test_vocab_parallel_embedding(ranks):
     n, c, res = ranks
     _, sp = _plans(c["ids"], n)
-    per_rank = -(-VOCAB // n)
+    per_rank = round_up(VOCAB, n) // n
     assert set((c["ids"] // per_rank).tolist()) == set(range(n))  # every rank has ids to look up
     full = F.embedding(c["ids"], c["emb_w"])  # [T, H]
     for rank, out in enumerate(res):
@@ -392,30 +394,44 @@ def test_rotary_llama3_matches_transformers():
 
 # --- Step plan (pure Python) ----------------------------------------------------------------------
 
-def _random_plan(rng: random.Random, n: int, sp: bool = True) -> StepPlan:
+def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 4) -> StepPlan:
     seqs = rng.randint(1, 6)
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
+    starts = [rng.randint(0, 50) for _ in lens]
+    sample = [rng.random() < 0.7 for _ in lens]
+    tables = [rng.sample(range(200), round_up(s + t, block_size) // block_size)
+              for s, t in zip(starts, lens)]
+    specs = [SampleSpec(key=rng.randrange(100), seed=rng.randrange(1 << 62),
+                        temperature=rng.choice([0.0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.9]),
+                        top_k=rng.choice([0, 5]), logprobs=rng.choice([-1, 0, 3]))
+             for _ in range(sum(sample))]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
-                    slots=rng.sample(range(16), seqs), starts=[rng.randint(0, 50) for _ in lens],
-                    lens=lens, sample=[rng.random() < 0.7 for _ in lens], world_size=n)
+                    starts=starts, lens=lens, sample=sample, block_tables=tables, world_size=n,
+                    block_size=block_size, overlap=sp and rng.random() < 0.5, specs=specs,
+                    released=rng.sample(range(100), rng.randint(0, 3)))
 
 
 def test_step_plan_fields():
-    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), slots=[3, 0, 7], starts=[0, 5, 17],
-                    lens=[3, 1, 4], sample=[True, False, True], world_size=3)
+    tables = [[3], [0], [7, 2]]
+    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), starts=[0, 5, 15],
+                    lens=[3, 1, 4], sample=[True, False, True], block_tables=tables, world_size=3)
     assert plan.num_tokens == 8 and plan.padded == 9
-    assert plan.positions.tolist() == [0, 1, 2, 5, 17, 18, 19, 20]
+    assert plan.positions.tolist() == [0, 1, 2, 5, 15, 16, 17, 18]
     assert plan.sample_rows.tolist() == [2, 7]
-    assert StepPlan(False, plan.token_ids, [3, 0, 7], [0, 5, 17], [3, 1, 4], [True] * 3, 3).padded == 8
+    # Block 3's slots 0-2; block 0's slot 5; block 7's slot 15, then block 2's slots 0-2.
+    assert plan.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
+    assert StepPlan(False, plan.token_ids, [0, 5, 15], [3, 1, 4], [True] * 3, tables, 3).padded == 8
 
 
 def test_step_plan_encode_decode_round_trip():
+    """Every field rank 0 decides reaches the other ranks unchanged."""
     rng = random.Random(0)
+    fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
+              "block_size", "specs", "released")
     for _ in range(20):
         plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
-        back = StepPlan.decode(plan.encode(), plan.world_size)
-        assert (back.sp, back.slots, back.starts, back.lens, back.sample, back.world_size) == (
-            plan.sp, plan.slots, plan.starts, plan.lens, plan.sample, plan.world_size)
+        back = StepPlan.decode(plan.encode(), plan.world_size, plan.block_size)
+        assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
         assert torch.equal(back.token_ids, plan.token_ids)
 
 

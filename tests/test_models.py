@@ -1,11 +1,11 @@
 """seqpar against HF transformers on the same weights: every family, tp 1-3, SP off / on / auto.
 
 One LLM per (family, tp); the SP mode is switched between calls, which the engine allows because
-layers read each step's mode from its plan (invariant 4).
+layers read each step's mode from its plan (docs/architecture.md, invariant 4).
 """
 import pytest
 
-from models import FAMILIES, chosen_logprobs, hf_reference
+from models import FAMILIES, assert_matches, hf_reference
 from seqpar import LLM, SamplingParams
 
 MAX_TOKENS = 6
@@ -23,13 +23,6 @@ def reference(model_dir, prompts):
     if key not in _reference:
         _reference[key] = hf_reference(model_dir, prompts, MAX_TOKENS)
     return _reference[key]
-
-
-def assert_matches(outputs, expected, what):
-    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == tokens, f"{what}: prompt {i} greedy tokens differ from HF"
-        worst = max(abs(a - b) for a, b in zip(chosen_logprobs(out), logprobs))
-        assert worst < 2e-4, f"{what}: prompt {i} logprob differs from HF by {worst:.2e}"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3])

@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_helpers import run_ranks
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
 
@@ -17,7 +18,7 @@ def _ring_checks(rank: int, n: int, shm: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
     results = {}
     for tokens in (1, n - 1, n + 1, 7, 4 * n):  # counts that n divides and that it does not
-        padded = -(-tokens // n) * n
+        padded = round_up(tokens, n)
         full = torch.randn(padded, HIDDEN, generator=gen)   # the gathered input, same on all ranks
         w = torch.randn(OUT, HIDDEN, generator=gen)
         bias = torch.randn(OUT, generator=gen)

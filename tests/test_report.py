@@ -3,6 +3,7 @@ in the model blocks SP (the model then runs TP and says so)."""
 import torch
 import torch.nn as nn
 
+from seqpar import LLM, SamplingParams
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
 from seqpar.models import MODELS
@@ -21,16 +22,26 @@ def test_supported_families_have_no_blockers(tiny):
 
 
 class CumulativeMix(nn.Module):
-    """A token-mixing op in the residual stream: SP would be wrong here."""
+    """In place of a decoder layer's MLP: a token-mixing op in the residual stream, where SP (each
+    rank holding T/N tokens) would be wrong. Counts its calls, to show the forward runs it."""
 
-    def forward(self, x):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, plan):
+        self.calls += 1
         return x.cumsum(0)
 
 
-def test_undeclared_module_blocks_sp(tiny):
-    model = meta_model(tiny("llama-gqa"))
-    model.model.layers[1].mix = CumulativeMix()
-    assert sp_blockers(model) == ["CumulativeMix: not declared token-wise, so SP would be unsafe"]
+def test_undeclared_module_in_the_forward_blocks_sp(tiny):
+    # tp=1: rank 0's model lives in this process, so the test can swap a layer's MLP for the mix.
+    with LLM(str(tiny("llama-gqa")), threads_per_rank=1) as llm:
+        mix = llm.worker.model.model.layers[1].mlp = CumulativeMix()
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0))
+        assert mix.calls == 1, "the test's token-mixing module must sit on the forward path"
+        assert sp_blockers(llm.worker.model) == [
+            "CumulativeMix: not declared token-wise, so SP would be unsafe"]
 
 
 def test_report_names_each_kind(tiny):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dist_helpers import run_ranks
 from seqpar import LLM, SamplingParams
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.distributed import shm as shm_module
 from seqpar.distributed.shm import PeerGone, ShmGroup, segment_bytes
@@ -56,7 +57,7 @@ def _collectives(rank: int, n: int) -> dict:
     world = dist.group.WORLD
     shm, gloo = Comm(world, rank, n), Comm(world, rank, n, shm=False)
     chunked = ShmGroup.create(world, rank, n, slot_bytes=SMALL_SLOT)
-    padded = -(-T // n) * n
+    padded = round_up(T, n)
     out = {}
     for i in range(REPEATS):
         x, shard, logits = _data(rank, i, T), _data(rank, i, 3), _data(rank, i, 2, 5)
@@ -75,7 +76,7 @@ def _collectives(rank: int, n: int) -> dict:
     out["stats"] = (shm.snapshot(), gloo.snapshot())
     out["bf16"] = shm.all_reduce(_data(rank, 9, 5, dtype=torch.bfloat16))
     big = _data(rank, 7, *BIG)
-    big_padded = -(-BIG[0] // n) * n
+    big_padded = round_up(BIG[0], n)
     summed = shm.all_reduce(big.clone())
     out["big"] = {
         "sha": _sha(summed),
@@ -99,7 +100,7 @@ def test_shm_collectives_match_gloo(n):
     assert results[0]["segments left"] == [], "a segment file outlived its set-up"
     # gloo adds in rank order too at N=2 (a + b == b + a); at N=3 its order differs.
     exact_gloo = n == 2
-    padded = -(-T // n) * n
+    padded = round_up(T, n)
     for i in range(REPEATS):
         xs = [_data(r, i, T) for r in range(n)]
         total = _ranked_sum(xs)

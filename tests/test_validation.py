@@ -1,9 +1,11 @@
 """Every bad configuration fails before any rank starts, naming the number or path at fault."""
 import json
 import multiprocessing
+import re
 import shutil
 
 import pytest
+import torch
 
 from seqpar import LLM, SamplingParams
 
@@ -64,6 +66,43 @@ def test_missing_weights(tiny, tmp_path):
     for f in broken.glob("*.safetensors"):
         f.unlink()
     fails_before_start(r"safetensors", model=str(broken))
+
+
+def damaged_weights(tiny, tmp_path, damage) -> tuple:
+    """A copy of a tiny checkpoint whose safetensors file went through damage(bytes) -> bytes."""
+    broken = tmp_path / "damaged-weights"
+    shutil.copytree(tiny("qwen2"), broken)
+    (file,) = broken.glob("*.safetensors")
+    file.write_bytes(damage(file.read_bytes()))
+    return broken, file
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[:len(b) // 2],    # truncated in the tensor data
+    lambda b: b[:20],             # truncated in the header
+    lambda b: b"\xff" * len(b),   # garbage
+], ids=["truncated-data", "truncated-header", "garbage"])
+def test_corrupt_safetensors_names_the_file(tiny, tmp_path, damage):
+    from seqpar.loader.resolve import resolve_model
+
+    broken, file = damaged_weights(tiny, tmp_path, damage)
+    message = rf"{re.escape(str(file))}: not a readable safetensors file"
+    with pytest.raises(ValueError, match=message):
+        resolve_model(broken)  # what LLM() does first: before any rank starts
+    fails_before_start(message, model=str(broken), tensor_parallel_size=2)
+
+
+def test_load_weights_names_a_corrupt_file(tiny, tmp_path):
+    """The ranks' own read: a file that went bad after the start-up check."""
+    from seqpar.config import ModelConfig
+    from seqpar.distributed.comm import Comm
+    from seqpar.models import MODELS
+
+    broken, file = damaged_weights(tiny, tmp_path, lambda b: b[:len(b) - 8])
+    cfg = ModelConfig.from_dir(broken)
+    model = MODELS[cfg.model_type](cfg, Comm(None, 0, 1), torch.float32, 64)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: not a readable safetensors"):
+        model.load_weights(broken)
 
 
 def test_malformed_config(tiny, tmp_path):

@@ -1,6 +1,8 @@
 """`seqpar bench`: prefill latency and decode throughput of seqpar's modes next to HF transformers
 and PyTorch DTensor TP+SP, interleaved in one run; peak memory, communication bytes against the
-analytic minimum, and the cost model's prediction. `seqpar plan` is the cost model (plan.py)."""
+analytic minimum, and the cost model's prediction. `seqpar plan` is the cost model (costplan.py).
+Modules: suite (runs the modes), catalog (which models), results (tables, plots, targets),
+markdown (the results page)."""
 from __future__ import annotations
 
 import argparse
@@ -68,7 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
+def settings_for(args, log=print) -> list[Settings]:
+    """One Settings per group of models x tp sizes, the presets filled in where args has None."""
     preset = QUICK if args.quick else FULL
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
     modes = [m for m in MODES if (m.default if args.modes is None else m.name in args.modes)]
@@ -81,14 +84,14 @@ def settings_for(args, log=print) -> tuple[list[Settings], list[str]]:
                   prompt_len=pick("prompt_len"), new_tokens=pick("new_tokens"), runs=pick("runs"),
                   warmup=pick("warmup"), memory_runs=pick("memory_runs"), threads=args.threads,
                   dtype=args.dtype, seed=args.seed, hardware=args.hardware or None, log=log)
-    return [Settings(models=ms, tps=tps, **common) for ms, tps in groups], sys.argv[1:]
+    return [Settings(models=ms, tps=tps, **common) for ms, tps in groups]
 
 
 def main(argv=None) -> int:
-    from seqpar.bench import report
+    from seqpar.bench import results
     args = parse(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory probe's profiler: quiet
-    runs, _ = settings_for(args)
+    runs = settings_for(args)
     result = None
     if args.replot:
         with open(args.replot[0]) as f:
@@ -126,22 +129,22 @@ def main(argv=None) -> int:
         from seqpar.bench.suite import add_predictions
         add_predictions(records, args.hardware)
     print()
-    print(report.table(records))
-    for extra in (report.overlap_table(records),
-                  report.pipeline_table(records, result["machine"]["cores"])):
+    print(results.table(records))
+    for extra in (results.overlap_table(records),
+                  results.pipeline_table(records, result["machine"]["cores"])):
         if extra:
             print("\n" + extra)
     m = result["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['backend']}; "
           f"{m['wall_s']:.0f} s; other processes used {m['other_share']:.0%} of the CPUs meanwhile")
-    for name, status, nums in report.targets(records):
+    for name, status, nums in results.targets(records):
         print(f"[{status}] {name}: {nums}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
     if args.plots:
-        for path in report.plots(records, args.plots):
+        for path in results.plots(records, args.plots):
             print(f"wrote {path}")
     if args.markdown:
         from seqpar.bench.markdown import write

@@ -6,11 +6,7 @@ width, L layers, D head dim, hq / hkv the query / KV heads on one rank, b bytes 
 """
 from __future__ import annotations
 
-from seqpar.config import ModelConfig
-
-
-def _ceil_to(x: int, n: int) -> int:
-    return -(-x // n) * n
+from seqpar.config import ModelConfig, round_up
 
 
 def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
@@ -20,7 +16,7 @@ def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
 
 def sample_rows_per_rank(seq_lens: list[int], tp: int) -> int:
     """K on an SP step: the most sampled rows (each sequence's last) one rank owns."""
-    padded = _ceil_to(sum(seq_lens), tp)
+    padded = round_up(sum(seq_lens), tp)
     shard, owned, row = padded // tp, [0] * tp, 0
     for n in seq_lens:
         row += n
@@ -39,26 +35,45 @@ def step_collectives(cfg: ModelConfig, seq_lens: list[int], tp: int,
     [T_pad, H], and before each of the 2L column-parallel matmuls one all-gather of [T_pad, H], plus
     one all-gather of the sampled rows ([N * K, H]) for the LM head. The vocab-parallel logits of
     the S sampled rows go to rank 0 in one gather of [S, V_pad]. Nothing else is needed.
+
+    An MoE block sits where the MLP sits, with its collectives, except on an SP step with expert
+    parallelism: there each routed (token, expert) pair's row goes to the expert's owner and its
+    result comes back, two all-to-alls of [T x top_k, H] instead of the gather and the scatter
+    (plus the routing counts, which comm_minimum adds).
     """
     if tp == 1:
         return []
     t, h, layers = sum(seq_lens), cfg.hidden_size, cfg.num_layers
-    logits = ("gather", len(seq_lens), _ceil_to(cfg.vocab_size, tp))
+    logits = ("gather", len(seq_lens), round_up(cfg.vocab_size, tp))
     if not sp:
         return [("all_reduce", t, h)] * (2 * layers + 1) + [logits]
-    padded = _ceil_to(t, tp)
+    padded = round_up(t, tp)
     # embedding's reduction, then per layer: gather -> QKV, out -> scatter, gather -> MLP -> scatter
-    per_layer = [("all_gather", padded, h), ("reduce_scatter", padded, h)] * 2
-    return ([("reduce_scatter", padded, h)] + per_layer * layers
+    attention = [("all_gather", padded, h), ("reduce_scatter", padded, h)]
+    dense = attention * 2
+    moe = attention + [("all_to_all", t * cfg.num_experts_per_tok, h)] * 2
+    return ([("reduce_scatter", padded, h)]
+            + [c for i in range(layers) for c in (moe if _ep_layer(cfg, i) else dense)]
             + [("all_gather", tp * sample_rows_per_rank(seq_lens, tp), h), logits])
+
+
+def _ep_layer(cfg: ModelConfig, layer: int) -> bool:
+    """An MoE layer whose experts are divided whole over the ranks (all-to-all on SP steps)."""
+    return cfg.expert_parallel and layer in cfg.moe_layers
 
 
 def comm_minimum(cfg: ModelConfig, seq_lens: list[int], tp: int, sp: bool,
                  nbytes: int = 4) -> dict[str, int]:
-    """The logical bytes one step must move, per collective: `step_collectives` summed by op."""
+    """The logical bytes one step must move, per collective: `step_collectives` summed by op; on
+    an SP step with expert parallelism also each MoE layer's routing counts, int64 [N, E] (every
+    rank tells each owner how many rows it sends each of its experts)."""
     out: dict[str, int] = {}
     for op, rows, cols in step_collectives(cfg, seq_lens, tp, sp):
         out[op] = out.get(op, 0) + rows * cols * nbytes
+    if sp and tp > 1:
+        ep_layers = sum(_ep_layer(cfg, i) for i in range(cfg.num_layers))
+        if ep_layers:
+            out["all_to_all"] += ep_layers * tp * cfg.num_experts * 8
     return out
 
 
@@ -75,17 +90,21 @@ def boundary_bytes(cfg: ModelConfig, rows: int, tp: int, pp: int, sp: bool,
     return (pp - 1) * copies * 2 * rows * cfg.hidden_size * nbytes
 
 
-def pipeline_logits_bytes(cfg: ModelConfig, sampled: int, pp: int) -> int:
-    """Bytes the last stage sends rank 0 for `sampled` rows: their float32 logits [S, V] (none
-    without a pipeline: rank 0 is the last stage)."""
-    return sampled * cfg.vocab_size * 4 if pp > 1 else 0
+def pipeline_sampled_bytes(sampled: int, pp: int, logprobs: int = 0) -> int:
+    """Bytes the last stage sends rank 0 for `sampled` rows: the sampler's float64 rows [S, 2 + 2K]
+    (token, its logprob, K top ids and logprobs; engine/sampler.py), none without a pipeline
+    (rank 0 is the last stage)."""
+    return sampled * (2 + 2 * logprobs) * 8 if pp > 1 else 0
 
 
 def wire_bytes_per_rank(logical: dict[str, int], tp: int) -> int:
     """What each rank sends for those collectives with ring algorithms: an all-reduce 2(N-1)/N of
-    its payload, a reduce-scatter or an all-gather (N-1)/N: TP and SP steps send the same."""
+    its payload, a reduce-scatter or an all-gather (N-1)/N: TP and SP steps send the same; an
+    all-to-all (N-1)/N^2 with balanced routing."""
     share = {"all_reduce": 2 * (tp - 1) / tp, "reduce_scatter": (tp - 1) / tp,
-             "all_gather": (tp - 1) / tp, "gather": (tp - 1) / tp}
+             "all_gather": (tp - 1) / tp, "gather": (tp - 1) / tp,
+             # each rank holds 1/N of an all-to-all's payload and keeps 1/N of that (balanced)
+             "all_to_all": (tp - 1) / tp ** 2}
     return int(sum(share[op] * b for op, b in logical.items()))
 
 
@@ -110,7 +129,7 @@ def peak_activation(cfg: ModelConfig, tokens: int, tp: int, sp: bool, nbytes: in
     """
     h, i = cfg.hidden_size, cfg.intermediate_size
     sp = sp and tp > 1
-    t_all = _ceil_to(tokens, tp) if sp else tokens
+    t_all = round_up(tokens, tp) if sp else tokens
     rows = t_all // tp if sp else tokens
     stream = 2 * rows * h
     transient = max(t_all * (2 * i // tp + h),

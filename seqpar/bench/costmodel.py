@@ -23,7 +23,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from seqpar.config import ModelConfig
+from seqpar.bench.analytic import local_heads
+from seqpar.config import ModelConfig, round_up
 
 OPS_PER_LAYER_TP = 40
 """Eager ops per decoder layer on a TP step (2 norms ~9 each, 4 matmuls, rotary ~10, attention,
@@ -137,8 +138,8 @@ def layer_cost(cfg: ModelConfig, hw: Hardware, tokens: int, tp: int, mode: str) 
     b = hw.dtype_bytes
     sp = mode in ("sp", "overlap") and tp > 1
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    hq, hkv = cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp)
-    t_all = -(-tokens // tp) * tp if sp else tokens
+    hq, hkv = local_heads(cfg, tp)
+    t_all = round_up(tokens, tp) if sp else tokens
     rows = t_all // tp if sp else tokens
     weights = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i // tp  # this rank's share
     # activations read and written by the 4 matmuls, on all T' tokens

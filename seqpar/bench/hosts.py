@@ -18,6 +18,15 @@ import traceback
 
 from seqpar.distributed.launch import die_with_parent, free_port, main_module_hidden
 
+ANSWER_S = 7200.0
+"""How long a subject may work on one call (a full-size prefill sweep point on 2 cores)."""
+AFTER_FAILURE_S = 10.0
+"""Once one rank has failed, how long its peers get to answer (they may be stuck in a collective
+with it)."""
+POLL_S = 0.5
+CLOSE_S = 30.0
+"""How long close() waits for a subject's processes to exit before killing them."""
+
 
 def _serve(subject_cls, rank: int, world: int, port: int, threads: int, conn, args) -> None:
     die_with_parent()  # a subject outlives nothing: the bench's death ends it
@@ -81,9 +90,8 @@ class Host:
     def _collect(self) -> list:
         results, errors = [], []
         for rank, conn in enumerate(self.conns):
-            # Once a rank has failed, its peers may be stuck in a collective with it: short wait.
-            deadline = time.monotonic() + (10.0 if errors else 7200.0)
-            while not conn.poll(0.5):
+            deadline = time.monotonic() + (AFTER_FAILURE_S if errors else ANSWER_S)
+            while not conn.poll(POLL_S):
                 if not self.procs[rank].is_alive() or time.monotonic() > deadline:
                     break
             if conn.poll(0):
@@ -110,7 +118,7 @@ class Host:
     def call(self, method: str, *args):
         return self.call_all(method, *args)[0]
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = CLOSE_S) -> None:
         try:
             for conn in self.conns:
                 conn.send(("close", ()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from seqpar.bench import report
+from seqpar.bench import results
 from seqpar.bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
 from seqpar.bench.public import PUBLIC_CONFIGS
 from seqpar.config import ModelConfig
@@ -55,7 +55,7 @@ def gpu_predictions() -> list[str]:
 def overlap_section(recs: list[dict], mach: dict) -> list[str]:
     """Where an SP prefill step's time goes at tp > 1, and how much of its communication the
     collective matmuls hide."""
-    rows = report.overlap_rows(recs)
+    rows = results.overlap_rows(recs)
     if not rows:
         return []
     computing = mach["threads_total"]
@@ -74,12 +74,12 @@ def overlap_section(recs: list[dict], mach: dict) -> list[str]:
             f"with cores free for the transfers while the matmuls run: here the ranks compute "
             f"with {computing} thread(s) in all on {mach['cores']} cores, so "
             f"{max(0, mach['cores'] - computing)} core(s) are left for moving bytes meanwhile.",
-            ""] + _table(report.OVERLAP_HEAD, rows)
+            ""] + _table(results.OVERLAP_HEAD, rows)
 
 
 def pipeline_section(recs: list[dict], mach: dict) -> list[str]:
     """pp=2 against one stage at the same tp, and the bytes that cross the stage boundary."""
-    rows = report.pipeline_rows(recs, mach["cores"])
+    rows = results.pipeline_rows(recs, mach["cores"])
     if not rows:
         return []
     return ["", "## Pipeline parallelism", "",
@@ -96,7 +96,7 @@ def pipeline_section(recs: list[dict], mach: dict) -> list[str]:
             "float32 logits the last stage sends rank 0, against `analytic.boundary_bytes`: every "
             "TP rank sends the next stage the hidden state and the residual, [T, H] each on a TP "
             "step, its [T_pad / tp, H] shard of each on an SP step (1/tp of TP).", ""] + _table(
-        report.PIPELINE_HEAD, rows)
+        results.PIPELINE_HEAD, rows)
 
 
 def write(result: dict, path, plots_dir=None) -> None:
@@ -136,7 +136,7 @@ def write(result: dict, path, plots_dir=None) -> None:
           f"{s['new_tokens']} new tokens, time of the {s['new_tokens'] - 1} decode steps "
           "(a 1-token generate subtracted).", ""]
     L += ["## Targets (issues 4, 5 and 7)", ""]
-    L += _table(["target", "status", "numbers"], report.targets(recs))
+    L += _table(["target", "status", "numbers"], results.targets(recs))
     L += ["", notes, ""]
 
     L += ["## Prefill latency", "",

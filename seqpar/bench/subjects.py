@@ -26,7 +26,8 @@ class SeqparSubject:
         self.llm = LLM(model_dir, tensor_parallel_size=tp,
                        sequence_parallel="auto" if tp > 1 else "off", dtype=dtype,
                        max_model_len=max_model_len, threads_per_rank=threads_per_rank,
-                       **llm_kwargs)
+                       # Runs repeat the same prompts: each must compute them, not hit the cache.
+                       enable_prefix_caching=False, **llm_kwargs)
 
     def info(self) -> dict:
         policy, worker = self.llm.policy, self.llm.worker
@@ -132,8 +133,9 @@ class HFSubject:
 
 def dtensor_plan(model, mesh) -> None:
     """PyTorch's TP tutorial plan (Colwise / Rowwise / SequenceParallel / PrepareModuleInput) on HF
-    Llama, with the residual stream kept a DTensor sharded along the sequence (NOTES.md): HF then
-    derives positions and the causal mask from the global length, and uneven lengths work."""
+    Llama, with the residual stream kept a DTensor sharded along the sequence: HF then derives
+    positions and the causal mask from the global length, and uneven lengths work (facts in
+    docs/architecture.md, "Facts the code relies on")."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel,

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from seqpar.bench import analytic
+from seqpar.bench.catalog import describe, resolve
 from seqpar.bench.hosts import Host
-from seqpar.bench.models import describe, resolve
 from seqpar.bench.subjects import DTensorSubject, HFSubject, SeqparSubject
-from seqpar.config import DTYPES, ModelConfig
+from seqpar.config import DTYPES, ModelConfig, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,11 @@ class Settings:
 
 
 def valid_tp(cfg: ModelConfig, tp: int) -> str | None:
-    """None if seqpar can split `cfg` over tp ranks, else why not."""
-    if cfg.num_heads % tp or cfg.intermediate_size % tp:
-        return f"{cfg.num_heads} heads / MLP {cfg.intermediate_size} not divisible by {tp}"
-    kv = cfg.num_kv_heads
-    if kv % tp and tp % kv:
-        return f"{kv} KV heads vs tp {tp}"
+    """None if seqpar can split `cfg` over tp ranks, else why not (config's own check)."""
+    try:
+        ParallelConfig(tensor_parallel_size=tp).check_model(cfg)
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -301,7 +300,7 @@ def _pipeline_fields(cfg: ModelConfig, stats: dict, tokens: int, sampled: int, t
         return {}
     sp = steps["sp"] > 0
     rows = tokens + steps["padded_tokens"]  # T, or T_pad on SP steps
-    measured = (stats["send"]["bytes"] - analytic.pipeline_logits_bytes(cfg, sampled, pp)) / count
+    measured = (stats["send"]["bytes"] - analytic.pipeline_sampled_bytes(sampled, pp)) / count
     minimum = analytic.boundary_bytes(cfg, rows, tp, pp, sp, nbytes) / count
     return {"sp_step": sp, "steps": count, "boundary_bytes": measured,
             "boundary_min_bytes": minimum, "boundary_ratio": measured / minimum,

@@ -15,6 +15,7 @@ custom ops of ops.py, which run the same verbs on the same transport.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -80,6 +81,25 @@ class Comm:
             return ops.all_gather_tokens(x, self.handle)
         self._count("all_gather", self.world_size * x.numel() * x.element_size())
         return self.transport.all_gather(x.contiguous())
+
+    def all_to_all(self, x: torch.Tensor, send_splits: list[int] | None = None,
+                   recv_splits: list[int] | None = None, total_rows: int | None = None
+                   ) -> torch.Tensor:
+        """Send rows send_splits[p] of x (in rank order) to peer p; receive recv_splits[p] rows
+        from each. [sum(send_splits), ...] -> [sum(recv_splits), ...]; without splits, N equal
+        chunks each way (the shape is kept).
+
+        Counted as the logical payload, as all_gather counts its joined tensor: every rank's
+        rows together, total_rows (the caller knows it from the plan) or N x this rank's rows.
+        """
+        if self.world_size == 1:
+            return x
+        x = x.contiguous()
+        rows = total_rows if total_rows is not None else self.world_size * x.shape[0]
+        self._count("all_to_all", rows * math.prod(x.shape[1:]) * x.element_size())
+        out = x.new_empty(x.shape[0] if recv_splits is None else sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x, recv_splits, send_splits, group=self.group)
+        return out
 
     def gather_vocab(self, x: torch.Tensor) -> torch.Tensor | None:
         """Join vocab shards on rank 0: [S, V/N] -> [S, V] there, None on the other ranks."""

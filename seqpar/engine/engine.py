@@ -101,6 +101,9 @@ class Engine:
         with self.cluster.guard():
             self._issue()
             if not self.in_flight:
+                if self.requests:  # a pool that holds one max_model_len sequence always can
+                    raise RuntimeError(f"no step could be scheduled for {len(self.requests)} "
+                                       f"requests ({self.cache_stats()})")
                 return []
             plan, seqs, counts, pending = self.in_flight.popleft()
             sampled = pending.wait()
@@ -149,10 +152,6 @@ class Engine:
                              "" if detok is None else detok.text(seq.finished), seq.finish_reason,
                              list(seq.logprobs) if p.logprobs is not None else None,
                              seq.num_cached_tokens)
-
-    def follow(self) -> None:
-        """Under torchrun, ranks other than 0: run rank 0's steps until it closes the LLM."""
-        self.cluster.worker.follow()
 
     # ---- statistics --------------------------------------------------------------------------
 

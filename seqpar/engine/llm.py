@@ -22,7 +22,7 @@ from seqpar.loader.resolve import resolve_model
 from seqpar.report import sp_blockers
 
 log = logging.getLogger("seqpar")
-COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
+COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "all_to_all", "send", "recv")
 
 
 class LLM:
@@ -37,10 +37,10 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, sp_min_tokens: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  device: str | None = None, threads_per_rank: int | None = None,
-                 shm: bool = True):
+                 shm: bool = True, enable_expert_parallel: bool = False):
         self.cluster = None
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
-                                  sp_min_tokens, overlap, shm)
+                                  sp_min_tokens, overlap, shm, enable_expert_parallel)
         if compile:
             check_single_stage(pipeline_parallel_size)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

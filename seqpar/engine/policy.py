@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
@@ -57,7 +58,7 @@ def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.
 
     table = []
     for t in sweep:
-        padded = -(-t // n) * n
+        padded = round_up(t, n)
         x = torch.randn(t, hidden, generator=gen).to(device, dtype)
         shard = torch.randn(padded // n, hidden, generator=gen).to(device, dtype)
 

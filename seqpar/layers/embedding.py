@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.linear import check_shape
 
@@ -15,7 +16,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
-        self.per_rank = -(-vocab_size // comm.world_size)  # ceil: V_pad / N
+        self.per_rank = round_up(vocab_size, comm.world_size) // comm.world_size  # V_pad / N
         self.start = comm.rank * self.per_rank
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader

@@ -3,7 +3,7 @@
 Accepted forms, checked in this order:
   1. an alias from ALIASES ("smollm2"): a GGUF file shipped inside an installed wheel;
   2. a path to a .gguf file: converted once into the cache, keyed by file name + size + mtime;
-  3. a directory holding config.json and at least one *.safetensors file.
+  3. a directory holding config.json and at least one *.safetensors file, each with a valid header.
 """
 
 import os
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .checkpoint import check_safetensors
 from .gguf import convert_gguf
 
 
@@ -31,6 +32,11 @@ _ALIASES = {
     ),
 }
 ALIASES: dict[str, str] = {name: a.description for name, a in _ALIASES.items()}
+
+
+CACHE_FORMAT = 2
+"""Bumped when a conversion writes something new (2: config.json's torch_dtype follows the
+file's tensor types), so a cache written by an older seqpar is converted again."""
 
 
 def cache_dir() -> Path:
@@ -54,6 +60,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
         for pattern in ("config.json", "*.safetensors"):
             if not any(path.glob(pattern)):
                 raise FileNotFoundError(f"{path} is not a model directory: no {pattern} in it")
+        check_safetensors(path)
         return path.resolve()
     raise FileNotFoundError(
         f"model {str(model)!r} not found. Pass a directory with config.json and *.safetensors, "
@@ -82,7 +89,7 @@ def _alias_file(name: str) -> Path:
 def _from_gguf(path: Path) -> Path:
     # A changed file (new size or mtime) gets a new cache entry; the old one is left alone.
     stat = path.stat()
-    out = cache_dir() / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    out = cache_dir() / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT}"
     if not (out / "config.json").is_file():  # the directory appears atomically, complete
         convert_gguf(path, out)
     return out

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
@@ -25,6 +24,7 @@ from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear, check_shape)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
+from seqpar.loader.checkpoint import open_safetensors
 
 
 class LlamaAttention(nn.Module):
@@ -89,12 +89,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 mlp: nn.Module):
+        """mlp: the block after attention, [rows, H] -> [rows, H] (LlamaMLP, or an MoE block)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(cfg, comm, rotary, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(cfg, comm, dtype)
+        self.mlp = mlp
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, plan):
         """h, residual: [rows, H] -> [rows, H], [rows, H]. Norms run on this rank's rows only.
@@ -118,13 +120,15 @@ class LlamaModel(nn.Module):
     (last stage); the parts a stage does not own are None."""
 
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int,
-                 layers: range):
+                 layers: range, mlp_for):
+        """mlp_for(layer index in the whole model) -> that layer's MLP block."""
         super().__init__()
         first, last = layers.start == 0, layers.stop == cfg.num_layers
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, comm, dtype)
                              if first else None)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype) for _ in layers)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype, mlp_for(i))
+                                    for i in layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if last else None
 
 
@@ -139,13 +143,18 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg, self.comm = cfg, comm
         self.layers = range(cfg.num_layers) if layers is None else layers
-        self.model = LlamaModel(cfg, comm, dtype, max_positions, self.layers)
+        self.model = LlamaModel(cfg, comm, dtype, max_positions, self.layers,
+                                lambda index: self.make_mlp(index, dtype))
         self.lm_head = None
         if self.layers.stop == cfg.num_layers:
             # Tied to the embedding when this stage holds it; a last stage without it loads the
             # embedding's weights into its own head (see _target).
             tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, comm, dtype, tied_to=tied)
+
+    def make_mlp(self, index: int, dtype: torch.dtype) -> nn.Module:
+        """The MLP block of decoder layer `index` (a subclass puts MoE blocks in some layers)."""
+        return LlamaMLP(self.cfg, self.comm, dtype)
 
     @torch.inference_mode()
     def forward(self, plan, h: torch.Tensor | None = None, residual: torch.Tensor | None = None):
@@ -191,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
         expected = {(name, shard) for name, shard in self._expected_shards(params)}
         loaded = set()
         for file in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
+            with open_safetensors(file) as f:
                 for ckpt_name in f.keys():
                     target = self._target(ckpt_name)
                     if target is None:
@@ -248,7 +257,8 @@ class LlamaForCausalLM(nn.Module):
                     self.model.embed_tokens, "weight", None):
                 continue  # tied: loaded as the embedding
             fused = name.split(".")[-2]
-            for shard in inverse.get(fused, [None]):
+            # A parameter filled from several checkpoint tensors of its own kind names them.
+            for shard in getattr(params[name], "shard_ids", None) or inverse.get(fused, [None]):
                 yield name, shard
 
     def _ckpt_layer_name(self, name: str) -> str:

@@ -17,10 +17,15 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 SYNTHETIC = {
     "smollm2-8h": dict(SMOLLM2_SHAPE, num_attention_heads=8, num_key_value_heads=2, head_dim=72),
+    # Every MLP replaced by 8 experts of the MLP's width, top-2 (bench/moe.py).
+    "smollm2-moe": dict(SMOLLM2_SHAPE, model_type="mixtral", num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=72, num_local_experts=8,
+                        num_experts_per_tok=2),
 }
 DESCRIPTIONS = {
     "smollm2": "SmolLM2-135M-Instruct (real weights; 9 heads / 3 KV heads: tp 1 or 3)",
     "smollm2-8h": "random Llama of SmolLM2's shape with 8 heads / 2 KV heads (head_dim 72), for tp 2",
+    "smollm2-moe": "random Mixtral of smollm2-8h's shape, 8 experts of width 1536 per layer, top-2",
 }
 
 
@@ -41,9 +46,10 @@ def build_synthetic(name: str, root: Path, seed: int = 0) -> Path:
         return out
     import torch
     import transformers
-    config = transformers.LlamaConfig(**SYNTHETIC[name])
+    fields = dict(SYNTHETIC[name])
+    config = transformers.AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     tmp = root / f".{name}.tmp"
     model.save_pretrained(tmp)
     tmp.rename(out)  # appears complete or not at all

@@ -10,8 +10,14 @@ import statistics
 import sys
 from dataclasses import asdict, replace
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from seqpar.bench.analytic import local_heads
 from seqpar.bench.costmodel import PROFILES, Hardware, layer_cost, load_profile, overlap_gain, sp_threshold
 from seqpar.config import ModelConfig
+from seqpar.distributed.comm import Comm
 from seqpar.engine.policy import median_time
 
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192)
@@ -67,13 +73,10 @@ class Calibration:
         self.cfg = ModelConfig.from_dir(model_dir)
 
     def _sync(self):
-        import torch.distributed as dist
         if self.world > 1:
             dist.barrier()
 
     def compute(self) -> dict:
-        import torch
-        import torch.nn.functional as F
         cfg, n = self.cfg, self.world
         h, i = cfg.hidden_size, cfg.intermediate_size
         self._sync()
@@ -85,7 +88,7 @@ class Calibration:
         mem_bw = 3 * a.numel() * 4 / median_time(lambda: torch.add(a, b, out=c))
         # The engine's attention call (layers/attention.py): one causal sequence of 2048 tokens,
         # GQA, [1, heads, T, D] so the CPU takes its fused kernel as the engine does.
-        hq, hkv, d = cfg.num_heads // n, max(1, cfg.num_kv_heads // n), cfg.head_dim
+        (hq, hkv), d = local_heads(cfg, n), cfg.head_dim
         t = 2048
         q, k, v = torch.randn(1, hq, t, d), torch.randn(1, hkv, t, d), torch.randn(1, hkv, t, d)
         attn_s = median_time(lambda: F.scaled_dot_product_attention(
@@ -99,9 +102,6 @@ class Calibration:
                 "tiny_op_s": op}
 
     def collectives(self) -> dict:
-        import torch
-        import torch.distributed as dist
-        from seqpar.distributed.comm import Comm
         comm = Comm(dist.group.WORLD, self.rank, self.world)
         h = self.cfg.hidden_size
         points = {"all_reduce": [], "reduce_scatter": [], "all_gather": []}
@@ -124,7 +124,7 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
     seqpar's own prefill of 16 tokens (the one point fitted to the engine; the rest is measured
     by micro-benchmarks)."""
     from seqpar.bench.hosts import Host
-    from seqpar.bench.models import resolve
+    from seqpar.bench.catalog import resolve
     from seqpar.bench.subjects import SeqparSubject
     model_dir = str(resolve(model))
     cfg = ModelConfig.from_dir(model_dir)
@@ -187,13 +187,11 @@ def main(argv=None) -> int:
         return 0
     cfg = _model_config(args.model)
     hw = load_profile(args.hardware)
-    if tp is None:
-        from seqpar.bench.suite import valid_tp
-        tp = next(t for t in (8, 4, 3, 2, 1) if valid_tp(cfg, t) is None)
     from seqpar.bench.suite import valid_tp
-    if tp < 1 or valid_tp(cfg, tp):
-        raise ValueError(f"tensor_parallel_size={tp} does not fit {args.model}: "
-                         f"{valid_tp(cfg, max(tp, 1))}")
+    if tp is None:
+        tp = next(t for t in (8, 4, 3, 2, 1) if valid_tp(cfg, t) is None)
+    if why := valid_tp(cfg, tp):
+        raise ValueError(f"tensor_parallel_size={tp} does not fit {args.model}: {why}")
     if args.json:
         print(json.dumps({"hardware": asdict(hw), "layers": {
             t: {m: asdict(layer_cost(cfg, hw, t, tp, m)) for m in ("tp", "sp", "overlap")}
@@ -204,12 +202,12 @@ def main(argv=None) -> int:
 
 
 def _model_config(model: str) -> ModelConfig:
-    from seqpar.bench.models import SYNTHETIC, resolve
+    from seqpar.bench.catalog import SYNTHETIC, resolve
     from seqpar.bench.public import PUBLIC_CONFIGS
     if model in PUBLIC_CONFIGS:
         return ModelConfig.from_hf(PUBLIC_CONFIGS[model], source=model)
     if model in SYNTHETIC:
-        return ModelConfig.from_hf(dict(SYNTHETIC[model], model_type="llama"), source=model)
+        return ModelConfig.from_hf({"model_type": "llama", **SYNTHETIC[model]}, source=model)
     if model.endswith(".json") and os.path.isfile(model):
         return ModelConfig.from_hf(json.load(open(model)), source=model)
     return ModelConfig.from_dir(resolve(model))
