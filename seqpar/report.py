@@ -1,10 +1,13 @@
 """What runs where: the parallel plan of a model x tp x pp, per module kind, without starting ranks.
 
-Sequence parallelism is fenced explicitly rather than guessed: every module kind declares how it
-runs on an SP step. Token-wise modules (norms, the residual add) run on this rank's token shard;
-column-parallel inputs are all-gathered, row-parallel outputs reduce-scattered; attention mixes
-tokens, so it runs only between an all-gather and a reduce-scatter. A module kind not listed here
-sitting in the residual stream would make SP unsafe: the model then runs TP and says why.
+Every module kind declares, in SP_ROLES, how it runs on an SP step: token-wise modules (norms, the
+residual add) on this rank's token shard; column-parallel inputs all-gathered, row-parallel
+outputs reduce-scattered; attention, which mixes tokens, only between an all-gather and a
+reduce-scatter. The layers do this themselves (they read the step's plan); the table is what they
+declare, and it is used twice: `seqpar check` prints it, and an LLM whose model has a leaf module
+of a kind not declared here runs TP and says why (sp_blockers), since SP could be wrong there.
+A new module kind (an MoE block, say) adds one entry. With compile=True the SP pass decides from
+the traced graph itself; `seqpar check --compile` prints what it rewrote and left alone.
 """
 from __future__ import annotations
 
@@ -22,37 +25,29 @@ from seqpar.layers.moe import Experts, ReplicatedLinear, Router, SparseMoeBlock
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
 
-# module kind -> (runs SP?, how, on an SP step)
-SP_ROLES: dict[type, tuple[bool, str]] = {
-    VocabParallelEmbedding: (True, "reduce-scatter along tokens instead of all-reduce"),
-    ParallelLMHead: (True, "all-gathers only the sampled rows, then gathers vocab shards"),
-    RMSNorm: (True, "token-wise: residual add + norm on this rank's T_pad/N rows"),
-    QKVParallelLinear: (True, "all-gather tokens right before the matmul"),
-    MergedColumnParallelLinear: (True, "all-gather tokens right before the matmul"),
-    ColumnParallelLinear: (True, "all-gather tokens right before the matmul"),
-    RowParallelLinear: (True, "reduce-scatter along tokens instead of all-reduce"),
-    Attention: (True, "mixes tokens: runs on the gathered T real tokens (pad rows dropped), "
-                      "sharded by heads"),
-    RotaryEmbedding: (True, "position-wise, inside attention on gathered tokens"),
-    SparseMoeBlock: (True, "where the MLP sits: see the MoE block's steps below"),
-    Router: (True, "token-wise, replicated: routes the rows the MoE block gives it"),
-    Experts: (True, "row-wise: each routed row through its expert"),
-    ReplicatedLinear: (True, "token-wise, replicated (the shared expert's gate)"),
+# module kind -> how it runs on an SP step
+SP_ROLES: dict[type, str] = {
+    VocabParallelEmbedding: "reduce-scatter along tokens instead of all-reduce",
+    ParallelLMHead: "all-gathers only the sampled rows, then gathers vocab shards",
+    RMSNorm: "token-wise: residual add + norm on this rank's T_pad/N rows",
+    QKVParallelLinear: "all-gather tokens right before the matmul",
+    MergedColumnParallelLinear: "all-gather tokens right before the matmul",
+    ColumnParallelLinear: "all-gather tokens right before the matmul",
+    RowParallelLinear: "reduce-scatter along tokens instead of all-reduce",
+    Attention: "mixes tokens: runs on the gathered T real tokens (pad rows dropped), sharded by heads",
+    RotaryEmbedding: "position-wise, inside attention on gathered tokens",
+    SparseMoeBlock: "where the MLP sits: see the MoE block's steps below",
+    Router: "token-wise, replicated: routes the rows the MoE block gives it",
+    Experts: "row-wise: each routed row through its expert",
+    ReplicatedLinear: "token-wise, replicated (the shared expert's gate)",
 }
-CONTAINERS = (nn.ModuleList,)
 
 
 def sp_blockers(model: nn.Module) -> list[str]:
-    """Module kinds in `model` whose SP behaviour is unknown (empty: SP is safe)."""
-    unknown = set()
-    for module in model.modules():
-        kind = type(module)
-        if kind in SP_ROLES or isinstance(module, CONTAINERS) or module is model:
-            continue
-        if any(isinstance(child, tuple(SP_ROLES)) for child in module.children()) or \
-                next(module.children(), None) is not None:
-            continue  # a composite made of known parts (decoder layer, attention block, MLP)
-        unknown.add(kind.__name__)
+    """Leaf module kinds in `model` that SP_ROLES does not declare (empty: SP is safe). A composite
+    (decoder layer, attention block, MLP) is judged by its parts."""
+    unknown = {type(m).__name__ for m in model.modules()
+               if type(m) not in SP_ROLES and next(m.children(), None) is None}
     return sorted(f"{name}: not declared token-wise, so SP would be unsafe" for name in unknown)
 
 
@@ -117,8 +112,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         if type(module) in SP_ROLES and type(module) not in seen:
             seen.append(type(module))
     for kind in seen:
-        ok, how = SP_ROLES[kind]
-        lines.append(f"{kind.__name__:<28} {'yes' if ok else 'no ':<3} {how}")
+        lines.append(f"{kind.__name__:<28} yes {SP_ROLES[kind]}")
     blockers = sp_blockers(net)
     for b in blockers:
         lines.append(f"{'':<28} no  {b}")

@@ -111,6 +111,17 @@ def chosen_logprobs(output) -> list[float]:
     return [step[token] for step, token in zip(output.logprobs, output.token_ids)]
 
 
+def paged_kv(model, num_blocks: int = 8, block_size: int = 16) -> None:
+    """Fresh zeroed K and V block pools, [num_blocks, block_size, kv_heads, D], for every Attention
+    of a seqpar model built by hand (the Worker allocates them in an engine)."""
+    from seqpar.layers.attention import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.k_cache = torch.zeros(num_blocks, block_size, m.num_kv_heads, m.head_dim)
+            m.v_cache = torch.zeros_like(m.k_cache)
+
+
 def assert_matches(outputs, expected, what: str) -> None:
     """seqpar RequestOutputs against hf_reference's (tokens, logprobs): greedy tokens identical,
     each chosen token's logprob within 2e-4."""

@@ -1,19 +1,25 @@
-"""compile=True end to end at tp=2: the compiled SP forward (Dynamo + the SP pass + Inductor)
-against eager TP, eager SP and HF transformers: greedy tokens identical, logprobs within 2e-4,
-token counts 2 does not divide, and no recompile per token count; then sp="auto", whose TP and SP
-steps both run compiled, each kind on its own forward.
+"""compile=True at tp=2 against HF transformers.
 
-Inductor on CPU takes tens of seconds per graph, so two families run end to end here (llama-gqa:
-GQA, untied, Llama-3 rope scaling; qwen3: q/k norms); the pass itself is checked on graphs in
+Every family, compiled SP and SP + overlap, on one pair of ranks: the model's own forward traced
+by Dynamo and rewritten by the SP pass, run without Inductor (the graph as the pass left it, real
+collectives), a prefill and a decode step of odd token counts, every sampled row's log-probs
+against HF's. Then end to end with Inductor (tens of seconds per graph on CPU, so two families:
+llama-gqa: GQA, untied, Llama-3 rope scaling; qwen3: q/k norms): greedy tokens identical to HF,
+eager TP and eager SP, logprobs within 2e-4, no recompile per token count; sp="auto", whose TP and
+SP steps both run compiled, each kind on its own forward. The pass itself is checked on graphs in
 tests/test_sp_pass.py.
 """
 import multiprocessing
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from models import chosen_logprobs, hf_reference
+from dist_helpers import run_ranks
+from models import FAMILIES, chosen_logprobs, hf_reference, paged_kv
 from seqpar import LLM, SamplingParams
 from seqpar.bench.suite import MODES, Settings, _compiled_rounds
 
@@ -35,7 +41,7 @@ def as_expected(outputs):
 
 
 @pytest.mark.parametrize("family,overlap", [("llama-gqa", False), ("qwen3", True)])
-def test_compiled_matches_eager_and_hf(tiny, family, overlap, capfd):
+def test_compiled_matches_eager_and_hf(tiny, family, overlap):
     model_dir = tiny(family)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True)
     hf = hf_reference(model_dir, PROMPTS, MAX_TOKENS)
@@ -94,10 +100,76 @@ def test_compiled_matches_eager_and_hf(tiny, family, overlap, capfd):
     assert mixed_stats["all_reduce"]["calls"] == 5 * tp_steps  # the TP graph's, counted per step
     assert compile_s == sp_runner.compile_s + tp_runner.compile_s
     assert sp_runner.compile_s > 0 and tp_runner.compile_s > 0
-    # The log says what the pass did (the seqpar logger writes to stderr).
-    err = capfd.readouterr().err
-    assert "seqpar sp pass: 2 region(s) rewritten, 0 left TP" in err
-    assert "seqpar: compiled the TP forward in" in err
+
+
+# Three sequences (prompts of 5, 4 and 2 tokens, then one token each): steps of 11 and 3 tokens.
+SEQS = [[11, 200, 37, 5, 900], [64, 3, 777, 42], [8, 512]]
+NEXT = [13, 99, 650]
+
+
+def _plans(world):
+    from seqpar.engine.plan import StepPlan
+
+    lens = [len(p) for p in SEQS]
+    tables, ones = [[i] for i in range(len(SEQS))], [True] * len(SEQS)  # a block each
+    prefill = StepPlan(True, torch.tensor(sum(SEQS, [])), [0] * 3, lens, ones, tables, world)
+    decode = StepPlan(True, torch.tensor(NEXT), lens, [1] * 3, ones, tables, world)
+    return prefill, decode
+
+
+def _compiled_logprobs(rank, world, model_dirs):
+    """Per family and kind (SP, SP + overlap): the prefill's and the decode step's log-probs
+    [3, V] on rank 0 from the compiled forward (no Inductor), and the graphs it compiled."""
+    from seqpar.compile.runner import CompiledForward
+    from seqpar.config import ModelConfig
+    from seqpar.distributed.comm import Comm
+    from seqpar.models import MODELS
+
+    out = {}
+    for family, model_dir in model_dirs.items():
+        cfg = ModelConfig.from_dir(model_dir)
+        model = MODELS[cfg.model_type](cfg, Comm(dist.group.WORLD, rank, world), torch.float32, 64)
+        model.load_weights(model_dir)
+        for overlap in (False, True):
+            paged_kv(model)
+            runner = CompiledForward(model, sp=True, inductor=False, overlap=overlap)
+            steps = []
+            for plan in _plans(world):
+                plan.overlap = overlap
+                logits = runner(plan)
+                steps.append(None if logits is None else torch.log_softmax(logits, -1))
+            out[family, overlap] = steps, len(runner.backend.graphs), runner.report.summary()
+    return out
+
+
+def test_every_family_compiled_sp_matches_hf(tiny):
+    import transformers
+
+    dirs = {f: tiny(f) for f in sorted(FAMILIES)}
+    results = run_ranks(_compiled_logprobs, 2, dirs, timeout=300)[0]
+    for family, model_dir in dirs.items():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():  # rows: each prompt's last token, then the token after it
+            full = [torch.log_softmax(hf(torch.tensor([p + [t]])).logits[0], -1)
+                    for p, t in zip(SEQS, NEXT)]
+        expected = [torch.stack([f[len(p) - 1] for f, p in zip(full, SEQS)]),
+                    torch.stack([f[len(p)] for f, p in zip(full, SEQS)])]
+        for overlap in (False, True):
+            steps, graphs, summary = results[family, overlap]
+            what = f"{family} compiled SP{' + overlap' if overlap else ''}"
+            assert graphs == 1, f"{what}: recompiled for the second token count"  # S = 6, S = 2
+            assert "0 left TP" in summary, (what, summary)
+            for step, got, want in zip(("prefill", "decode"), steps, expected):
+                worst = (got - want).abs().max().item()
+                assert worst < 1e-4, f"{what}: {step} log-probs differ from HF by {worst:.2e}"
+
+
+def test_import_leaves_compile_out():
+    """`import seqpar` loads neither the SP pass nor the compile ops (nor the backend)."""
+    code = ("import sys, seqpar; print(sorted(m for m in sys.modules if m.startswith("
+            "('seqpar.compile.sp_pass', 'seqpar.compile.ops', 'seqpar.compile.backend'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_compile_with_pipeline_stages_fails_before_any_rank(tiny):

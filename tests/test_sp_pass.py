@@ -17,25 +17,29 @@ import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 
 from dist_helpers import run_ranks
-from models import FAMILIES
+from models import FAMILIES, paged_kv
 
 C10D = torch.ops._c10d_functional
 
 
 def count(gm: fx.GraphModule) -> dict[str, int]:
-    """Collectives and fences in a graph."""
-    targets = {"all_reduce": (C10D.all_reduce, C10D.all_reduce.default),
-               "reduce_scatter": (C10D.reduce_scatter_tensor, C10D.reduce_scatter_tensor.default),
-               "all_gather": (C10D.all_gather_into_tensor, C10D.all_gather_into_tensor.default),
-               "fence": (torch.ops.seqpar.tokenwise_begin.default,
-                         torch.ops.seqpar.tokenwise_end.default),
-               "all_gather_matmul": torch.ops.seqpar.all_gather_matmul.default,
-               "matmul_reduce_scatter": torch.ops.seqpar.matmul_reduce_scatter.default}
-    out = {}
-    for name, target in targets.items():
-        target = target if isinstance(target, tuple) else (target,)
-        out[name] = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in target)
-    return out
+    """Collectives and fences in a graph. seqpar's model has Comm's ops (seqpar::all_reduce ...,
+    on the group's own transport: shared memory here); a plain TP model torch's functional
+    collectives; each kind counts both, and "c10d" counts torch's alone."""
+    seqpar = torch.ops.seqpar
+    targets = {"all_reduce": (C10D.all_reduce, C10D.all_reduce.default, seqpar.all_reduce.default),
+               "reduce_scatter": (C10D.reduce_scatter_tensor, C10D.reduce_scatter_tensor.default,
+                                  seqpar.reduce_scatter_tokens.default),
+               "all_gather": (C10D.all_gather_into_tensor, C10D.all_gather_into_tensor.default,
+                              seqpar.all_gather_tokens.default),
+               "c10d": (C10D.all_reduce, C10D.all_reduce.default, C10D.reduce_scatter_tensor,
+                        C10D.reduce_scatter_tensor.default, C10D.all_gather_into_tensor,
+                        C10D.all_gather_into_tensor.default),
+               "fence": (seqpar.tokenwise_begin.default, seqpar.tokenwise_end.default),
+               "all_gather_matmul": (seqpar.all_gather_matmul.default,),
+               "matmul_reduce_scatter": (seqpar.matmul_reduce_scatter.default,)}
+    return {name: sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in target)
+            for name, target in targets.items()}
 
 
 class CountingBackend:
@@ -192,7 +196,6 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
     from seqpar.config import ModelConfig
     from seqpar.distributed.comm import Comm
     from seqpar.engine.plan import StepPlan
-    from seqpar.layers.attention import KVCache
     from seqpar.models import MODELS
 
     cfg = ModelConfig.from_dir(model_dir)
@@ -203,11 +206,6 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
         layer = model.model.layers[1]
         layer.post_attention_layernorm = TokenMixingNorm(layer.post_attention_layernorm)
 
-    def fresh_caches():
-        for layer in model.model.layers:
-            a = layer.self_attn.attn
-            a.cache = KVCache(a.num_kv_heads, a.head_dim, torch.float32, "cpu", 64)
-
     torch._dynamo.reset()
     runner = CompiledForward(model, sp=sp, inductor=False)
     runner.backend = backend = _Wrapped(runner.backend, overlap, rewrite=sp)
@@ -215,10 +213,10 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
     worst = 0.0
     for t in lengths:
         ids = torch.arange(t) * 5 % 90 + 3
-        plans = {sp: StepPlan(sp, ids, [0], [0], [t], [True], world) for sp in (False, True)}
-        fresh_caches()
+        plans = {sp: StepPlan(sp, ids, [0], [t], [True], [[0]], world) for sp in (False, True)}
+        paged_kv(model)
         eager = model(plans[False])
-        fresh_caches()
+        paged_kv(model)
         compiled = runner(plans[sp])
         if rank == 0:
             worst = max(worst, (eager - compiled).abs().max().item())
@@ -232,14 +230,11 @@ class _Wrapped(CountingBackend):
     def __init__(self, inner, overlap=False, rewrite=True):
         super().__init__(shard_outputs=True, overlap=overlap, rewrite=rewrite)
         self.inner = inner
-        self.graphs, self.collectives = [], {}
+        self.graphs = []
 
     def __call__(self, gm, example_inputs):
-        from seqpar.compile.backend import _collectives
-
         out = super().__call__(gm, example_inputs)
         self.graphs.append(gm)
-        self.collectives = _collectives(gm)
         return out
 
 
@@ -259,9 +254,10 @@ def test_seqpar_model_fenced_regions(tiny):
         # embedding + 2 per layer; fences: begin after each all_reduce, end before qkv, gate_up
         assert before[0]["all_reduce"] == 1 + 2 * layers, family
         assert before[0]["fence"] == (1 + 2 * layers) + 2 * layers, family
+        # Comm's ops on the shared-memory transport, none of torch's functional collectives
         assert after[0] == {"all_reduce": 0, "reduce_scatter": 1 + 2 * layers,
-                            "all_gather": 2 * layers, "fence": 0, "all_gather_matmul": 0,
-                            "matmul_reduce_scatter": 0}, (family, summaries)
+                            "all_gather": 2 * layers, "c10d": 0, "fence": 0,
+                            "all_gather_matmul": 0, "matmul_reduce_scatter": 0}, (family, summaries)
         # Two components: the residual stream (every layer's residual add joins its regions)
         # and the last MLP output, which meets the residual only after the graph (sampling tail).
         assert "2 region(s) rewritten, 0 left TP" in summaries[0], (family, summaries[0])
@@ -329,8 +325,8 @@ def test_seqpar_model_compiled_tp(tiny):
     before, after, summaries, worst, stats = run_ranks(
         _seqpar_ranks, 2, tiny("mistral"), [7, 3], False, False, False, timeout=240)[0]
     assert len(before) == 1
-    assert after[0] == {"all_reduce": 5, "reduce_scatter": 0, "all_gather": 0, "fence": 0,
-                        "all_gather_matmul": 0, "matmul_reduce_scatter": 0}
+    assert after[0] == {"all_reduce": 5, "reduce_scatter": 0, "all_gather": 0, "c10d": 0,
+                        "fence": 0, "all_gather_matmul": 0, "matmul_reduce_scatter": 0}
     assert "0 region(s) rewritten, 2 left TP" in summaries[0]
     # 2 lengths, each run eager and compiled: 5 all_reduces per step in both
     assert stats["all_reduce"]["calls"] == 2 * 2 * 5

@@ -6,20 +6,21 @@ Fences mark where a token-wise region of the residual stream starts and ends, so
     tokenwise_begin(x)  after a reduction over the TP group (row-parallel output, embedding)
     tokenwise_end(x)    at a column-parallel input (the matmul that needs every token)
 
-Both return their input unchanged. The layers emit them only while torch.compile traces
-(`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from the
-graph before Inductor sees it.
+Both return their input unchanged. Comm emits them (distributed/comm.py) only while torch.compile
+traces (`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from
+the graph before Inductor sees it.
 
 `attention(qkv, layer, out_dim)` hides the per-sequence attention over the KV cache (a Python loop
 over the step's sequences) from the compiler: one opaque node per layer, so the whole forward is
-one graph and the residual stream stays sharded across layers. Its eager body is looked up in
-`ATTENTION` (set by the runner for the step being run).
+one graph and the residual stream stays sharded across layers. Its eager body is `ATTEND[0]`, set
+by the runner for the step being run (runner.py), so the per-step plan never enters the graph.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.library import custom_op
+
+from seqpar.distributed.ops import comm_of
 
 
 @custom_op("seqpar::tokenwise_begin", mutates_args=())
@@ -44,13 +45,13 @@ def _(x):
 
 FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
 
-# layer index -> callable(qkv [rows, q+k+v features]) -> [rows, out_dim]; set per step (runner.py)
-ATTENTION: dict = {}
+# callable(layer, qkv [rows, q+k+v features]) -> [rows, out_dim] for the step being run (runner.py)
+ATTEND: list = [None]
 
 
 @custom_op("seqpar::attention", mutates_args=())
 def attention(qkv: torch.Tensor, layer: int, out_dim: int) -> torch.Tensor:
-    return ATTENTION[layer](qkv)
+    return ATTEND[0](layer, qkv)
 
 
 @attention.register_fake
@@ -58,55 +59,34 @@ def _(qkv, layer, out_dim):
     return qkv.new_empty(qkv.shape[0], out_dim)
 
 
-def traced_all_reduce(comm, x: torch.Tensor) -> torch.Tensor:
-    """While compiling: Comm.all_reduce as a functional all_reduce (a node the pass can see,
-    counted per step by the runner) followed by the begin fence."""
-    if comm.world_size == 1:
-        return x
-    from torch.distributed import _functional_collectives as funcol
-
-    group = comm.group if comm.group is not None else dist.group.WORLD
-    return tokenwise_begin(funcol.all_reduce(x, "sum", group))
-
-
 # ---- collective matmuls (layers/overlap.py) as graph ops, for the pass's overlap option --------
-
-def _comm(group_name: str):
-    from seqpar.distributed.comm import Comm
-
-    pg = torch._C._distributed_c10d._resolve_process_group(group_name)
-    return Comm(pg, pg.rank(), pg.size())
-
-
-def _group_size(group_name: str) -> int:
-    return torch._C._distributed_c10d._resolve_process_group(group_name).size()
-
+# `handle` names the Comm they run on (distributed/ops.py).
 
 @custom_op("seqpar::all_gather_matmul", mutates_args=())
 def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      group_name: str) -> torch.Tensor:
+                      handle: str) -> torch.Tensor:
     """linear(all_gather(x), weight, bias), the gather hidden behind the matmuls:
     [S, in] -> [N * S, out]."""
     from seqpar.layers import overlap
 
-    return overlap.all_gather_matmul(_comm(group_name), x, weight, bias)
+    return overlap.all_gather_matmul(comm_of(handle), x, weight, bias)
 
 
 @all_gather_matmul.register_fake
-def _(x, weight, bias, group_name):
-    return x.new_empty(x.shape[0] * _group_size(group_name), weight.shape[0])
+def _(x, weight, bias, handle):
+    return x.new_empty(x.shape[0] * comm_of(handle).world_size, weight.shape[0])
 
 
 @custom_op("seqpar::matmul_reduce_scatter", mutates_args=())
 def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, padded: int,
-                          group_name: str) -> torch.Tensor:
+                          handle: str) -> torch.Tensor:
     """reduce_scatter(pad(linear(x, weight), padded)), the transfers hidden behind the matmuls:
     [T, in] -> [padded / N, out]."""
     from seqpar.layers import overlap
 
-    return overlap.matmul_reduce_scatter(_comm(group_name), x, weight, padded)
+    return overlap.matmul_reduce_scatter(comm_of(handle), x, weight, padded)
 
 
 @matmul_reduce_scatter.register_fake
-def _(x, weight, padded, group_name):
-    return x.new_empty(padded // _group_size(group_name), weight.shape[0])
+def _(x, weight, padded, handle):
+    return x.new_empty(padded // comm_of(handle).world_size, weight.shape[0])

@@ -1,19 +1,23 @@
 """compile=True: one rank's compiled forward for Llama-family models.
 
-The model's own layers run inside torch.compile with a TP plan: row-parallel layers and the
-embedding then end with a functional all_reduce and the `tokenwise_begin` fence, column-parallel
-layers start with `tokenwise_end` (see layers/linear.py, layers/embedding.py). Attention over the
-KV cache, a Python loop over the step's sequences, is the opaque op `seqpar::attention`, so the
-whole forward, from the token ids to the last residual stream, is one graph with no graph break;
-the SP pass (sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
+torch.compile traces the model's own `hidden_states` (models/llama.py: the embedding and the
+decoder layers, the code eager steps run) with a GraphPlan: a TP step over the graph's token ids,
+nothing else. Comm then emits its collectives as custom ops (distributed/ops.py: the group's own
+transport) and the fences of ops.py, and each layer's `attend` (attention over the paged KV cache,
+laid out by the step's block tables) is the opaque op `seqpar::attention`, whose eager body reads
+the step's plan outside the graph. So the whole stream, from the token ids to the last layer's
+residual, is one graph with no graph break and no guard on the per-step plan; the SP pass
+(sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
 
 Token counts: the ids go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
 same padding as eager SP), with S dynamic, so the graph's T is N * S and divides by N exactly; one
 graph serves every count (S = 1 is specialised by Dynamo once, so at most two graphs). On TP
 (sp=False) the ids go in as [1, T], T dynamic: again at most two graphs.
 
-The graph returns the residual stream (h, residual); when the pass sharded it ([S, H] on each
-rank), the sampled rows are normed and gathered as in eager SP, else as in eager TP.
+The graph returns the residual stream (h, residual), as the pass left it: sharded [S, H] on an SP
+step (shard_outputs), or whole where a region stayed TP (each rank then keeps its own rows, no
+transfer). The model's own tail (`logits`: final norm and LM head on the sampled rows) runs after
+it with the step's plan, eagerly, as on an eager step.
 
 A rank serves every step compiled (CompiledModel): the policy picks TP, SP or SP + overlap per
 step, and each kind has a CompiledForward of its own, built on the first step of that kind.
@@ -28,19 +32,49 @@ import types
 import torch
 import torch.nn.functional as F
 
-from seqpar.compile import ops
-from seqpar.compile.backend import SPBackend
-
 log = logging.getLogger("seqpar")
 
 
-class _TPPlan:
-    """What the layers read from a plan inside the graph: always a TP step (the pass makes SP)."""
+class GraphPlan:
+    """The plan the traced forward reads: a TP step over the graph's token ids (the SP pass makes
+    the SP step). It holds no per-step lists, so Dynamo has nothing of the step to guard on."""
     sp = False
     overlap = False
 
+    def __init__(self, token_ids: torch.Tensor):
+        self.token_ids = token_ids  # [T] (T_pad on an SP step)
 
-TP_PLAN = _TPPlan()
+    @property
+    def num_tokens(self):
+        return self.token_ids.shape[0]
+
+
+class OpaqueAttend:
+    """A LlamaAttention's `attend` as the traced forward sees it: the opaque op seqpar::attention
+    for layer `index`. Set as an instance attribute of the module once (install); a call with a
+    real step plan (an eager step) runs the class's own attend unchanged."""
+
+    def __init__(self, module, index: int):
+        self.eager = type(module).attend.__get__(module)
+        self.index, self.out_dim = index, module.o_proj.in_per_rank
+
+    def __call__(self, qkv: torch.Tensor, plan) -> torch.Tensor:
+        if isinstance(plan, GraphPlan):
+            from seqpar.compile import ops
+
+            return ops.attention(qkv, self.index, self.out_dim)  # [rows, hq * D]
+        return self.eager(qkv, plan)
+
+    @staticmethod
+    def install(model) -> list["OpaqueAttend"]:
+        """On every attention module of `model` (once); returns them in layer order."""
+        out = []
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            if not isinstance(attn.__dict__.get("attend"), OpaqueAttend):
+                attn.attend = OpaqueAttend(attn, i)
+            out.append(attn.attend)
+        return out
 
 
 class CompiledForward:
@@ -48,9 +82,12 @@ class CompiledForward:
 
     def __init__(self, model, sp: bool = True, inductor: bool = True, overlap: bool = False):
         """sp: run the SP pass; overlap: with it, collective matmuls (layers/overlap.py)."""
+        from seqpar.compile.backend import SPBackend
+
         self.model, self.comm = model, model.comm
         self.sp = sp and self.comm.world_size > 1
         self.kind = ("SP + overlap" if overlap else "SP") if self.sp else "TP"
+        self.attends = OpaqueAttend.install(model)
         self.backend = SPBackend(sp=self.sp, shard_outputs=True, inductor=inductor,
                                  overlap=overlap and self.sp)
         # Dynamo caches compiled code per code object, up to a recompile limit: each instance gets
@@ -66,23 +103,12 @@ class CompiledForward:
 
     def _graph(self, ids: torch.Tensor):
         """ids [N, S] or [1, T] -> the residual stream (h, residual) after the last layer."""
-        model = self.model.model
-        h = model.embed_tokens(ids.reshape(-1), TP_PLAN)
-        residual = None
-        for i, layer in enumerate(model.layers):
-            if residual is None:
-                h, residual = layer.input_layernorm(h), h
-            else:
-                h, residual = layer.input_layernorm(h, residual)
-            attn = layer.self_attn
-            qkv = attn.qkv_proj(h, TP_PLAN)
-            h = attn.o_proj(ops.attention(qkv, i, attn.o_proj.in_per_rank), TP_PLAN)
-            h, residual = layer.post_attention_layernorm(h, residual)
-            h = layer.mlp(h, TP_PLAN)
-        return h, residual
+        return self.model.hidden_states(GraphPlan(ids.reshape(-1)))
 
     @torch.inference_mode()
     def __call__(self, plan) -> torch.Tensor | None:
+        from seqpar.compile import ops
+
         n = self.comm.world_size
         t = plan.num_tokens
         if plan.sp != self.sp:
@@ -94,40 +120,23 @@ class CompiledForward:
             rows = t
             ids = plan.token_ids.view(1, t)
         torch._dynamo.maybe_mark_dynamic(ids, 1)
-        for i, layer in enumerate(self.model.model.layers):
-            ops.ATTENTION[i] = functools.partial(_attend, layer.self_attn, plan, rows)
+        ops.ATTEND[0] = functools.partial(_attend, self.attends, plan, rows)
         graphs = len(self.backend.graphs)
         start = time.perf_counter()
         try:
             h, residual = self._compiled(ids)
         finally:
-            ops.ATTENTION.clear()
+            ops.ATTEND[0] = None
         if len(self.backend.graphs) != graphs:
             spent = time.perf_counter() - start
             self.compile_s += spent
             log.info(f"seqpar: compiled the {self.kind} forward in {spent:.1f} s")
         self.steps += 1
-        self._count(rows)
-        if h.shape[0] != residual.shape[0]:  # one of them sharded, the other left TP
-            h, residual = (self.comm.all_gather_tokens(y)[:rows] if y.shape[0] != rows else y
+        if self.sp:  # a region the pass left TP returns [T_pad, H]: keep this rank's rows
+            shard = rows // n
+            h, residual = (y if y.shape[0] == shard else y.narrow(0, self.comm.rank * shard, shard)
                            for y in (h, residual))
-        sharded = h.shape[0] != rows
-        norm = self.model.model.norm
-        if sharded:  # [T_pad / N, H] on this rank: as eager SP
-            local = plan.local_sample_rows(self.comm.rank)
-            x, _ = norm(h[local], residual[local])
-            x = self.comm.all_gather_tokens(x)[plan.sample_gather_index]
-        else:
-            sample = plan.sample_rows
-            x, _ = norm(h[sample], residual[sample])
-        logits = self.model.lm_head(x)
-        return None if logits is None else logits.float()
-
-    def _count(self, rows: int) -> None:
-        """Account the graph's collectives in the rank's Comm stats, as eager steps are."""
-        for op, row_bytes in self.backend.collectives.items():
-            for b in row_bytes:
-                self.comm._count(op, rows * b)
+        return self.model.logits(plan, h, residual)
 
     @property
     def report(self):
@@ -158,11 +167,12 @@ class CompiledModel:
         return sum(f.compile_s for f in self.forwards.values())
 
 
-def _attend(attn, plan, rows: int, qkv: torch.Tensor) -> torch.Tensor:
-    """LlamaAttention.attend on the step's T real tokens: qkv [rows, ...] -> [rows, hq * D],
+def _attend(attends: list[OpaqueAttend], plan, rows: int, layer: int,
+            qkv: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s attend on the step's T real tokens: qkv [rows, ...] -> [rows, hq * D],
     pad rows zero."""
     t = plan.num_tokens
-    out = attn.attend(qkv[:t], plan)  # [T, hq * D]
+    out = attends[layer].eager(qkv[:t], plan)  # [T, hq * D]
     return F.pad(out, (0, 0, 0, rows - t)) if rows > t else out
 
 

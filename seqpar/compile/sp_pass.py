@@ -6,13 +6,22 @@ new nodes has to be kept by hand.
 
 Terms. The token dim is dim 0 of the [T, ...] activations (flat tokens, no batch dim). A node is
 *token-wise* when row i of its output depends only on row i of its token-dim inputs (elementwise
-ops, casts, reductions and chunks over the last dim, the seqpar fences). A *source* is a
-`wait_tensor(all_reduce(x, "sum"))`: every rank then holds the same [T, ...] sum. A *component* is
+ops, casts, reductions and chunks over the last dim, the seqpar fences). A *source* is an
+all_reduce sum, after which every rank holds the same [T, ...] sum: `seqpar::all_reduce(x, handle)`
+(what Comm emits: the TP group's own transport, shared memory on one host; distributed/ops.py) or
+torch's `wait_tensor(all_reduce(x, "sum", group))` (a TP model that knows nothing of seqpar). The
+rewritten collectives are of the same kind as the source (`_Group`). A *component* is
 a maximal set of token-wise nodes joined by data edges; the residual stream joins the regions of
 all layers into one component, so they are rewritten together or not at all.
 
 Algorithm:
-1. Find the sources (`_is_all_reduce` + its `_is_wait`). No source: nothing to do.
+0. Make the residual stream's in-place ops out of place (`_functionalize`): the model's decoder
+   layer adds into the residual and writes the norm over its input (`residual += x`,
+   `out.copy_(norm)`), which Dynamo records as mutations whose later readers name the old node.
+   Each becomes its out-of-place op, and every later reader of the mutated tensor reads the new
+   node instead, so data edges tell the whole story. Only mutations of a tensor that is no view
+   and has no view read after the mutation are rewritten; others stay as they are.
+1. Find the sources (`_is_source`). No source: nothing to do.
 2. Grow components with a union-find over token-wise nodes (`_is_token_wise`): a token-wise node
    joins every token-wise producer and consumer it is connected to through a token-dim tensor.
    Each source seeds the component of its token-wise consumers.
@@ -26,8 +35,8 @@ Algorithm:
    Edges entering a component come from sources (rewritten to reduce_scatter) or from other
    nodes (a replicated or row-local tensor: each rank keeps its own rows with a slice).
 4. Rewrite each component that only has exits (and the same TP group and token count T at every
-   source): T_pad = ceil(T / N) * N; each source becomes pad(x, T_pad) -> reduce_scatter ->
-   [T_pad / N, ...]; each other entry pad(x, T_pad)[r * T_pad / N : (r + 1) * T_pad / N]; the
+   source): T_pad = ceil(T / N) * N; each source becomes reduce_scatter(pad(x, T_pad)) ->
+   [T_pad / N, ...] (seqpar::reduce_scatter_tokens pads itself); each other entry pad(x, T_pad)[r * T_pad / N : (r + 1) * T_pad / N]; the
    component's nodes then run on the shard unchanged; each exit gets all_gather -> [T_pad, ...]
    -> [:T]. When T is a multiple of N by construction (the runner feeds T = N * s), the pads and
    slices are no-ops that Inductor drops.
@@ -51,8 +60,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from seqpar.compile.ops import FENCES
+from seqpar.distributed.ops import comm_of
 
 _C10D = torch.ops._c10d_functional
+_SEQPAR = torch.ops.seqpar
 _BEGIN = torch.ops.seqpar.tokenwise_begin.default
 _END = torch.ops.seqpar.tokenwise_end.default
 
@@ -105,6 +116,8 @@ class Region:
 class PassReport:
     regions: list[Region] = field(default_factory=list)
     fences_removed: int = 0
+    functionalized: int = 0
+    """In-place ops made out of place (step 0)."""
 
     @property
     def rewritten(self) -> list[Region]:
@@ -155,9 +168,74 @@ def _is_wait(node: fx.Node) -> bool:
             and node.target in (_C10D.wait_tensor.default, _C10D.wait_tensor))
 
 
+def _is_seqpar_all_reduce(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (_SEQPAR.all_reduce.default,
+                                                          _SEQPAR.all_reduce)
+
+
 def _is_source(node: fx.Node) -> bool:
-    """wait_tensor(all_reduce(x, "sum")): the point where every rank holds the same sum."""
-    return _is_wait(node) and isinstance(node.args[0], fx.Node) and _is_all_reduce(node.args[0])
+    """The point where every rank holds the same sum: seqpar::all_reduce(x, handle) (Comm's, on
+    the group's own transport), or torch's wait_tensor(all_reduce(x, "sum", group))."""
+    return _is_seqpar_all_reduce(node) or (
+        _is_wait(node) and isinstance(node.args[0], fx.Node) and _is_all_reduce(node.args[0]))
+
+
+class _Group:
+    """The TP group of a source and how to emit its collectives: a seqpar Comm (by handle) or a
+    torch process group (by name, functional collectives)."""
+
+    def __init__(self, src: fx.Node):
+        if _is_seqpar_all_reduce(src):
+            self.handle, self.name = src.args[1], None
+            comm = comm_of(self.handle)
+            self.size, self.rank = comm.world_size, comm.rank
+        else:
+            self.handle, self.name = None, src.args[0].args[2]
+            pg = torch._C._distributed_c10d._resolve_process_group(self.name)
+            self.size, self.rank = pg.size(), pg.rank()
+
+    @staticmethod
+    def key(src: fx.Node):
+        return ("comm", src.args[1]) if _is_seqpar_all_reduce(src) else ("pg", src.args[0].args[2])
+
+    @staticmethod
+    def reduced(src: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+        """(the all_reduce's input [T, ...], the source's nodes, last first)."""
+        if _is_seqpar_all_reduce(src):
+            return src.args[0], [src]
+        return src.args[0].args[0], [src, src.args[0]]
+
+    def reduce_scatter(self, graph: fx.Graph, x: fx.Node, t_pad, padded) -> fx.Node:
+        """[T, ...] -> [T_pad / N, ...] this rank's rows of the sum (rows past T zero)."""
+        if self.handle is not None:  # the op pads itself
+            return graph.call_function(_SEQPAR.reduce_scatter_tokens.default,
+                                       (x, t_pad, self.handle))
+        scattered = graph.call_function(_C10D.reduce_scatter_tensor.default,
+                                        (padded(x), "sum", self.size, self.name))
+        return graph.call_function(_C10D.wait_tensor.default, (scattered,))
+
+    def all_gather(self, graph: fx.Graph, x: fx.Node) -> fx.Node:
+        """[S, ...] -> [N * S, ...] in rank order."""
+        if self.handle is not None:
+            return graph.call_function(_SEQPAR.all_gather_tokens.default, (x, self.handle))
+        g = graph.call_function(_C10D.all_gather_into_tensor.default, (x, self.size, self.name))
+        return graph.call_function(_C10D.wait_tensor.default, (g,))
+
+    def ring_handle(self) -> str:
+        """The Comm the collective matmuls run on: the source's own, or for a torch process group
+        one over its backend, built once per group at compile time."""
+        if self.handle is not None:
+            return self.handle
+        if self.name not in _RING_COMMS:
+            from seqpar.distributed.comm import Comm
+
+            pg = torch._C._distributed_c10d._resolve_process_group(self.name)
+            _RING_COMMS[self.name] = Comm(pg, self.rank, self.size, shm=False)
+        return _RING_COMMS[self.name].handle
+
+
+_RING_COMMS: dict = {}
+"""process group name -> the Comm its collective matmuls use (kept alive for its handle)."""
 
 
 def _is_fence(node: fx.Node) -> bool:
@@ -226,6 +304,86 @@ def _is_exit(node: fx.Node, user: fx.Node) -> bool:
             and all(_is_matmul_input(user, u) for u in user.users))
 
 
+# In-place op -> its out-of-place twin (None: copy_, whose value is its source).
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                      operator.imul: operator.mul, operator.itruediv: operator.truediv}
+_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "copy_": None}
+# Ops whose output may share storage with their first input.
+_VIEW_METHODS = {"view", "reshape", "narrow", "transpose", "t", "permute", "unsqueeze", "squeeze",
+                 "expand", "expand_as", "flatten", "unflatten", "chunk", "split", "contiguous",
+                 "float", "half", "bfloat16", "to", "type_as", "detach", "view_as", "select"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.chunk, torch.split, torch.narrow, torch.transpose,
+                   torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten}
+
+
+def _inplace(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes (its first argument), else None."""
+    if node.op == "call_function" and (node.target in _INPLACE_FUNCTIONS
+                                       or node.kwargs.get("inplace") is True):
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return node.args[0]
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS))
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """Nodes that may share node's storage through views of it (node excluded)."""
+    out, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if _is_view(user) and user not in out:
+                out.add(user)
+                todo.append(user)
+    return out
+
+
+def _functionalize(graph: fx.Graph) -> int:
+    """Step 0: in-place ops on fresh tensors become out of place; returns how many."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    latest: dict = {}  # a mutated tensor -> the node now holding its value
+    done = 0
+    for node in list(graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg in latest:
+                new = arg
+                while new in latest:
+                    new = latest[new]
+                node.replace_input_with(arg, new)
+        target = _inplace(node)
+        if target is None or target.op == "placeholder" or _is_view(target):
+            continue
+        if any(order.get(u, -1) > order[node] for a in _aliases(target) for u in a.users):
+            continue  # a view read after the write would miss it
+        if node.op == "call_method" and node.target == "copy_":
+            src, dst = _val(node.args[1]), _val(target)
+            if src is None or dst is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                continue  # a broadcasting or casting copy: keep it
+            new = node.args[1]
+        else:
+            with graph.inserting_before(node):
+                if node.op == "call_method":
+                    new = graph.call_method(_INPLACE_METHODS.get(node.target, node.target[:-1]),
+                                            node.args, node.kwargs)
+                elif node.target in _INPLACE_FUNCTIONS:
+                    new = graph.call_function(_INPLACE_FUNCTIONS[node.target], node.args,
+                                              node.kwargs)
+                else:
+                    new = graph.call_function(node.target, node.args,
+                                              {**node.kwargs, "inplace": False})
+            new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        latest[target] = new
+        order[new] = order[node]
+        done += 1
+    return done
+
+
 # ---- the pass ----------------------------------------------------------------------------------
 
 class _UnionFind:
@@ -243,11 +401,6 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _group_size_rank(group_name) -> tuple[int, int]:
-    pg = torch._C._distributed_c10d._resolve_process_group(group_name)
-    return pg.size(), pg.rank()
-
-
 def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
                            rewrite: bool = True, overlap: bool = False) -> PassReport:
     """Rewrite gm in place (see the module docstring); return what was done.
@@ -259,6 +412,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
     """
     graph = gm.graph
     report = PassReport()
+    report.functionalized = _functionalize(graph)
     nodes = list(graph.nodes)
 
     # 1. sources
@@ -293,7 +447,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
     for root, srcs in seeds.items():
         comp = set(members[root]) | set(srcs)
         tokens = _val(srcs[0]).shape[0] if _val(srcs[0]) is not None else None
-        groups = {s.args[0].args[2] for s in srcs}
+        groups = {_Group.key(s) for s in srcs}
         region = Region(sources=[_origin(s) for s in srcs], exits=[])
         report.regions.append(region)
         exits, entries, mixing = [], [], None
@@ -328,7 +482,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
         if mixing is not None:
             region.reason = mixing
             continue
-        region.collective_matmuls = _rewrite(graph, srcs, entries, exits, groups.pop(),
+        region.collective_matmuls = _rewrite(graph, srcs, entries, exits, _Group(srcs[0]),
                                              shard_outputs, overlap)
         region.rewritten = True
 
@@ -338,7 +492,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shard_outputs: bool = False,
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
             report.fences_removed += 1
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(lambda n: n.is_impure() or _inplace(n) is not None)
     graph.lint()
     gm.recompile()
     return report
@@ -353,16 +507,16 @@ def _linear_parts(mm: fx.Node):
     return None if weight is None else (weight, bias)
 
 
-def _rewrite(graph: fx.Graph, srcs, entries, exits, group_name, shard_outputs: bool,
+def _rewrite(graph: fx.Graph, srcs, entries, exits, group: _Group, shard_outputs: bool,
              overlap: bool = False) -> int:
     """Step 4 on one component; returns the number of collective matmuls used."""
     fused = 0
-    n, rank = _group_size_rank(group_name)
-    first = srcs[0].args[0].args[0]  # the first all_reduce's input, [T, ...]
+    n, rank = group.size, group.rank
+    first = _Group.reduced(srcs[0])[0]  # the first all_reduce's input, [T, ...]
     if _linear_parts(first) is not None:
         first = first.args[0]  # the linear's input has its rows (and outlives an overlap fusion)
 
-    with graph.inserting_before(srcs[0].args[0]):
+    with graph.inserting_before(_Group.reduced(srcs[0])[1][-1]):
         # T, T_pad = ceil(T / N) * N and the shard S = T_pad / N as graph values (symbolic when
         # T is dynamic; plain ints when T is static).
         t = graph.call_method("size", (first, 0))
@@ -377,25 +531,22 @@ def _rewrite(graph: fx.Graph, srcs, entries, exits, group_name, shard_outputs: b
         return graph.call_function(F.pad, (x, (*widths, pad)))
 
     for src in srcs:
-        reduce = src.args[0]
-        x = reduce.args[0]
+        x, dead = _Group.reduced(src)
         parts = _linear_parts(x) if overlap and len(x.users) == 1 else None
         if parts is not None and parts[1] is None:  # linear -> reduce_scatter, one ring
-            with graph.inserting_before(reduce):
+            with graph.inserting_before(dead[-1]):
                 ring = graph.call_function(torch.ops.seqpar.matmul_reduce_scatter.default,
-                                           (x.args[0], parts[0], t_pad, group_name))
+                                           (x.args[0], parts[0], t_pad, group.ring_handle()))
             src.replace_all_uses_with(ring)
-            for dead in (src, reduce, x):
-                graph.erase_node(dead)
+            for node in (*dead, x):
+                graph.erase_node(node)
             fused += 1
             continue
-        with graph.inserting_before(reduce):
-            scattered = graph.call_function(_C10D.reduce_scatter_tensor.default,
-                                            (padded(x), "sum", n, group_name))
-            waited = graph.call_function(_C10D.wait_tensor.default, (scattered,))
-        src.replace_all_uses_with(waited)
-        graph.erase_node(src)
-        graph.erase_node(reduce)
+        with graph.inserting_before(dead[-1]):
+            scattered = group.reduce_scatter(graph, x, t_pad, padded)
+        src.replace_all_uses_with(scattered)
+        for node in dead:
+            graph.erase_node(node)
 
     local: dict = {}
     for arg, user in entries:
@@ -416,7 +567,7 @@ def _rewrite(graph: fx.Graph, srcs, entries, exits, group_name, shard_outputs: b
                 weight, bias = _linear_parts(mm)
                 with graph.inserting_before(mm):
                     ring = graph.call_function(torch.ops.seqpar.all_gather_matmul.default,
-                                               (node, weight, bias, group_name))
+                                               (node, weight, bias, group.ring_handle()))
                     rows = graph.call_function(operator.getitem, (ring, slice(None, t)))
                 mm.replace_all_uses_with(rows)
                 graph.erase_node(mm)
@@ -426,9 +577,8 @@ def _rewrite(graph: fx.Graph, srcs, entries, exits, group_name, shard_outputs: b
             continue
         if node not in gathered:
             with graph.inserting_before(_latest(graph, node, pad).next):
-                g = graph.call_function(_C10D.all_gather_into_tensor.default, (node, n, group_name))
-                w = graph.call_function(_C10D.wait_tensor.default, (g,))
-                gathered[node] = graph.call_function(operator.getitem, (w, slice(None, t)))
+                whole = group.all_gather(graph, node)
+                gathered[node] = graph.call_function(operator.getitem, (whole, slice(None, t)))
         user.replace_input_with(node, gathered[node])
     return fused
 

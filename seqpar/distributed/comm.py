@@ -54,7 +54,7 @@ class Comm:
         if self.world_size == 1:
             return x if out is None else out.copy_(x)
         if torch.compiler.is_compiling():
-            return ops.all_reduce(x, self.handle)
+            return self._traced_all_reduce(x)
         self._count("all_reduce", x.numel() * x.element_size())
         return self.transport.all_reduce(x, out)
 
@@ -132,6 +132,28 @@ class Comm:
         """Start receiving into x from global rank `src` on the world group; returns the Work."""
         self._count("recv", x.numel() * x.element_size())
         return dist.irecv(x, src, tag=tag)
+
+    # ---- while torch.compile traces (compile/runner.py): the fences the SP pass reads ----------
+    # Layers call the collectives above and tokenwise_end, and nothing else; the fences of
+    # compile/ops.py around the traced collectives are emitted here. Eager steps pay one
+    # is_compiling() test.
+
+    def _traced_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """all_reduce as the op seqpar::all_reduce (a node the SP pass can rewrite) followed by
+        the fence that opens a token-wise region. [T, H] -> [T, H], a new tensor."""
+        from seqpar.compile import ops as fences
+
+        return fences.tokenwise_begin(ops.all_reduce(x, self.handle))
+
+    def tokenwise_end(self, x: torch.Tensor) -> torch.Tensor:
+        """Mark a column-parallel input on a TP step (where an SP step all-gathers tokens): the
+        identity, except while torch.compile traces, where it is the fence that closes a
+        token-wise region for the SP pass. [T, in] -> [T, in]."""
+        if self.world_size == 1 or not torch.compiler.is_compiling():
+            return x
+        from seqpar.compile import ops as fences
+
+        return fences.tokenwise_end(x)
 
     def snapshot(self) -> dict:
         return {op: {"calls": c, "bytes": b} for op, (c, b) in sorted(self.stats.items())}

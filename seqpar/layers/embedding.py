@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqpar.compile.ops import traced_all_reduce
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.linear import check_shape
@@ -39,8 +38,6 @@ class VocabParallelEmbedding(nn.Module):
         x = x.masked_fill(outside.unsqueeze(-1), 0)  # [T, H] partial: only this rank's vocab rows
         if plan.sp:
             return self.comm.reduce_scatter_tokens(x, plan.padded)
-        if torch.compiler.is_compiling():  # functional all_reduce + fence, for the SP pass
-            return traced_all_reduce(self.comm, x)
         return self.comm.all_reduce(x)
 
 

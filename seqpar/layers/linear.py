@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqpar.compile.ops import tokenwise_end, traced_all_reduce
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
@@ -58,8 +57,8 @@ class ColumnParallelLinear(_ParallelLinear):
             return all_gather_matmul(self.comm, x, self.weight, self.bias)  # [T_pad, out / N]
         if plan.sp:
             x = self.comm.all_gather_tokens(x)  # [T_pad / N, in] -> [T_pad, in]
-        elif torch.compiler.is_compiling():
-            x = tokenwise_end(x)  # a token-wise region of the residual stream ends here
+        else:
+            x = self.comm.tokenwise_end(x)  # [T, in]: a token-wise region ends here
         return F.linear(x, self.weight, self.bias)
 
     def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
@@ -149,8 +148,6 @@ class RowParallelLinear(_ParallelLinear):
         and then this, so the input is not alive next to the reduction's buffers."""
         if plan.sp:
             y = self.comm.reduce_scatter_tokens(partial, plan.padded)
-        elif torch.compiler.is_compiling():  # functional all_reduce + fence, for the SP pass
-            y = traced_all_reduce(self.comm, partial)
         else:
             y = self.comm.all_reduce(partial)
         # The bias is added once, after the reduction.

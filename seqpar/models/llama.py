@@ -164,13 +164,24 @@ class LlamaForCausalLM(nn.Module):
         the tokens. Returns (h, residual) on a stage before the last; on the last, float32 logits
         [S, V] of the sampled rows on its TP rank 0, None on its other TP ranks.
         """
+        h, residual = self.hidden_states(plan, h, residual)
+        if self.lm_head is None:
+            return h, residual
+        return self.logits(plan, h, residual)
+
+    def hidden_states(self, plan, h: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None):
+        """The residual stream after this stage's layers: (h, residual), [rows, H] each. With
+        compile=True this is the part torch.compile traces (compile/runner.py)."""
         if self.model.embed_tokens is not None:
             h = self.model.embed_tokens(plan.token_ids, plan)  # [rows, H]
         for layer in self.model.layers:
             h, residual = layer(h, residual, plan)
-        if self.lm_head is None:
-            return h, residual
-        # Only the sampled rows go through the final norm and the LM head.
+        return h, residual
+
+    def logits(self, plan, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """The last stage's tail: final norm and LM head on the sampled rows only.
+        h, residual [rows, H] -> float32 [S, V] on TP rank 0, None on the other TP ranks."""
         if plan.sp:
             # Each rank normalizes the sampled rows it owns ([K, H], K = most rows any rank owns),
             # then one all-gather brings every rank's [K, H] together: [N * K, H] -> [S, H].
