@@ -36,7 +36,6 @@ class Scheduler:
         self.preemptions = 0
         self.released: list[int] = []
         """Keys of sequences that ended since the last plan (their generators can go)."""
-        self._arrivals = 0
         self._draining: list[Sequence] = []
         """Finished sequences whose blocks a step in flight still writes."""
 
@@ -86,8 +85,6 @@ class Scheduler:
             self.waiting.popleft()
             seq.computed = seq.scheduled = seq.num_cached_tokens = self.blocks.admit(seq, cached)
             self.blocks.allocate(seq, n)
-            self._arrivals += 1
-            seq.arrival = self._arrivals
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)

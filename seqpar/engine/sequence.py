@@ -29,12 +29,8 @@ class Sequence:
     num_cached_tokens: int = 0
     """Prompt tokens the prefix cache served at its (last) admission."""
     finish_reason: str | None = None
-    text: str = ""
-    """Generated text so far, safe to show: no stop string and nothing that may begin one."""
-    arrival: int = 0
-    """Admission order: the newest running sequence is preempted first."""
-
-    num_prompt_tokens: int = 0
+    num_prompt_tokens: int = field(init=False)
+    """The prompt's length (the tokens after it were generated)."""
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)
