@@ -158,3 +158,48 @@ def test_plan_cli(capsys):
     assert "SP token threshold" in out and "overlap gain" in out
     with pytest.raises(ValueError, match="unknown hardware"):
         costmodel.load_profile("no-such-node")
+
+
+def test_engine_bench_records(tiny_llama, tmp_path):
+    # `seqpar bench engine` on the tiny model, one round of everything at tiny sizes.
+    from seqpar.bench import engine
+    from transformers import AutoModelForCausalLM
+    block = 2 * 2 * 2 * 16 * 16 * 2  # K+V x 2 layers x 2 KV heads x 16 tokens x head_dim 16 x bf16
+    s = engine.EngineSettings(model=str(tiny_llama), threads=1, batches=[2], prompt_len=8,
+                              new_tokens=4, rounds=1, warmup=0, prefix_len=32, tail_len=8,
+                              prefill_tokens=48, bandwidth_bytes=2 ** 22,
+                              kv_cache_memory_bytes=20 * block + block - 1, log=lambda *a: None)
+    result = engine.run(s)
+    json.dumps(result)
+    t = {(x["what"], x["engine"], x["size"]): x for x in result["timings"]}
+    assert set(t) == {("bandwidth", "torch", 2 ** 22), ("decode", "seqpar", 2), ("decode", "hf", 2),
+                      ("ttft_uncached", "seqpar", 40), ("ttft_cached", "seqpar", 40),
+                      ("prefill", "seqpar", 48), ("matmul", "torch", 48)}
+    for x in result["timings"]:
+        # the machine probes (torch) take at least 5 rounds: they cost milliseconds
+        assert len(x["times_s"]) == (5 if x["engine"] == "torch" else 1)
+        assert x["min_s"] <= x["median_s"]
+        if x["what"] != "decode":  # (a decode time is a difference of two tiny-model times)
+            assert x["median_s"] > 0 and x["rate"] > 0
+    # The pool: budget // block bytes, exactly (the last block - 1 bytes do not make a block).
+    assert result["kv"]["num_blocks"] == 20 and result["kv"]["pool_bytes"] == 20 * block
+    # Every cached request found its whole 32-token prefix (2 full blocks) in the cache.
+    assert result["ttft_hits"] == {"prefix_hits": 32, "requests": 1}
+    # Weight bytes in bf16 against HF's own parameter count (the tied embedding once).
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert result["model"]["weight_bytes"] == 2 * sum(p.numel() for p in hf.parameters())
+    # Matmul FLOPs of a 48-token prefill, by hand: per token and layer q,k,v,o 2 x 64 x (64 + 32
+    # + 32 + 64), MLP 2 x 3 x 64 x 128; causal attention 2 x 2 x 4 heads x 16 x 48 x 49 / 2 per
+    # layer; the LM head of one row 2 x 64 x 512.
+    assert t["prefill", "seqpar", 48]["work"] == \
+        2 * (48 * (2 * 64 * 192 + 2 * 3 * 64 * 128) + 4 * 4 * 16 * 48 * 49 // 2) + 2 * 64 * 512
+    status = {name: st for name, st, _ in result["targets"]}
+    assert status["KV memory per rank = formula"] == "met"
+    assert set(status.values()) <= {"met", "missed", "not measured"} and len(status) == 6
+    # The section replaces its earlier self and leaves the rest of the page alone.
+    page = tmp_path / "b.md"
+    page.write_text("# Benchmarks\n\nhand-written\n")
+    for _ in range(2):
+        engine.write_section({**result, "command": "seqpar bench engine (test)"}, page)
+    text = page.read_text()
+    assert text.count("## Engine core") == 1 and "hand-written" in text

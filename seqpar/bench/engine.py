@@ -318,7 +318,8 @@ def run(s: EngineSettings) -> dict:
     machine["backend"] = "one process per engine (tp=1)"
     share = CPUShare()
     gen = torch.Generator().manual_seed(s.seed)
-    max_model_len = max(s.prefill_tokens, s.prefix_len + s.tail_len, s.prompt_len + s.new_tokens) + 1
+    longest = max(s.prefill_tokens, s.prefix_len + s.tail_len, s.prompt_len + s.new_tokens)
+    max_model_len = longest + 1
     budget = s.kv_cache_memory_bytes or kv_budget(c, s, max_model_len)
     batched = max(max_model_len, max(s.batches) * s.prompt_len)  # a batch's prompts in one step
     s.log(f"{s.model} ({describe(s.model)}), tp=1, {s.dtype}, {s.threads} threads")
@@ -394,8 +395,9 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         out.append((f"batch-1 decode step <= {TARGETS['roofline']}x the roofline",
                     _status(step <= TARGETS["roofline"] * roof),
                     f"{step / roof:.1f}x: step {step * 1e3:.1f} ms (best "
-                    f"{one['min_s'] / steps * 1e3:.1f}) vs {result['model']['weight_bytes'] / 1e6:.0f}"
-                    f" MB / {bw['rate'] / 1e9:.1f} GB/s = {roof * 1e3:.1f} ms"))
+                    f"{one['min_s'] / steps * 1e3:.1f}) vs "
+                    f"{result['model']['weight_bytes'] / 1e6:.0f} MB / {bw['rate'] / 1e9:.1f} GB/s "
+                    f"= {roof * 1e3:.1f} ms"))
     pre, mm = _pick(result, "prefill"), _pick(result, "matmul", "torch")
     if pre and mm:
         frac = pre["rate"] / mm["rate"]
@@ -451,7 +453,8 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-SECTION_BEGIN, SECTION_END = "<!-- engine bench: kept when regenerated -->", "<!-- end of engine bench -->"
+SECTION_BEGIN = "<!-- engine bench: kept when regenerated -->"
+SECTION_END = "<!-- end of engine bench -->"
 
 
 def section(result: dict) -> str:
@@ -479,8 +482,8 @@ def section(result: dict) -> str:
          f"Prefill: {s['prefill_tokens']} new tokens, max_tokens=1; its matmul FLOPs (projections, "
          f"MLP, causal attention, one LM-head row) per second against F.linear on "
          f"[{s['prefill_tokens']}, {mo['hidden']}] x [{mo['hidden']}, {mo['inter']}]. "
-         f"Bandwidth: a sum over a {s['bandwidth_bytes'] / GiB:g} GiB float32 tensor. Roofline: weight "
-         "bytes / bandwidth.", ""]
+         f"Bandwidth: a sum over a {s['bandwidth_bytes'] / GiB:g} GiB float32 tensor. Roofline: "
+         "weight bytes / bandwidth.", ""]
     L += _table(["target", "status", "numbers"], result["targets"])
     L += ["", *_table(TABLE_HEAD, rows(result)), "", SECTION_END]
     return "\n".join(L)
