@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from seqpar.bench import analytic, costmodel, costplan, markdown, results
+from seqpar.bench.record import Record
 from seqpar.bench.suite import MODES, Settings, run
 from seqpar.config import ModelConfig
 
@@ -35,53 +36,54 @@ def test_quick_bench_records(tiny_llama, tmp_path):
                  cores=4, log=lambda *a: None)  # cores: decode tp=2 x pp=2 too
     result = run(s)
     recs = result["records"]
-    json.dumps(result)  # --json writes exactly this
+    # --json writes the records' dicts; --replot / --merge read them back as the same records
+    assert [Record.from_dict(json.loads(json.dumps(r.to_dict()))) for r in recs] == recs
     pipeline = {1: {"pp=2"}, 2: {"pp=2", "pp=2+sp"}}
     by_tp = {1: {"sp=off", "hf"}, 2: {m.name for m in modes} - {"hf"} - pipeline[2]}
-    assert {(r["scenario"], r["tp"], r["mode"], r["tokens"]) for r in recs} == \
+    assert {(r.scenario, r.tp, r.mode, r.tokens) for r in recs} == \
         {("prefill", tp, m, t) for tp, ms in by_tp.items() for m in ms for t in (16, 33)} | \
         {("decode", tp, m, b) for tp, ms in by_tp.items() for m in ms for b in (1, 4)} | \
         {(sc, tp, m, 16 if sc == "prefill" else 4) for tp, ms in pipeline.items() for m in ms
          for sc in ("prefill", "decode")}
     for r in recs:
-        assert len(r["times_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
-        assert r["ratio_vs_sp_off"] is not None  # every group has sp=off
-        if r["scenario"] == "prefill":  # (decode times of a tiny model are mostly noise)
-            assert r["tokens_per_s"] > 0 and r["ratio_vs_sp_off"] > 0
-            if r["pp"] == 1:
-                assert len(r["peak_bytes"]) == r["tp"] and min(r["peak_bytes"]) > 0
-        if r["mode"].startswith("sp=") or r["mode"] == "overlap":
-            if r["tp"] == 1:
-                assert r["comm_bytes"] == r["comm_min_bytes"] == 0
+        assert len(r.times_s) == 2 and r.min_s <= r.median_s <= r.max_s
+        assert r.ratio_vs_sp_off is not None  # every group has sp=off
+        if r.scenario == "prefill":  # (decode times of a tiny model are mostly noise)
+            assert r.tokens_per_s > 0 and r.ratio_vs_sp_off > 0
+            if r.pp == 1:
+                assert len(r.peak_bytes) == r.tp and min(r.peak_bytes) > 0
+        if r.mode.startswith("sp=") or r.mode == "overlap":
+            if r.tp == 1:
+                assert r.comm_bytes == r.comm_min_bytes == 0
                 continue
             # Every seqpar step moves exactly the analytic minimum, TP or SP, padded or not.
-            assert r["comm_bytes"] == r["comm_min_bytes"] > 0, r
-            if r["scenario"] == "prefill":
-                assert r["peak_bytes_predicted"]["total"] > 0 and r["predicted_s"] > 0
-    steps = {(r["mode"], r["scenario"], r["tokens"]): r["sp_step"]
-             for r in recs if r["tp"] == 2 and "sp_step" in r}
+            assert r.comm_bytes == r.comm_min_bytes > 0, r
+            if r.scenario == "prefill":
+                assert r.peak_bytes_predicted["total"] > 0 and r.predicted_s > 0
+    steps = {(r.mode, r.scenario, r.tokens): r.sp_step
+             for r in recs if r.tp == 2 and r.sp_step is not None}
     assert steps[("sp=on", "prefill", 33)] and not steps[("sp=off", "prefill", 33)]
     assert steps[("sp=on", "decode", 1)]  # one token padded to 2 rows
-    at = {(r["scenario"], r["tp"], r["mode"], r["tokens"]): r for r in recs}
+    at = {(r.scenario, r.tp, r.mode, r.tokens): r for r in recs}
     # Overlap: the SP step's collectives timed alone; the same bytes as the step moves.
     for t in (16, 33):
         sp_on, overlap = at["prefill", 2, "sp=on", t], at["prefill", 2, "overlap", t]
-        assert sp_on["comm_alone_bytes"] == sp_on["comm_bytes"]
-        assert len(sp_on["comm_alone_times_s"]) == 2 and sp_on["comm_alone_s"] > 0
-        assert sp_on["comm_alone_cpu_s"] > 0
+        assert sp_on.comm_alone_bytes == sp_on.comm_bytes
+        assert len(sp_on.comm_alone_times_s) == 2 and sp_on.comm_alone_s > 0
+        assert sp_on.comm_alone_cpu_s > 0
         for key in ("hidden_fraction", "compute_alone_s", "comm_alone_s"):
-            assert math.isfinite(overlap[key]), key
+            assert math.isfinite(getattr(overlap, key)), key
     # Pipeline: the boundary carries exactly the analytic bytes, with SP 1/tp of those without.
     for r in recs:
-        if r["pp"] > 1:
-            assert r["boundary_bytes"] == r["boundary_min_bytes"] > 0, r
-            assert r["p2p"]["send"]["bytes"] == r["p2p"]["recv"]["bytes"]
-            assert r["ratio_vs_pp1"] > 0
+        if r.pp > 1:
+            assert r.boundary_bytes == r.boundary_min_bytes > 0, r
+            assert r.p2p["send"]["bytes"] == r.p2p["recv"]["bytes"]
+            assert r.ratio_vs_pp1 > 0
     for scenario, n in (("prefill", 16), ("decode", 4)):
         tp_step, sp_step = at[scenario, 2, "pp=2", n], at[scenario, 2, "pp=2+sp", n]
-        assert sp_step["sp_step"] and not tp_step["sp_step"]
-        assert sp_step["boundary_bytes"] * 2 == tp_step["boundary_bytes"]
-    assert at["prefill", 1, "pp=2", 16]["boundary_bytes"] == analytic.boundary_bytes(
+        assert sp_step.sp_step and not tp_step.sp_step
+        assert sp_step.boundary_bytes * 2 == tp_step.boundary_bytes
+    assert at["prefill", 1, "pp=2", 16].boundary_bytes == analytic.boundary_bytes(
         ModelConfig.from_hf(dict(TINY, model_type="llama")), 16, 1, 2, sp=False)
     targets = {t[0]: t[1] for t in results.targets(recs)}
     assert any("analytic minimum" in n for n in targets)

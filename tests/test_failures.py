@@ -35,11 +35,11 @@ def wait_gone(pids, timeout: float) -> list[int]:
 def test_killed_rank_makes_driver_raise(tiny):
     llm = LLM(str(tiny("llama-mqa-tied")), tensor_parallel_size=3, sequence_parallel="on",
               threads_per_rank=1)
-    pids = [p.pid for p in llm._spawner.procs]
+    pids = [p.pid for p in llm.cluster.spawner.procs]
     victim = pids[1]
 
     def kill_when_running():
-        while llm.steps["sp"] < 3:
+        while llm.engine.steps["sp"] < 3:
             time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
 
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
     from seqpar import LLM, SamplingParams
     llm = LLM(sys.argv[1], tensor_parallel_size=2, threads_per_rank=1)
     llm.generate([[5, 6]], SamplingParams(max_tokens=2))
-    print(" ".join(str(p.pid) for p in llm._spawner.procs), flush=True)
+    print(" ".join(str(p.pid) for p in llm.cluster.spawner.procs), flush=True)
     if sys.argv[2] == "sleep":
         time.sleep(60)
     # else: fall off the end without close()
@@ -112,7 +112,7 @@ def test_raising_rank_reports_its_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("SEQPAR_TEST_FAIL_RANK", "1")
     llm = LLM(str(tiny("qwen2")), tensor_parallel_size=2, threads_per_rank=1)
-    pids = [p.pid for p in llm._spawner.procs]
+    pids = [p.pid for p in llm.cluster.spawner.procs]
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed:.*ArithmeticError: injected failure"):
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))

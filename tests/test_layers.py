@@ -411,12 +411,15 @@ def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 
 
 
 def test_step_plan_fields():
-    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), slots=[3, 0, 7], starts=[0, 5, 17],
-                    lens=[3, 1, 4], sample=[True, False, True], world_size=3)
+    tables = [[3], [0], [7, 2]]
+    plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), starts=[0, 5, 15],
+                    lens=[3, 1, 4], sample=[True, False, True], block_tables=tables, world_size=3)
     assert plan.num_tokens == 8 and plan.padded == 9
-    assert plan.positions.tolist() == [0, 1, 2, 5, 17, 18, 19, 20]
+    assert plan.positions.tolist() == [0, 1, 2, 5, 15, 16, 17, 18]
     assert plan.sample_rows.tolist() == [2, 7]
-    assert StepPlan(False, plan.token_ids, [3, 0, 7], [0, 5, 17], [3, 1, 4], [True] * 3, 3).padded == 8
+    # Block 3's slots 0-2; block 0's slot 5; block 7's slot 15, then block 2's slots 0-2.
+    assert plan.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
+    assert StepPlan(False, plan.token_ids, [0, 5, 15], [3, 1, 4], [True] * 3, tables, 3).padded == 8
 
 
 def test_step_plan_encode_decode_round_trip():

@@ -78,15 +78,17 @@ class TestTwoStagesOfTwo:
     def test_sp_boundary_bytes_are_one_tp_th(self, llm, tokens):
         """One step of `tokens` tokens. Per TP rank the boundary carries hidden + residual: with SP
         its token shard [T_pad/2, H] each, without SP the full [T, H] each."""
-        hidden, vocab, tp = 48, 1002, 2
-        logits = 1 * vocab * 4  # the one sampled row, from the last stage to rank 0
+        hidden, tp = 48, 2
+        # The one sampled row's token (+ its logprob), from the last stage to rank 0: [1, 2]
+        # float64, not the row's [1, vocab] float32 logits.
+        logits = 1 * 2 * 8
         boundary = {}
         for mode in ("on", "off"):
             llm.policy.mode = mode
             llm.reset_comm_stats()
             llm.generate([list(range(3, 3 + tokens))], SamplingParams(max_tokens=1, temperature=0))
             stats = llm.comm_stats()
-            assert stats["send"]["calls"] == tp + 1  # each TP rank's boundary message + logits
+            assert stats["send"]["calls"] == tp + 1  # each TP rank's boundary message + the token
             assert stats["recv"] == stats["send"]
             boundary[mode] = stats["send"]["bytes"] - logits
         padded = round_up(tokens, tp)
@@ -131,10 +133,10 @@ def test_check_prints_stage_layout(tiny, capsys):
 
 def test_killed_stage_makes_driver_raise(tiny):
     llm = LLM(str(tiny("llama-gqa")), pipeline_parallel_size=2, threads_per_rank=1)
-    (last,) = [p.pid for p in llm._spawner.procs]
+    (last,) = [p.pid for p in llm.cluster.spawner.procs]
 
     def kill_when_running():
-        while llm.steps["tp"] < 3:
+        while llm.engine.steps["tp"] < 3:
             time.sleep(0.01)
         os.kill(last, signal.SIGKILL)
 

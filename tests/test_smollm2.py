@@ -37,7 +37,9 @@ def hf_answer():
 
 @pytest.mark.parametrize("tp,sp", [(1, "off"), (3, "on")])
 def test_smollm2_says_paris(hf_answer, tp, sp):
-    with LLM("smollm2", tensor_parallel_size=tp, sequence_parallel=sp, threads_per_rank=1) as llm:
+    # float32 to compare with HF's float32 to 2e-4 (the default, auto, runs bf16 on this CPU).
+    with LLM("smollm2", tensor_parallel_size=tp, sequence_parallel=sp, dtype="float32",
+             threads_per_rank=1) as llm:
         out = llm.chat(QUESTION, GREEDY)[0]
         assert "Paris" in out.text
         tokens, logprobs = hf_answer
@@ -59,7 +61,16 @@ def test_cli_sp_stats():
     assert done.returncode == 0, done.stderr
     answer, _, stats = done.stdout.partition("{")
     assert "Paris" in answer
-    stats = json.loads("{" + stats)
+    stats = json.loads("{" + stats)["comm"]
     assert stats["all_reduce"]["calls"] == 0
     assert stats["reduce_scatter"]["calls"] > 0 and stats["all_gather"]["calls"] > 0
     assert stats["steps"]["tp"] == 0 and stats["steps"]["sp"] > 0
+
+
+def test_smollm2_runs_in_bf16_by_default():
+    """The Q4_1 file comes from a bf16 model: dtype="auto" runs it in bf16 where the CPU has it."""
+    from seqpar.config import EngineConfig, ModelConfig, ParallelConfig, cpu_has_native_bf16
+
+    model_dir = resolve_model("smollm2")
+    cfg = EngineConfig(model_dir, ModelConfig.from_dir(model_dir), ParallelConfig())
+    assert cfg.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")

@@ -14,6 +14,13 @@ SCRIPT = textwrap.dedent("""
     outs = llm.generate([[5, 6, 7], [9, 10, 11, 12, 13]], SamplingParams(max_tokens=4, temperature=0,
                                                                       ignore_eos=True))
     outs2 = llm.generate([[8, 8]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    # A prompt rank 0 rejects is rejected on every rank, so the next call runs in step.
+    try:
+        llm.generate([[8] * 1000], SamplingParams(max_tokens=2))
+        raise SystemExit("a prompt longer than max_model_len was accepted")
+    except ValueError as e:
+        assert "max_model_len" in str(e), e
+    outs2 += llm.generate([[8, 8]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     # One write per line: the ranks share stdout, and print() writes each piece apart when unbuffered.
     sys.stdout.write(f"RESULT {os.environ['RANK']} {json.dumps([o.token_ids for o in outs + outs2])}\\n")
     llm.close()
@@ -34,5 +41,5 @@ def test_torchrun_two_ranks(tiny, tmp_path):
     assert set(results) == {"0", "1"}
     assert results["0"] == results["1"], "ranks returned different outputs"
     expected = [t for t, _ in hf_reference(model, [[5, 6, 7], [9, 10, 11, 12, 13]], 4)]
-    expected += [t for t, _ in hf_reference(model, [[8, 8]], 2)]
+    expected += [t for t, _ in hf_reference(model, [[8, 8]], 2)] * 2
     assert json.loads(results["0"]) == expected

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from seqpar.bench.record import Record
 from seqpar.bench.suite import MODES, Settings, run
 
 DEFAULT_GROUPS = (("smollm2", 1), ("smollm2-8h", 2))
@@ -88,6 +89,14 @@ def settings_for(args, log=print) -> list[Settings]:
     return [Settings(models=ms, tps=tps, **common) for ms, tps in groups]
 
 
+def _load(path: str) -> dict:
+    """An earlier run's --json output, its records as Records."""
+    with open(path) as f:
+        result = json.load(f)
+    result["records"] = [Record.from_dict(r) for r in result["records"]]
+    return result
+
+
 def main(argv=None) -> int:
     from seqpar.bench import results
     if argv and argv[0] == "engine":  # its own mode with its own flags
@@ -98,8 +107,7 @@ def main(argv=None) -> int:
     runs = settings_for(args)
     result = None
     if args.replot:
-        with open(args.replot[0]) as f:
-            result = json.load(f)
+        result = _load(args.replot[0])
         args.merge = args.replot[1:] + args.merge
         runs = []
     for s in runs:
@@ -116,8 +124,7 @@ def main(argv=None) -> int:
                                                    part["machine"]["other_share"])
             result["machine"]["load_avg_after"] = part["machine"]["load_avg_after"]
     for path in args.merge:
-        with open(path) as f:
-            earlier = json.load(f)
+        earlier = _load(path)
         result["records"] += earlier["records"]
         result["notes"] += earlier.get("notes", []) + [
             f"records from `{earlier.get('command', path)}` merged in ({path}); that run: "
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
         print(f"[{status}] {name}: {nums}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump({**result, "records": [r.to_dict() for r in records]}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plots:
         for path in results.plots(records, args.plots):

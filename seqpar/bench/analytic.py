@@ -71,10 +71,11 @@ def boundary_bytes(cfg: ModelConfig, rows: int, tp: int, pp: int, sp: bool,
     return (pp - 1) * copies * 2 * rows * cfg.hidden_size * nbytes
 
 
-def pipeline_logits_bytes(cfg: ModelConfig, sampled: int, pp: int) -> int:
-    """Bytes the last stage sends rank 0 for `sampled` rows: their float32 logits [S, V] (none
-    without a pipeline: rank 0 is the last stage)."""
-    return sampled * cfg.vocab_size * 4 if pp > 1 else 0
+def pipeline_sampled_bytes(sampled: int, pp: int, logprobs: int = 0) -> int:
+    """Bytes the last stage sends rank 0 for `sampled` rows: the sampler's float64 rows [S, 2 + 2K]
+    (token, its logprob, K top ids and logprobs; engine/sampler.py), none without a pipeline
+    (rank 0 is the last stage)."""
+    return sampled * (2 + 2 * logprobs) * 8 if pp > 1 else 0
 
 
 def wire_bytes_per_rank(logical: dict[str, int], tp: int) -> int:

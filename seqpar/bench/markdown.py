@@ -8,6 +8,7 @@ from pathlib import Path
 from seqpar.bench import results
 from seqpar.bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
 from seqpar.bench.public import PUBLIC_CONFIGS
+from seqpar.bench.record import Record
 from seqpar.config import ModelConfig
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when regenerated -->", "<!-- end of notes -->"
@@ -52,7 +53,7 @@ def gpu_predictions() -> list[str]:
     return lines
 
 
-def overlap_section(recs: list[dict], mach: dict) -> list[str]:
+def overlap_section(recs: list[Record], mach: dict) -> list[str]:
     """Where an SP prefill step's time goes at tp > 1, and how much of its communication the
     collective matmuls hide."""
     rows = results.overlap_rows(recs)
@@ -77,7 +78,7 @@ def overlap_section(recs: list[dict], mach: dict) -> list[str]:
             ""] + _table(results.OVERLAP_HEAD, rows)
 
 
-def pipeline_section(recs: list[dict], mach: dict) -> list[str]:
+def pipeline_section(recs: list[Record], mach: dict) -> list[str]:
     """pp=2 against one stage at the same tp, and the bytes that cross the stage boundary."""
     rows = results.pipeline_rows(recs, mach["cores"])
     if not rows:
@@ -125,7 +126,7 @@ def write(result: dict, path, plots_dir=None) -> None:
          + ("Other jobs shared the machine: absolute times are inflated and noisier than on an "
             "idle machine; interleaving keeps the ratios fair." if mach["other_share"] > 0.05
             else "The machine was otherwise idle."), ""]
-    models = sorted({(r["model"], r["model_desc"]) for r in recs})
+    models = sorted({(r.model, r.model_desc) for r in recs})
     L += ["Models: " + "; ".join(f"`{name}` = {desc}" for name, desc in models) + ".", ""]
     for note in result.get("notes", []):
         L.append(f"- {note}")
@@ -135,26 +136,26 @@ def write(result: dict, path, plots_dir=None) -> None:
           f"are medians of run-by-run ratios. Decode: {s['prompt_len']}-token prompts, "
           f"{s['new_tokens']} new tokens, time of the {s['new_tokens'] - 1} decode steps "
           "(a 1-token generate subtracted).", ""]
-    L += ["## Targets (issues 4, 5 and 7)", ""]
+    L += ["## Targets", ""]
     L += _table(["target", "status", "numbers"], results.targets(recs))
     L += ["", notes, ""]
 
     L += ["## Prefill latency", "",
           "One sequence of `tokens` tokens, one sampled row (HF and DTensor: `logits_to_keep=1`). "
           "`model s`: the cost model's prediction from the CPU profile (seqpar only).", ""]
-    rows = [[r["model"], r["tp"], r["tokens"], r["mode"], f"{r['median_s']:.4f}",
-             f"{r['min_s']:.4f}", f"{r['max_s']:.4f}", _x(r.get("ratio_vs_sp_off")),
-             f"{r['tokens_per_s']:.0f}", _x(r.get("predicted_s"), ".4f")]
-            for r in recs if r["scenario"] == "prefill" and r.get("pp", 1) == 1]
+    rows = [[r.model, r.tp, r.tokens, r.mode, f"{r.median_s:.4f}",
+             f"{r.min_s:.4f}", f"{r.max_s:.4f}", _x(r.ratio_vs_sp_off),
+             f"{r.tokens_per_s:.0f}", _x(r.predicted_s, ".4f")]
+            for r in recs if r.scenario == "prefill" and r.pp == 1]
     L += _table(["model", "tp", "tokens", "mode", "median s", "min s", "max s", "x sp=off",
                  "tok/s", "model s"], rows)
     L += ["", f"![prefill latency]({rel}bench_latency.png)", ""]
 
     L += ["## Decode throughput", ""]
-    rows = [[r["model"], r["tp"], r["batch"], r["mode"], f"{r['median_s']:.4f}",
-             f"{r['min_s']:.4f}", f"{r['max_s']:.4f}", _x(r.get("ratio_vs_sp_off")),
-             f"{r['tokens_per_s']:.1f}"] for r in recs
-            if r["scenario"] == "decode" and r.get("pp", 1) == 1]
+    rows = [[r.model, r.tp, r.batch, r.mode, f"{r.median_s:.4f}",
+             f"{r.min_s:.4f}", f"{r.max_s:.4f}", _x(r.ratio_vs_sp_off),
+             f"{r.tokens_per_s:.1f}"] for r in recs
+            if r.scenario == "decode" and r.pp == 1]
     L += _table(["model", "tp", "batch", "mode", "decode s", "min s", "max s", "x sp=off",
                  "tok/s"], rows)
 
@@ -172,14 +173,14 @@ def write(result: dict, path, plots_dir=None) -> None:
           "modes.", ""]
     rows = []
     for r in recs:
-        if r["scenario"] != "prefill" or not r.get("peak_bytes"):
+        if r.scenario != "prefill" or not r.peak_bytes:
             continue
-        p = r.get("peak_bytes_predicted")
-        meas = " / ".join(f"{b / MiB:.1f}" for b in r["peak_bytes"])
-        rows.append([r["model"], r["tp"], r["tokens"], r["mode"], meas,
+        p = r.peak_bytes_predicted
+        meas = " / ".join(f"{b / MiB:.1f}" for b in r.peak_bytes)
+        rows.append([r.model, r.tp, r.tokens, r.mode, meas,
                      "-" if not p else f"{p['total'] / MiB:.1f}",
                      "-" if not p else f"{p['stream'] / MiB:.1f} + {p['mlp'] / MiB:.1f}",
-                     "-" if not p else f"{max(r['peak_bytes']) / p['total'] - 1:+.1%}"])
+                     "-" if not p else f"{max(r.peak_bytes) / p['total'] - 1:+.1%}"])
     L += _table(["model", "tp", "tokens", "mode", "measured MiB per rank", "predicted MiB",
                  "stream + MLP", "error (largest rank)"], rows)
     L += ["", f"![peak memory]({rel}bench_memory.png)", ""]
@@ -191,10 +192,10 @@ def write(result: dict, path, plots_dir=None) -> None:
           "reduce-scatters of [T_pad, H] plus 2L all-gathers of [T_pad, H] and one of the sampled "
           "rows on SP steps; and one gather of the sampled rows' vocab-parallel logits. With ring "
           "algorithms every rank sends the same bytes either way (`wire_bytes_per_rank`).", ""]
-    rows = [[r["scenario"], r["model"], r["tp"], r["tokens"], r["mode"],
-             "SP" if r["sp_step"] else "TP", f"{r['comm_bytes'] / 1e6:.3f}",
-             f"{r['comm_min_bytes'] / 1e6:.3f}", _x(r.get("comm_ratio"), ".2f")]
-            for r in recs if r.get("comm_ratio") is not None]
+    rows = [[r.scenario, r.model, r.tp, r.tokens, r.mode,
+             "SP" if r.sp_step else "TP", f"{r.comm_bytes / 1e6:.3f}",
+             f"{r.comm_min_bytes / 1e6:.3f}", _x(r.comm_ratio, ".2f")]
+            for r in recs if r.comm_ratio is not None]
     L += _table(["scenario", "model", "tp", "tokens/step", "mode", "step ran", "MB per step",
                  "minimum MB", "ratio"], rows)
     if result.get("sp_thresholds"):
@@ -218,9 +219,9 @@ def write(result: dict, path, plots_dir=None) -> None:
               "collectives (latency, bandwidth): " + ", ".join(
                   f"{op} {a * 1e6:.0f} us, {b / 1e9:.2f} GB/s" for op, (a, b) in hw.collectives.items())
               + ".", ""]
-        rows = [[r["model"], r["tp"], r["tokens"], r["mode"], f"{r['median_s']:.4f}",
-                 f"{r['predicted_s']:.4f}", f"{r['predicted_s'] / r['median_s'] - 1:+.0%}"]
-                for r in recs if r.get("predicted_s")]
+        rows = [[r.model, r.tp, r.tokens, r.mode, f"{r.median_s:.4f}",
+                 f"{r.predicted_s:.4f}", f"{r.predicted_s / r.median_s - 1:+.0%}"]
+                for r in recs if r.predicted_s]
         L += _table(["model", "tp", "tokens", "mode", "measured s", "predicted s", "error"], rows)
     L += ["", "GPU nodes, from public specs (profiles in `costmodel.PROFILES`; per-layer forward, "
           "one sequence of `tokens` tokens, bf16):", ""]

@@ -23,32 +23,40 @@ class SeqparSubject:
     def __init__(self, rank: int, world: int, model_dir: str, tp: int, threads_per_rank: int,
                  max_model_len: int, dtype: str, llm_kwargs: dict):
         from seqpar import LLM
+        # The bench runs the same prompts round after round: without the prefix cache, or every
+        # round after the first would time a cache hit instead of the prefill.
         self.llm = LLM(model_dir, tensor_parallel_size=tp,
                        sequence_parallel="auto" if tp > 1 else "off", dtype=dtype,
                        max_model_len=max_model_len, threads_per_rank=threads_per_rank,
-                       **llm_kwargs)
+                       enable_prefix_caching=False, **llm_kwargs)
+        self.sp_allowed = tp > 1 and self.llm.policy.mode != "off"
+        """False where LLM turned SP off for this model (a module kind without an SP role)."""
 
     def info(self) -> dict:
-        policy, worker = self.llm.policy, self.llm.worker
-        return {"threshold": policy.threshold, "sp_table": getattr(worker, "sp_table", None)}
+        """The measured SP threshold in tokens (None when not measured)."""
+        return {"threshold": self.llm.policy.threshold}
+
+    def _set(self, variant: dict | None) -> None:
+        """Set the coming calls' steps: {"mode": "off" | "on" | "auto", "overlap": bool,
+        "in_flight": steps in flight with a pipeline (default: one per stage)}, through the LLM's
+        public policy and engine. A model that runs without SP (LLM said why at start-up) refuses
+        every mode but "off"."""
+        if variant is None:
+            return
+        unknown = set(variant) - {"mode", "overlap", "in_flight"}
+        if unknown:
+            raise ValueError(f"unknown seqpar mode settings {sorted(unknown)}")
+        mode = variant.get("mode", "auto")
+        if mode != "off" and not self.sp_allowed:
+            raise ValueError(f"mode {mode!r}: this model runs without sequence parallelism")
+        policy = self.llm.policy
+        policy.mode, policy.overlap = mode, variant.get("overlap", False)
+        self.llm.engine.max_in_flight = variant.get(
+            "in_flight", self.llm.cfg.parallel.pipeline_parallel_size)
 
     def _params(self, n: int):
         from seqpar import SamplingParams
         return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-    def _set(self, variant: dict | None) -> None:
-        """Set the policy for the coming steps: {"mode": "off" | "on" | "auto", "overlap": bool,
-        "in_flight": steps in flight with a pipeline (default: one per stage)}."""
-        if variant is None:
-            return
-        variant = dict(variant)
-        stages = self.llm.cfg.parallel.pipeline_parallel_size
-        self.llm._max_in_flight = variant.pop("in_flight", stages)
-        policy = self.llm.policy
-        for key, value in {"overlap": False, **variant}.items():
-            if key != "overlap" and not hasattr(policy, key):
-                raise ValueError(f"this seqpar's SP policy has no setting {key!r}")
-            setattr(policy, key, value)
 
     def prefill(self, ids: list[int], variant: dict | None) -> float:
         return self.generate([ids], 1, variant)

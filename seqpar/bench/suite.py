@@ -18,6 +18,7 @@ import torch
 from seqpar.bench import analytic
 from seqpar.bench.catalog import describe, resolve
 from seqpar.bench.hosts import Host
+from seqpar.bench.record import Record
 from seqpar.bench.subjects import DTensorSubject, HFSubject, SeqparSubject
 from seqpar.config import DTYPES, ModelConfig, ParallelConfig
 
@@ -290,8 +291,8 @@ def _pipeline_fields(cfg: ModelConfig, stats: dict, tokens: int, sampled: int, t
                      nbytes: int) -> dict:
     """Bytes crossing the stage boundaries per step, measured vs the analytic value.
 
-    Measured: comm_stats()'s send bytes (every rank's point-to-point sends) less the logits of
-    the `sampled` rows, which the last stage sends rank 0 ([S, V] float32, a fixed size). The
+    Measured: comm_stats()'s send bytes (every rank's point-to-point sends) less the sampled
+    tokens the last stage sends rank 0 (a fixed size per sampled row). The
     steps counted ran all SP or all TP: a pipeline mode sets SP on or off.
     """
     steps = stats["steps"]
@@ -300,7 +301,7 @@ def _pipeline_fields(cfg: ModelConfig, stats: dict, tokens: int, sampled: int, t
         return {}
     sp = steps["sp"] > 0
     rows = tokens + steps["padded_tokens"]  # T, or T_pad on SP steps
-    measured = (stats["send"]["bytes"] - analytic.pipeline_logits_bytes(cfg, sampled, pp)) / count
+    measured = (stats["send"]["bytes"] - analytic.pipeline_sampled_bytes(sampled, pp)) / count
     minimum = analytic.boundary_bytes(cfg, rows, tp, pp, sp, nbytes) / count
     return {"sp_step": sp, "steps": count, "boundary_bytes": measured,
             "boundary_min_bytes": minimum, "boundary_ratio": measured / minimum,
@@ -317,7 +318,7 @@ def _modes_at(modes: list[Mode], main: bool, pipeline: bool) -> list[Mode]:
             if (main and m.pp == 1) or (pipeline and (m.pp > 1 or m.name in twins))]
 
 
-def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dict]) -> None:
+def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[Record]) -> None:
     gen = torch.Generator().manual_seed(s.seed)
     nbytes = DTYPES[s.dtype].itemsize
     info = g.info()
@@ -383,8 +384,8 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
                     sp = rec["sp_step"]
                     rec["peak_bytes_predicted"] = analytic.peak_activation(cfg, t, g.tp, sp, nbytes)
                     rec["overlap_step"] = bool(sp and m.policy.get("overlap"))
-            out.append(rec)
-            s.log("    " + _one_line(rec))
+            out.append(Record(**rec))
+            s.log("    " + _one_line(out[-1]))
 
     for b in sorted(set(s.batches) | set(s.pp_batches)):
         modes = _modes_at([m for m in g.modes if g.tp * m.pp <= s.cores], b in s.batches,
@@ -430,8 +431,8 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
                                                 nbytes))
                 else:
                     rec.update(_comm_fields(cfg, diff, [1] * b, g.tp, n - 1, nbytes))
-            out.append(rec)
-            s.log("    " + _one_line(rec))
+            out.append(Record(**rec))
+            s.log("    " + _one_line(out[-1]))
     for m in g.modes:
         out_info = info.get(m.name) or {}
         if out_info.get("threshold") is not None:
@@ -439,30 +440,30 @@ def run_group(s: Settings, model: str, cfg: ModelConfig, g: Group, out: list[dic
     g.sp_threshold = threshold
 
 
-def _one_line(r: dict) -> str:
-    ratio = r.get("ratio_vs_sp_off")
-    extra = f" x{ratio:.3f} vs sp=off" if ratio is not None and r["mode"] != BASELINE else ""
-    mem = r.get("peak_bytes")
-    mem = f", peak {max(mem) / 2**20:.1f} MiB/rank" if mem else ""
-    return (f"{r['mode']:>11} tp={r['tp']}: median {r['median_s']:.4f} s "
-            f"(min {r['min_s']:.4f}, max {r['max_s']:.4f}){extra}{mem}")
+def _one_line(r: Record) -> str:
+    ratio = r.ratio_vs_sp_off
+    extra = f" x{ratio:.3f} vs sp=off" if ratio is not None and r.mode != BASELINE else ""
+    mem = f", peak {max(r.peak_bytes) / 2**20:.1f} MiB/rank" if r.peak_bytes else ""
+    return (f"{r.mode:>11} tp={r.tp}: median {r.median_s:.4f} s "
+            f"(min {r.min_s:.4f}, max {r.max_s:.4f}){extra}{mem}")
 
 
-def add_predictions(records: list[dict], hardware: str) -> None:
+def add_predictions(records: list[Record], hardware: str) -> None:
     """The cost model's seconds for each seqpar prefill record run at the profile's tp."""
     from seqpar.bench.costmodel import load_profile, step_time
     hw = load_profile(hardware)
     configs = {}
     for r in records:
-        r.pop("predicted_s", None)
-        if (r["scenario"] != "prefill" or "sp_step" not in r or r.get("pp", 1) > 1
-                or hw.ranks not in (0, r["tp"])):
+        r.predicted_s = None
+        if (r.scenario != "prefill" or r.sp_step is None or r.pp > 1
+                or hw.ranks not in (0, r.tp)):
             continue
-        if r["model"] not in configs:
-            configs[r["model"]] = ModelConfig.from_dir(resolve(r["model"]))
-        overlap = r.get("overlap_step", r["mode"] == "overlap" and r["sp_step"])
-        mode = "overlap" if overlap else "sp" if r["sp_step"] else "tp"
-        r["predicted_s"] = step_time(configs[r["model"]], hw, r["tokens"], r["tp"], mode)
+        if r.model not in configs:
+            configs[r.model] = ModelConfig.from_dir(resolve(r.model))
+        overlap = r.overlap_step if r.overlap_step is not None else (
+            r.mode == "overlap" and r.sp_step)
+        mode = "overlap" if overlap else "sp" if r.sp_step else "tp"
+        r.predicted_s = step_time(configs[r.model], hw, r.tokens, r.tp, mode)
 
 
 def run(s: Settings) -> dict:

@@ -18,7 +18,7 @@ from collections import deque
 
 import torch
 
-from seqpar.config import EngineConfig
+from seqpar.config import EngineConfig, round_up
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.plan import SampleSpec, StepPlan
 from seqpar.engine.sequence import Sequence
@@ -50,7 +50,8 @@ class Scheduler:
         """Pick this step's (sequences, token counts); empty when no sequence can run now.
 
         parts: steps that may still be issued before one completes. This step takes at most
-        1/parts of the running sequences ready to run, so the steps in flight share them evenly.
+        1/parts of the sequences ready to run (running or waiting), so the steps in flight share
+        them evenly.
         """
         budget = self.max_tokens
         seqs, counts = [], []
@@ -59,7 +60,8 @@ class Scheduler:
         # sequences first within each kind (sort is stable).
         ready.sort(key=lambda s: (s.scheduled < s.num_prompt_tokens, s.in_flight))
         starved = False
-        for seq in ready[:-(-len(ready) // parts)]:
+        limit = round_up(len(ready) + len(self.waiting), parts) // parts
+        for seq in ready[:limit]:
             if budget == 0:
                 break
             if seq not in self.running:
@@ -74,7 +76,8 @@ class Scheduler:
             budget -= n
         # New requests only while every running sequence got its blocks: admitting one would
         # take blocks an older sequence waits for.
-        while not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while (not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs
+               and len(seqs) < limit):
             seq = self.waiting[0]
             cached = self.blocks.match(seq)
             n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)

@@ -69,17 +69,12 @@ def _batch(plan, seqs: list[int], window: int | None, lone_ok: bool) -> _Batch:
     if not lone:
         # query position [B, q_max, 1] against key position [1, 1, L]
         start = torch.tensor(starts, device=dev).view(-1, 1, 1)
-        length = torch.tensor(lens, device=dev).view(-1, 1, 1)
         q_pos = start + torch.arange(q_max, device=dev).view(1, -1, 1)
         k_pos = torch.arange(max_blocks * bs, device=dev).view(1, 1, -1)
+        # Pad query rows (past a chunk's end) attend to whatever; their outputs are never read.
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        # A pad query row (past its sequence's chunk) attends to key 0 alone: no all-False row,
-        # whose softmax would be NaN. Its output is never read.
-        pad = torch.arange(q_max, device=dev).view(1, -1, 1) >= length
-        mask &= ~pad
-        mask[..., 0] |= pad[..., 0]
         mask = mask.unsqueeze(1)
     return _Batch(torch.tensor(rows, device=dev), torch.tensor(dest, device=dev), tables, mask,
                   q_max)

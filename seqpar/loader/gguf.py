@@ -79,6 +79,20 @@ def _meta(reader: gguf.GGUFReader, key: str, default=_REQUIRED):
     return field.contents()
 
 
+def _compute_dtype(reader: gguf.GGUFReader) -> str:
+    """The dtype the model is meant to run in, written as config.json's torch_dtype (what
+    dtype="auto" follows): float32 for an all-F32 file, float16 / bfloat16 for 16-bit ones, and
+    bfloat16 for quantized files, whose weights come from 16-bit models and carry fewer bits than
+    bf16 holds once dequantized. The safetensors stay float32 either way (exact dequantization)."""
+    types = {t.tensor_type for t in reader.tensors}
+    kinds = gguf.GGMLQuantizationType
+    if types <= {kinds.F32}:
+        return "float32"
+    if types <= {kinds.F32, kinds.F16}:
+        return "float16"
+    return "bfloat16"
+
+
 def _read_gguf(path: Path) -> gguf.GGUFReader:
     """The file's header, metadata and tensor index; a truncated or corrupt file raises a
     ValueError naming it (the gguf library's errors name no path)."""
@@ -162,7 +176,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": "float32",
+        "torch_dtype": _compute_dtype(reader),
     }
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
 

@@ -34,6 +34,11 @@ _ALIASES = {
 ALIASES: dict[str, str] = {name: a.description for name, a in _ALIASES.items()}
 
 
+CACHE_FORMAT = 2
+"""Bumped when a conversion writes something new (2: config.json's torch_dtype follows the
+file's tensor types), so a cache written by an older seqpar is converted again."""
+
+
 def cache_dir() -> Path:
     """$SEQPAR_CACHE_DIR, else $XDG_CACHE_HOME/seqpar, else ~/.cache/seqpar."""
     if env := os.environ.get("SEQPAR_CACHE_DIR"):
@@ -84,7 +89,7 @@ def _alias_file(name: str) -> Path:
 def _from_gguf(path: Path) -> Path:
     # A changed file (new size or mtime) gets a new cache entry; the old one is left alone.
     stat = path.stat()
-    out = cache_dir() / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    out = cache_dir() / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT}"
     if not (out / "config.json").is_file():  # the directory appears atomically, complete
         convert_gguf(path, out)
     return out
