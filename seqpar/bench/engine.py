@@ -453,16 +453,14 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-SECTION_BEGIN = "<!-- engine bench: kept when regenerated -->"
-SECTION_END = "<!-- end of engine bench -->"
 
 
 def section(result: dict) -> str:
     """The docs/benchmarks.md section of this run, between its markers."""
-    from seqpar.bench.markdown import _table
+    from seqpar.bench.markdown import ENGINE_BEGIN, ENGINE_END, _table
     m, s, mo = result["machine"], result["settings"], result["model"]
     shared = m["other_share"] > 0.05 or max(m["load_avg_before"][0], m["load_avg_after"][0]) > 1.5
-    L = [SECTION_BEGIN, "## Engine core (issue 11)", "",
+    L = [ENGINE_BEGIN, "## Engine core (issue 11)", "",
          f"This run: `{result['command']}`, {m['wall_s'] / 60:.1f} minutes, "
          f"{time.strftime('%Y-%m-%d', time.gmtime())}. "
          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers "
@@ -485,16 +483,18 @@ def section(result: dict) -> str:
          f"Bandwidth: a sum over a {s['bandwidth_bytes'] / GiB:g} GiB float32 tensor. Roofline: "
          "weight bytes / bandwidth.", ""]
     L += _table(["target", "status", "numbers"], result["targets"])
-    L += ["", *_table(TABLE_HEAD, rows(result)), "", SECTION_END]
+    L += ["", *_table(TABLE_HEAD, rows(result)), "", ENGINE_END]
     return "\n".join(L)
 
 
 def write_section(result: dict, path) -> None:
-    """Put this run's section into the page at `path`: in place of the last one, else at the end."""
+    """Put this run's section into the page at `path`: in place of the last one, else at the end
+    (`seqpar bench --markdown` keeps it there when it rewrites the rest)."""
     import re
+    from seqpar.bench.markdown import ENGINE_BEGIN, ENGINE_END
     path = Path(path)
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END)
+    pattern = re.escape(ENGINE_BEGIN) + r".*?" + re.escape(ENGINE_END)
     new = section(result)
     if re.search(pattern, old, re.S):
         text = re.sub(pattern, lambda _: new, old, count=1, flags=re.S)
