@@ -520,12 +520,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=d.prefix_len,
                    help=f"TTFT: cached prefix tokens (a multiple of {BLOCK_SIZE})")
     p.add_argument("--tail-len", type=int, default=d.tail_len, help="TTFT: tokens after it")
-    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens)
+    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens,
+                   help="tokens of the prefill timed against the matmul rate")
     p.add_argument("--bandwidth-bytes", type=int, default=d.bandwidth_bytes,
                    help="size of the tensor the bandwidth probe sums")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV budget per rank (default: what the largest step needs + half a block)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
     p.add_argument("--json", metavar="FILE", help="write the run (records, machine) as JSON")
     p.add_argument("--markdown", metavar="FILE",
                    help="put the results section into this page (docs/benchmarks.md)")
