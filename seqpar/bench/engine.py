@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -166,7 +167,7 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
-                numel += int(torch.tensor(shape).prod()) if shape else 1
+                numel += math.prod(shape)
     return numel * DTYPES[dtype].itemsize
 
 
