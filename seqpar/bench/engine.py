@@ -434,7 +434,7 @@ def _rate(t: dict, which: str) -> str:
     if t["unit"] == "B":
         return f"{v / 1e9:.1f} GB/s"
     if t["unit"] == "FLOP":
-        return f"{v / 1e9:.0f} GFLOP/s"
+        return f"{v / 1e9:.4g} GFLOP/s"
     return f"{v:.1f} tok/s"
 
 
