@@ -199,7 +199,7 @@ def test_engine_bench_records(tiny_llama, tmp_path):
     status = {name: st for name, st, _ in result["targets"]}
     assert status["KV memory per rank = formula"] == "met"
     assert set(status.values()) <= {"met", "missed", "not measured"}
-    assert len(status) == 7 and "batch-1 decode step <= 2.0x the roofline" in status
+    assert len(status) == 8 and "batch-1 decode step <= 2.0x the roofline" in status
     # The section replaces its earlier self and leaves the rest of the page alone.
     page = tmp_path / "b.md"
     page.write_text("# Benchmarks\n\nhand-written\n")
@@ -207,3 +207,35 @@ def test_engine_bench_records(tiny_llama, tmp_path):
         engine.write_section({**result, "command": "seqpar bench engine (test)"}, page)
     text = page.read_text()
     assert text.count("## Engine core") == 1 and "hand-written" in text
+
+
+def test_f16_gguf_for_llamacpp(tmp_path):
+    # llama.cpp's copy of a quantized GGUF: the same values in F16 (vectors F32), the same metadata.
+    import gguf
+    import numpy as np
+    from seqpar.bench.engine import write_f16_gguf
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    norm = rng.standard_normal(64).astype(np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_token_list(["<s>", "a", "b"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(w, q8), raw_dtype=q8)
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    src = gguf.GGUFReader(tmp_path / "q.gguf")
+    out = gguf.GGUFReader(write_f16_gguf(tmp_path / "q.gguf", tmp_path / "f16.gguf"))
+    assert out.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    assert out.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "a", "b"]
+    assert out.fields["llama.block_count"].contents() == 1
+    got = {t.name: t for t in out.tensors}
+    assert got["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert got["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    want = gguf.quants.dequantize(src.tensors[0].data, q8)  # what seqpar's converter reads
+    assert np.array_equal(got["blk.0.attn_q.weight"].data, want.astype(np.float16))
+    assert np.array_equal(got["blk.0.attn_norm.weight"].data, norm)

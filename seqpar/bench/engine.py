@@ -33,6 +33,7 @@ from seqpar.bench.hosts import Host
 from seqpar.bench.subjects import HFSubject
 from seqpar.bench.suite import CPUShare, machine_info
 from seqpar.config import DTYPES
+from seqpar.loader.resolve import cache_dir
 
 GiB = 2 ** 30
 BLOCK_SIZE = 16
@@ -47,8 +48,8 @@ most); prefill FLOP/s / matmul FLOP/s (at least); cached-prefix TTFT / uncached 
 class EngineSettings:
     model: str = "smollm2"
     dtype: str = "bfloat16"
-    """Both engines' dtype. Not "auto": seqpar's SmolLM2 is converted from a Q4_1 GGUF into a
-    float32 checkpoint, so "auto" would mean float32 while bf16 is this CPU's fast path."""
+    """Both engines' dtype, named: HF needs a concrete one. bf16 is what dtype="auto" gives
+    SmolLM2 (a quantized GGUF) on a CPU with native bf16, and this CPU's fast path."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     batches: list[int] = field(default_factory=lambda: [1, 16, 64])
     prompt_len: int = 128
@@ -229,16 +230,21 @@ def matmul_rate(rows: int, hidden: int, inter: int, dtype: str, rounds: int, war
 # ---- the run ------------------------------------------------------------------------------------
 
 def _alternate(rounds: int, warmup: int, subjects: dict, measure) -> dict[str, list]:
-    """warmup + rounds rounds over the subjects (order rotating); each measured round's answer."""
+    """warmup + rounds rounds over the subjects (order rotating); measure(subject, round) of
+    each measured round."""
     out = {name: [] for name in subjects}
     names = list(subjects)
     for r in range(warmup + rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            got = measure(subjects[name])
+            got = measure(subjects[name], r)
             if r >= warmup:
                 out[name].append(got)
     return out
+
+
+SINGLE = ("llama.cpp",)
+"""Engines run at batch 1 only (this bench drives llama.cpp one sequence at a time)."""
 
 
 def measure_decode(s: EngineSettings, hosts: dict, vocab: int, gen) -> list[Timing]:
@@ -248,9 +254,10 @@ def measure_decode(s: EngineSettings, hosts: dict, vocab: int, gen) -> list[Timi
     n = s.new_tokens
     for b in s.batches:
         prompts = torch.randint(vocab, (b, s.prompt_len), generator=gen).tolist()
+        here = {k: h for k, h in hosts.items() if b == 1 or k not in SINGLE}
         s.log(f"  decode batch {b}: {s.prompt_len}-token prompts, {n} new tokens, "
-              f"{s.warmup} warm-up + {s.rounds} rounds of {', '.join(hosts)}")
-        pairs = _alternate(s.rounds, s.warmup, hosts, lambda h: (
+              f"{s.warmup} warm-up + {s.rounds} rounds of {', '.join(here)}")
+        pairs = _alternate(s.rounds, s.warmup, here, lambda h, _: (
             h.call("generate", prompts, 1), h.call("generate", prompts, n)))
         for name, ts in pairs.items():
             first = statistics.median(a for a, _ in ts)
@@ -285,31 +292,86 @@ def measure_ttft(s: EngineSettings, host: Host, vocab: int, gen) -> tuple[list[T
     return out, {"prefix_hits": hits, "requests": s.rounds}
 
 
-def measure_prefill(s: EngineSettings, host: Host, c: dict, vocab: int, gen) -> Timing:
-    """One sequence of prefill_tokens, max_tokens=1, a new prompt every round (no prefix hit)."""
-    s.log(f"  prefill {s.prefill_tokens} tokens")
-    times = []
-    for r in range(s.warmup + s.rounds):
-        ids = torch.randint(vocab, (s.prefill_tokens,), generator=gen).tolist()
-        t = host.call("generate", [ids], 1)
-        if r >= s.warmup:
-            times.append(t)
-    return Timing("prefill", "seqpar", s.prefill_tokens, prefill_flops(c, s.prefill_tokens),
-                  "FLOP", times)
+def measure_prefill(s: EngineSettings, hosts: dict, c: dict, vocab: int, gen) -> list[Timing]:
+    """One sequence of prefill_tokens, max_tokens=1, a new prompt every round (no prefix hit),
+    the engines in alternation on the same prompt."""
+    s.log(f"  prefill {s.prefill_tokens} tokens: {', '.join(hosts)}")
+    prompts = [torch.randint(vocab, (s.prefill_tokens,), generator=gen).tolist()
+               for _ in range(s.warmup + s.rounds)]
+    times = _alternate(s.rounds, s.warmup, hosts, lambda h, r: h.call("generate", [prompts[r]], 1))
+    return [Timing("prefill", name, s.prefill_tokens, prefill_flops(c, s.prefill_tokens), "FLOP",
+                   ts) for name, ts in times.items()]
 
 
-def llamacpp_status() -> dict:
-    """llama.cpp is measured only where llama-cpp-python is installed (`pip install .[llamacpp]`,
-    a build from source of about 5 minutes)."""
+def write_f16_gguf(src: Path, dst: Path) -> Path:
+    """An F16 copy of a GGUF file, for llama.cpp: every tensor dequantized with the gguf library
+    (the same values seqpar's converted checkpoint holds), matrices stored F16 and vectors (the
+    norms) F32 as llama.cpp's own converter keeps them; the metadata (tokenizer included) copied,
+    general.file_type set to F16. Tensors keep llama.cpp's row order (its q/k permutation)."""
+    import gguf
+    import numpy as np
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue  # the header's own fields; the two the writer sets itself
+        array = f.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(name, f.contents(), f.types[0],
+                             sub_type=f.types[-1] if array else None)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, [rows, row length]
+        writer.add_tensor(t.name, w.astype(np.float16 if w.ndim > 1 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+class LlamaCppSubject:
+    """llama.cpp (llama-cpp-python) on an F16 GGUF, one sequence at a time, greedy by argmax."""
+
+    def __init__(self, rank: int, world: int, gguf_path: str, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+        # n_batch = n_ctx: a prompt goes in as one batch, as seqpar prefills it in one step
+        self.llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+    def generate(self, prompts: list[list[int]], n: int) -> float:
+        import numpy as np
+        (ids,) = prompts
+        self.llm.reset()  # its KV cache emptied: no prefix reuse between calls
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        for _ in range(n - 1):
+            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+        int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))  # the n-th token
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llamacpp_host(s: EngineSettings, n_ctx: int, workdir: Path) -> tuple[Host | None, dict]:
+    """(llama.cpp's host, its status): only where llama-cpp-python is installed (`pip install
+    .[llamacpp]`, a build from source of about 5 minutes) and the model comes from a GGUF."""
+    from seqpar.loader.resolve import gguf_source
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return {"status": "not measured",
-                "reason": "llama_cpp is not importable (optional extra `llamacpp`, "
-                          "llama-cpp-python built from source; not installed on this machine)"}
-    return {"status": "not measured",
-            "reason": "llama_cpp is installed, but this bench does not yet write the F16 GGUF "
-                      "of the converted weights it would load"}
+        return None, {"status": "not measured",
+                      "reason": "llama_cpp is not importable (the optional extra `llamacpp`, "
+                                "llama-cpp-python built from source, is not installed)"}
+    src = gguf_source(s.model)
+    if src is None:
+        return None, {"status": "not measured", "reason": f"{s.model} is not a GGUF model"}
+    f16 = workdir / f"{src.stem}.F16.gguf"
+    if not f16.is_file():
+        s.log(f"  writing {f16} for llama.cpp")
+        write_f16_gguf(src, f16.with_suffix(".tmp")).rename(f16)
+    host = Host(LlamaCppSubject, 1, s.threads, (str(f16), s.threads, n_ctx), "llama.cpp")
+    return host, {"status": "measured", "gguf": str(f16), "version": llama_cpp.__version__}
 
 
 def run(s: EngineSettings) -> dict:
@@ -326,9 +388,11 @@ def run(s: EngineSettings) -> dict:
     s.log(f"{s.model} ({describe(s.model)}), tp=1, {s.dtype}, {s.threads} threads")
     seqpar = Host(EngineSubject, 1, s.threads, (str(model_dir), s.dtype, s.threads, max_model_len,
                                                  batched, budget), "seqpar")
-    hf = None
+    hf = peer = None
     try:
         hf = Host(HFSubject, 1, s.threads, (str(model_dir), s.dtype), "hf")
+        peer, llamacpp = llamacpp_host(s, max_model_len, cache_dir() / "bench")
+        peers = {"llama.cpp": peer} if peer else {}
         stats = seqpar.call("cache_stats")
         block = kv_block_bytes(c, s.dtype)
         kv = KVCheck(budget, block, budget // block, stats["num_blocks"])
@@ -336,19 +400,20 @@ def run(s: EngineSettings) -> dict:
         bandwidth = read_bandwidth(s.bandwidth_bytes, s.rounds, s.warmup)
         s.log(f"  read bandwidth {bandwidth.rate / 1e9:.1f} GB/s (median)")
         timings = [bandwidth]
-        timings += measure_decode(s, {"seqpar": seqpar, "hf": hf}, c["vocab"], gen)
+        timings += measure_decode(s, {"seqpar": seqpar, "hf": hf, **peers}, c["vocab"], gen)
         hf.close()
         hf = None
         ttft, hits = measure_ttft(s, seqpar, c["vocab"], gen)
         timings += ttft
-        timings.append(measure_prefill(s, seqpar, c, c["vocab"], gen))
+        timings += measure_prefill(s, {"seqpar": seqpar, **peers}, c, c["vocab"], gen)
         timings.append(matmul_rate(s.prefill_tokens, c["hidden"], c["inter"], s.dtype, s.rounds,
                                    s.warmup))
         s.log(f"  matmul {timings[-1].rate / 1e9:.0f} GFLOP/s, prefill "
-              f"{timings[-2].rate / 1e9:.0f} GFLOP/s")
+              + ", ".join(f"{x.engine} {x.median_s:.3f} s" for x in timings if x.what == "prefill"))
     finally:
-        if hf is not None:
-            hf.close()
+        for host in (hf, peer):
+            if host is not None:
+                host.close()
         seqpar.close()
     machine.update(share.others())
     machine["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -357,7 +422,7 @@ def run(s: EngineSettings) -> dict:
               "model": dict(name=s.model, desc=describe(s.model), dtype=s.dtype,
                             weight_bytes=weight_bytes(model_dir, s.dtype), **c),
               "timings": [asdict(t) for t in timings], "kv": asdict(kv), "ttft_hits": hits,
-              "llamacpp": llamacpp_status()}
+              "llamacpp": llamacpp}
     result["targets"] = targets(result)
     return result
 
@@ -420,9 +485,21 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
                 f"formula {kv['budget_bytes']} // {kv['block_bytes']} = {kv['formula_blocks']} "
                 "blocks"))
     lc = result["llamacpp"]
+    names = ("batch-1 decode >= llama.cpp tok/s (F16 GGUF)",
+             f"prefill {result['settings']['prefill_tokens']} tokens >= 2x faster than llama.cpp")
     if lc["status"] != "measured":
-        out.append(("batch-1 decode >= llama.cpp tok/s (16-bit weights); prefill >= 2x faster",
-                    lc["status"], lc.get("reason", "")))
+        out += [(name, lc["status"], lc["reason"]) for name in names]
+        return out
+    mine, theirs = _pick(result, "decode", size=1), _pick(result, "decode", "llama.cpp", 1)
+    if mine and theirs:
+        out.append((names[0], _status(mine["rate"] >= theirs["rate"]),
+                    f"{mine['rate']:.1f} vs {theirs['rate']:.1f} tok/s median (best "
+                    f"{mine['best_rate']:.1f} vs {theirs['best_rate']:.1f})"))
+    mine, theirs = _pick(result, "prefill"), _pick(result, "prefill", "llama.cpp")
+    if mine and theirs:
+        speedup = theirs["median_s"] / mine["median_s"]
+        out.append((names[1], _status(speedup >= 2.0), f"{speedup:.2f}x: "
+                    f"{mine['median_s']:.3f} vs {theirs['median_s']:.3f} s median"))
     return out
 
 
