@@ -330,7 +330,7 @@ def write_f16_gguf(src: Path, dst: Path) -> Path:
 
 
 class LlamaCppSubject:
-    """llama.cpp (llama-cpp-python) on an F16 GGUF, one sequence at a time, greedy by argmax."""
+    """llama.cpp (llama-cpp-python) on an F16 GGUF, one sequence at a time, greedy."""
 
     def __init__(self, rank: int, world: int, gguf_path: str, threads: int, n_ctx: int):
         from llama_cpp import Llama
@@ -339,14 +339,13 @@ class LlamaCppSubject:
                          n_threads_batch=threads, verbose=False)
 
     def generate(self, prompts: list[list[int]], n: int) -> float:
-        import numpy as np
+        import itertools
         (ids,) = prompts
-        self.llm.reset()  # its KV cache emptied: no prefix reuse between calls
+        self.llm.reset()  # n_tokens = 0: generate() finds no prefix to reuse
         t0 = time.perf_counter()
-        self.llm.eval(ids)
-        for _ in range(n - 1):
-            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
-        int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))  # the n-th token
+        # temp=0: its greedy sampler; the n-th token is sampled, not evaluated (islice stops)
+        for _ in itertools.islice(self.llm.generate(ids, temp=0.0, reset=True), n):
+            pass
         return time.perf_counter() - t0
 
     def close(self) -> None:
