@@ -10,7 +10,8 @@ One model at tp=1 with every thread, through the public API only (LLM, generate,
   4. the KV pool per rank (cache_stats' num_blocks x block bytes) vs the formula from config.json;
   5. a long prefill as a fraction of the machine's matmul rate, F.linear on [T, H] x [H, I] in the
      same dtype, measured in the same run;
-  6. llama.cpp as a peer where `llama_cpp` is importable (the optional extra `llamacpp`).
+  6. llama.cpp as a peer where `llama_cpp` is importable (the optional extra `llamacpp`): an F16
+     copy of the model's GGUF, batch-1 decode and the long prefill, in alternation with seqpar.
 Every timing is taken inside the process doing the work (hosts.py); warm-up rounds are dropped;
 median and min of the rest.
 """
@@ -153,10 +154,10 @@ def _config(model_dir: Path) -> dict:
                 head_dim=raw.get("head_dim") or raw["hidden_size"] // heads)
 
 
-def kv_block_bytes(c: dict, dtype: str, tp: int = 1) -> int:
-    """2 x layers x kv_heads_per_rank x block_size x head_dim x dtype bytes (issue 11)."""
-    return (2 * c["layers"] * max(1, c["kv_heads"] // tp) * BLOCK_SIZE * c["head_dim"]
-            * DTYPES[dtype].itemsize)
+def kv_block_bytes(c: dict, dtype: str) -> int:
+    """2 x layers x kv_heads_per_rank x block_size x head_dim x dtype bytes (issue 11); at tp=1
+    the one rank holds every KV head."""
+    return 2 * c["layers"] * c["kv_heads"] * BLOCK_SIZE * c["head_dim"] * DTYPES[dtype].itemsize
 
 
 def weight_bytes(model_dir: Path, dtype: str) -> int:
