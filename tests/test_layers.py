@@ -68,8 +68,9 @@ def _case(n: int) -> dict:
 
 def _plans(ids: torch.Tensor, n: int) -> tuple[StepPlan, StepPlan]:
     """(TP plan, SP plan) for one sequence of len(ids) prefill tokens."""
-    make = lambda sp: StepPlan(sp=sp, token_ids=ids, slots=[0], starts=[0], lens=[len(ids)],  # noqa: E731
-                               sample=[True], world_size=n)
+    tables = [list(range(round_up(len(ids), 16) // 16))]
+    make = lambda sp: StepPlan(sp=sp, token_ids=ids, starts=[0], lens=[len(ids)],  # noqa: E731
+                               sample=[True], block_tables=tables, world_size=n)
     return make(False), make(True)
 
 

@@ -1,4 +1,5 @@
-"""The ring collective matmuls alone, against all_gather + matmul and matmul + reduce_scatter."""
+"""The ring collective matmuls alone, against all_gather + matmul and matmul + reduce_scatter,
+on the shared-memory ring and on gloo's send/recv."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,8 +13,8 @@ from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
 HIDDEN, OUT = 16, 12
 
 
-def _ring_checks(rank: int, n: int) -> dict:
-    comm = Comm(dist.group.WORLD, rank, n)
+def _ring_checks(rank: int, n: int, shm: bool) -> dict:
+    comm = Comm(dist.group.WORLD, rank, n, shm=shm)
     gen = torch.Generator().manual_seed(0)
     results = {}
     for tokens in (1, n - 1, n + 1, 7, 4 * n):  # counts that n divides and that it does not
@@ -34,12 +35,14 @@ def _ring_checks(rank: int, n: int) -> dict:
     matmul_reduce_scatter(comm, x, w, padded)
     results["stats"] = comm.snapshot()
     results["shapes"] = (shard.shape, x.shape, padded)
+    results["transport"] = comm.transport.name
     return results
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_ring_collective_matmuls(n):
-    for rank, results in enumerate(run_ranks(_ring_checks, n)):
+@pytest.mark.parametrize("n, shm", [(2, True), (3, True), (2, False)])
+def test_ring_collective_matmuls(n, shm):
+    for rank, results in enumerate(run_ranks(_ring_checks, n, shm)):
+        assert results["transport"] == ("shm" if shm else "gloo")
         for tokens in (1, n - 1, n + 1, 7, 4 * n):
             ring, plain, ring_rs, plain_rs = results[tokens]
             assert ring.shape == plain.shape

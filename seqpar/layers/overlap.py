@@ -6,9 +6,14 @@ the next chunk (or a partial sum) travels to its neighbour with async send/recv,
 (or last) transfer is exposed. The bytes each rank sends are exactly those of the plain collective:
 (N - 1) chunks of [T_pad / N, features].
 
-These are the portable versions, on any torch.distributed backend (gloo on CPU included). On CUDA,
-torch's symmetric-memory fused ops do the same in kernels; a backend can provide its own pair of
+The steps go through the group's transport (Comm.ring_exchange): on one host shared memory, where
+ring_exchange copies the outgoing chunk into a ring buffer and returns, and the neighbour copies it
+out while this rank multiplies; elsewhere gloo's or NCCL's async send/recv. On CUDA, torch's
+symmetric-memory fused ops do the same in kernels; a backend can provide its own pair of
 functions with these signatures.
+
+Each is counted like its plain collective (one call, the logical payload in bytes), under
+"all_gather_ring" / "reduce_scatter_ring"; each rank sends (N - 1) / N of it over the ring.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
         if pending is not None:
             comm.ring_wait(pending)
             current = incoming
-    comm.count_ring("all_gather_ring", n * x.numel() * x.element_size())
+    comm._count("all_gather_ring", n * x.numel() * x.element_size())
     return out if bias is None else out + bias
 
 
@@ -69,7 +74,7 @@ def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
             comm.ring_wait(pending)
             partial += incoming
         if i == n - 1:
-            comm.count_ring("reduce_scatter_ring", n * partial.numel() * partial.element_size())
+            comm._count("reduce_scatter_ring", n * partial.numel() * partial.element_size())
             return partial
         incoming = torch.empty_like(partial)
         pending = comm.ring_exchange(partial, incoming)
