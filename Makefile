@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-engine clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: install
 # The full benchmark: docs/benchmarks.md, docs/benchmarks.json and the plots in docs/.
 bench: install
 	$(VENV)/bin/seqpar bench --docs
+
+# The engine core against its targets (issue 11): its section of docs/benchmarks.md, about 5 minutes.
+bench-engine: install
+	$(VENV)/bin/seqpar bench engine --json docs/benchmarks_engine.json --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

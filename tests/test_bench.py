@@ -164,6 +164,85 @@ def test_plan_cli(capsys):
         costmodel.load_profile("no-such-node")
 
 
+def test_engine_bench_records(tiny_llama, tmp_path):
+    # `seqpar bench engine` on the tiny model, one round of everything at tiny sizes.
+    from seqpar.bench import engine
+    from transformers import AutoModelForCausalLM
+    block = 2 * 2 * 2 * 16 * 16 * 2  # K+V x 2 layers x 2 KV heads x 16 tokens x head_dim 16 x bf16
+    s = engine.EngineSettings(model=str(tiny_llama), threads=1, batches=[1, 2], prompt_len=8,
+                              new_tokens=4, rounds=1, warmup=0, prefix_len=32, tail_len=8,
+                              prefill_tokens=48, bandwidth_bytes=2 ** 22,
+                              kv_cache_memory_bytes=20 * block + block - 1, log=lambda *a: None)
+    result = engine.run(s)
+    json.dumps(result)
+    t = {(x["what"], x["engine"], x["size"]): x for x in result["timings"]}
+    assert set(t) == {("bandwidth", "torch", 2 ** 22), ("decode", "seqpar", 1), ("decode", "hf", 1),
+                      ("decode", "seqpar", 2), ("decode", "hf", 2),
+                      ("ttft_uncached", "seqpar", 40), ("ttft_cached", "seqpar", 40),
+                      ("prefill", "seqpar", 48), ("matmul", "torch", 48)}
+    for x in result["timings"]:
+        # the machine probes (torch) take at least 5 rounds: they cost milliseconds
+        assert len(x["times_s"]) == (5 if x["engine"] == "torch" else 1)
+        assert x["min_s"] <= x["median_s"]
+        if x["what"] != "decode":  # (a decode time is a difference of two tiny-model times)
+            assert x["median_s"] > 0 and x["rate"] > 0
+    # The pool: budget // block bytes, exactly (the last block - 1 bytes do not make a block).
+    assert result["kv"]["num_blocks"] == 20 and result["kv"]["pool_bytes"] == 20 * block
+    # Every cached request found its whole 32-token prefix (2 full blocks) in the cache.
+    assert result["ttft_hits"] == {"prefix_hits": 32, "requests": 1}
+    # Weight bytes in bf16 against HF's own parameter count (the tied embedding once).
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert result["model"]["weight_bytes"] == 2 * sum(p.numel() for p in hf.parameters())
+    # Matmul FLOPs of a 48-token prefill, by hand: per token and layer q,k,v,o 2 x 64 x (64 + 32
+    # + 32 + 64), MLP 2 x 3 x 64 x 128; causal attention 2 x 2 x 4 heads x 16 x 48 x 49 / 2 per
+    # layer; the LM head of one row 2 x 64 x 512.
+    assert t["prefill", "seqpar", 48]["work"] == \
+        2 * (48 * (2 * 64 * 192 + 2 * 3 * 64 * 128) + 4 * 4 * 16 * 48 * 49 // 2) + 2 * 64 * 512
+    status = {name: st for name, st, _ in result["targets"]}
+    assert status["KV memory per rank = formula"] == "met"
+    assert set(status.values()) <= {"met", "missed", "not measured"}
+    assert len(status) == 8 and "batch-1 decode step <= 2.0x the roofline" in status
+    # The section replaces its earlier self and leaves the rest of the page alone.
+    page = tmp_path / "b.md"
+    page.write_text("# Benchmarks\n\nhand-written\n")
+    for _ in range(2):
+        engine.write_section({**result, "command": "seqpar bench engine (test)"}, page)
+    text = page.read_text()
+    assert text.count("## Engine core") == 1 and "hand-written" in text
+
+
+def test_f16_gguf_for_llamacpp(tmp_path):
+    # llama.cpp's copy of a quantized GGUF: the same values in F16 (vectors F32), the same metadata.
+    import gguf
+    import numpy as np
+    from seqpar.bench.engine import write_f16_gguf
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    norm = rng.standard_normal(64).astype(np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_token_list(["<s>", "a", "b"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(w, q8), raw_dtype=q8)
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    src = gguf.GGUFReader(tmp_path / "q.gguf")
+    out = gguf.GGUFReader(write_f16_gguf(tmp_path / "q.gguf", tmp_path / "f16.gguf"))
+    assert out.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    assert out.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "a", "b"]
+    assert out.fields["llama.block_count"].contents() == 1
+    got = {t.name: t for t in out.tensors}
+    assert got["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert got["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    want = gguf.quants.dequantize(src.tensors[0].data, q8)  # what seqpar's converter reads
+    assert np.array_equal(got["blk.0.attn_q.weight"].data, want.astype(np.float16))
+    assert np.array_equal(got["blk.0.attn_norm.weight"].data, norm)
+
+
 def test_record_json_round_trip():
     """--json writes what applies; --replot reads back the same record, and rejects a field it
     does not know (a file from another version), naming it."""

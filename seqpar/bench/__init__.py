@@ -2,7 +2,8 @@
 and PyTorch DTensor TP+SP, interleaved in one run; peak memory, communication bytes against the
 analytic minimum, and the cost model's prediction. `seqpar plan` is the cost model (costplan.py).
 Modules: suite (runs the modes), catalog (which models), results (tables, plots, targets),
-markdown (the results page)."""
+markdown (the results page). `seqpar bench engine` (engine.py): the serving engine core against
+HF, the machine's bandwidth and matmul rate, prefix-cache TTFT and the KV formula (issue 11)."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +99,9 @@ def _load(path: str) -> dict:
 
 def main(argv=None) -> int:
     from seqpar.bench import results
+    if argv and argv[0] == "engine":  # its own mode with its own flags
+        from seqpar.bench.engine import main as engine_main
+        return engine_main(argv[1:])
     args = parse(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory probe's profiler: quiet
     runs = settings_for(args)

@@ -12,6 +12,9 @@ from seqpar.bench.record import Record
 from seqpar.config import ModelConfig
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when regenerated -->", "<!-- end of notes -->"
+ENGINE_BEGIN = "<!-- engine bench: kept when regenerated -->"
+ENGINE_END = "<!-- end of engine bench -->"
+"""`seqpar bench engine`'s section (engine.py writes it), kept at the end of the page."""
 MiB = 2 ** 20
 
 
@@ -231,4 +234,7 @@ def write(result: dict, path, plots_dir=None) -> None:
           "reports up to ~10% from sequence parallelism + async TP at large token counts. The "
           "'SP+overlap / TP' column is the comparable number: a best case for the decoder layers "
           "alone (end to end adds the LM head, sampling or the optimizer, which do not speed up)."]
+    engine = re.search(re.escape(ENGINE_BEGIN) + r".*?" + re.escape(ENGINE_END), old, re.S)
+    if engine:
+        L += ["", engine.group(0)]
     path.write_text("\n".join(L) + "\n")

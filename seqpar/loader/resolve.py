@@ -47,6 +47,14 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "seqpar"
 
 
+def gguf_source(model: str | os.PathLike) -> Path | None:
+    """The GGUF file behind `model` (an alias or a .gguf path), None for an HF directory."""
+    if str(model) in _ALIASES:
+        return _alias_file(str(model))
+    path = Path(model).expanduser()
+    return path.resolve() if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
     """Return an HF-style directory for `model` (alias, .gguf path or HF directory)."""
     if str(model) in _ALIASES:
