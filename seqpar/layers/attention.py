@@ -62,8 +62,10 @@ def _batch(plan, seqs: list[int], window: int | None, lone_ok: bool) -> _Batch:
         dest.extend(range(b * q_max, b * q_max + plan.lens[i]))
     ends = [s + n for s, n in zip(starts, lens)]
     max_blocks = round_up(max(ends), bs) // bs
-    tables = torch.tensor([plan.block_tables[i][:max_blocks] + [0] * (max_blocks - len(
-        plan.block_tables[i][:max_blocks])) for i in seqs], dtype=torch.int64, device=dev)
+    # A table may already hold blocks for chunks still to come (pipeline steps in flight).
+    tables = [plan.block_tables[i][:max_blocks] for i in seqs]
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64,
+                          device=dev)
     lone = lone_ok and len(seqs) == 1 and starts[0] == 0 and (window is None or lens[0] <= window)
     mask = None
     if not lone:
