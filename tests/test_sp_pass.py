@@ -8,6 +8,8 @@ output executed as is, with real collectives); tests/test_compile.py runs Induct
 """
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,8 +40,21 @@ def count(gm: fx.GraphModule) -> dict[str, int]:
                "fence": (seqpar.tokenwise_begin.default, seqpar.tokenwise_end.default),
                "all_gather_matmul": (seqpar.all_gather_matmul.default,),
                "matmul_reduce_scatter": (seqpar.matmul_reduce_scatter.default,)}
-    return {name: sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in target)
-            for name, target in targets.items()}
+    counts = {name: sum(1 for n in gm.graph.nodes
+                        if n.op == "call_function" and n.target in target)
+              for name, target in targets.items()}
+    counts["in_place"] = sum(1 for n in gm.graph.nodes if _writes_in_place(n))
+    return counts
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """An op as Dynamo records it that writes its first input: `x += y`, `silu(x, inplace=True)`,
+    `x.mul_(y)`."""
+    if node.op == "call_function":
+        return (node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+                or node.kwargs.get("inplace") is True)
+    return (node.op == "call_method" and node.target.endswith("_")
+            and not node.target.startswith("_"))
 
 
 class CountingBackend:
@@ -255,9 +270,14 @@ def test_seqpar_model_fenced_regions(tiny):
         assert before[0]["all_reduce"] == 1 + 2 * layers, family
         assert before[0]["fence"] == (1 + 2 * layers) + 2 * layers, family
         # Comm's ops on the shared-memory transport, none of torch's functional collectives
+        # ... and no in-place write left: the residual add, the norm's copy and the MLP's
+        # silu_ / mul_ over gate_up's gate half are out of place, for Inductor to fuse freely
+        # (an in-place write to a view made it compute silu over all of gate_up, 4x slower).
+        assert before[0]["in_place"] > 0, family
         assert after[0] == {"all_reduce": 0, "reduce_scatter": 1 + 2 * layers,
                             "all_gather": 2 * layers, "c10d": 0, "fence": 0,
-                            "all_gather_matmul": 0, "matmul_reduce_scatter": 0}, (family, summaries)
+                            "all_gather_matmul": 0, "matmul_reduce_scatter": 0,
+                            "in_place": 0}, (family, summaries)
         # Two components: the residual stream (every layer's residual add joins its regions)
         # and the last MLP output, which meets the residual only after the graph (sampling tail).
         assert "2 region(s) rewritten, 0 left TP" in summaries[0], (family, summaries[0])
@@ -326,7 +346,8 @@ def test_seqpar_model_compiled_tp(tiny):
         _seqpar_ranks, 2, tiny("mistral"), [7, 3], False, False, False, timeout=240)[0]
     assert len(before) == 1
     assert after[0] == {"all_reduce": 5, "reduce_scatter": 0, "all_gather": 0, "c10d": 0,
-                        "fence": 0, "all_gather_matmul": 0, "matmul_reduce_scatter": 0}
+                        "fence": 0, "all_gather_matmul": 0, "matmul_reduce_scatter": 0,
+                        "in_place": 0}
     assert "0 region(s) rewritten, 2 left TP" in summaries[0]
     # 2 lengths, each run eager and compiled: 5 all_reduces per step in both
     assert stats["all_reduce"]["calls"] == 2 * 2 * 5

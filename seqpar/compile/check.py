@@ -40,11 +40,12 @@ def pass_report(cfg, tp: int, dtype: torch.dtype, max_len: int, sp: bool = True)
 
         runner = CompiledForward(model, sp=sp)
         compiled = torch.compile(runner._graph, backend=backend, fullgraph=True)
-        ids = torch.zeros(tp, 4, dtype=torch.int64, device="meta")
-        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        ids, positions = (torch.zeros(tp, 4, dtype=torch.int64, device="meta") for _ in "ip")
+        for x in (ids, positions):
+            torch._dynamo.maybe_mark_dynamic(x, 1)
         try:
             with torch.inference_mode():
-                compiled(ids)
+                compiled(ids, positions)
         except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's exception
             if not reports:
                 raise RuntimeError(f"tracing the forward failed: {e}") from e

@@ -10,10 +10,11 @@ Both return their input unchanged. Comm emits them (distributed/comm.py) only wh
 traces (`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from
 the graph before Inductor sees it.
 
-`attention(qkv, layer, out_dim)` hides the per-sequence attention over the KV cache (a Python loop
-over the step's sequences) from the compiler: one opaque node per layer, so the whole forward is
-one graph and the residual stream stays sharded across layers. Its eager body is `ATTEND[0]`, set
-by the runner for the step being run (runner.py), so the per-step plan never enters the graph.
+`attention(q, k, v, layer)` hides attention over the paged KV cache (the cache writes and the
+batched SDPA calls, laid out by the step's block tables) from the compiler: one opaque node per
+layer, so the whole forward is one graph and the residual stream stays sharded across layers. Its
+eager body is `ATTEND[0]`, set by the runner for the step being run (runner.py), so the per-step
+plan never enters the graph. The projections' split, q/k norms and rotary stay in the graph.
 """
 from __future__ import annotations
 
@@ -45,18 +46,19 @@ def _(x):
 
 FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
 
-# callable(layer, qkv [rows, q+k+v features]) -> [rows, out_dim] for the step being run (runner.py)
+# callable(layer, q [rows, hq, D], k, v [rows, hkv, D]) -> [rows, hq * D] for the step being run
+# (runner.py)
 ATTEND: list = [None]
 
 
 @custom_op("seqpar::attention", mutates_args=())
-def attention(qkv: torch.Tensor, layer: int, out_dim: int) -> torch.Tensor:
-    return ATTEND[0](layer, qkv)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    return ATTEND[0](layer, q, k, v)
 
 
 @attention.register_fake
-def _(qkv, layer, out_dim):
-    return qkv.new_empty(qkv.shape[0], out_dim)
+def _(q, k, v, layer):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 # ---- collective matmuls (layers/overlap.py) as graph ops, for the pass's overlap option --------

@@ -1,15 +1,16 @@
 """compile=True: one rank's compiled forward for Llama-family models.
 
 torch.compile traces the model's own `hidden_states` (models/llama.py: the embedding and the
-decoder layers, the code eager steps run) with a GraphPlan: a TP step over the graph's token ids,
-nothing else. Comm then emits its collectives as custom ops (distributed/ops.py: the group's own
-transport) and the fences of ops.py, and each layer's `attend` (attention over the paged KV cache,
-laid out by the step's block tables) is the opaque op `seqpar::attention`, whose eager body reads
-the step's plan outside the graph. So the whole stream, from the token ids to the last layer's
+decoder layers, the code eager steps run) with a GraphPlan: a TP step over the graph's token ids
+and their positions, nothing else. Comm then emits its collectives as custom ops
+(distributed/ops.py: the group's own transport) and the fences of ops.py; each layer's `attn`
+(layers/attention.py: the KV cache writes and SDPA, laid out by the step's block tables) is the
+opaque op `seqpar::attention`, whose eager body reads the step's plan outside the graph. The rest
+of attention (the qkv split, q/k norms, rotary) is traced and fused like the other token-wise ops. So the whole stream, from the token ids to the last layer's
 residual, is one graph with no graph break and no guard on the per-step plan; the SP pass
 (sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
 
-Token counts: the ids go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
+Token counts: the ids (and positions) go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
 same padding as eager SP), with S dynamic, so the graph's T is N * S and divides by N exactly; one
 graph serves every count (S = 1 is specialised by Dynamo once, so at most two graphs). On TP
 (sp=False) the ids go in as [1, T], T dynamic: again at most two graphs.
@@ -41,39 +42,40 @@ class GraphPlan:
     sp = False
     overlap = False
 
-    def __init__(self, token_ids: torch.Tensor):
+    def __init__(self, token_ids: torch.Tensor, positions: torch.Tensor):
         self.token_ids = token_ids  # [T] (T_pad on an SP step)
+        self.positions = positions  # [T] (pad rows: position 0)
 
     @property
     def num_tokens(self):
         return self.token_ids.shape[0]
 
 
-class OpaqueAttend:
-    """A LlamaAttention's `attend` as the traced forward sees it: the opaque op seqpar::attention
-    for layer `index`. Set as an instance attribute of the module once (install); a call with a
-    real step plan (an eager step) runs the class's own attend unchanged."""
+class OpaqueAttention:
+    """A layer's Attention module (layers/attention.py) as the traced forward sees it: the opaque
+    op seqpar::attention for layer `index`. Set as the module's `forward` once (install); a call
+    with a real step plan (an eager step) runs the class's own forward unchanged."""
 
     def __init__(self, module, index: int):
-        self.eager = type(module).attend.__get__(module)
-        self.index, self.out_dim = index, module.o_proj.in_per_rank
+        self.eager = type(module).forward.__get__(module)
+        self.index = index
 
-    def __call__(self, qkv: torch.Tensor, plan) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
         if isinstance(plan, GraphPlan):
             from seqpar.compile import ops
 
-            return ops.attention(qkv, self.index, self.out_dim)  # [rows, hq * D]
-        return self.eager(qkv, plan)
+            return ops.attention(q, k, v, self.index)  # [rows, hq * D]
+        return self.eager(q, k, v, plan)
 
     @staticmethod
-    def install(model) -> list["OpaqueAttend"]:
+    def install(model) -> list["OpaqueAttention"]:
         """On every attention module of `model` (once); returns them in layer order."""
         out = []
         for i, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            if not isinstance(attn.__dict__.get("attend"), OpaqueAttend):
-                attn.attend = OpaqueAttend(attn, i)
-            out.append(attn.attend)
+            attn = layer.self_attn.attn
+            if not isinstance(attn.__dict__.get("forward"), OpaqueAttention):
+                attn.forward = OpaqueAttention(attn, i)
+            out.append(attn.forward)
         return out
 
 
@@ -87,7 +89,7 @@ class CompiledForward:
         self.model, self.comm = model, model.comm
         self.sp = sp and self.comm.world_size > 1
         self.kind = ("SP + overlap" if overlap else "SP") if self.sp else "TP"
-        self.attends = OpaqueAttend.install(model)
+        self.attends = OpaqueAttention.install(model)
         self.backend = SPBackend(sp=self.sp, shard_outputs=True, inductor=inductor,
                                  overlap=overlap and self.sp)
         # Dynamo caches compiled code per code object, up to a recompile limit: each instance gets
@@ -101,9 +103,10 @@ class CompiledForward:
         self.steps = 0
         """Steps this forward ran."""
 
-    def _graph(self, ids: torch.Tensor):
-        """ids [N, S] or [1, T] -> the residual stream (h, residual) after the last layer."""
-        return self.model.hidden_states(GraphPlan(ids.reshape(-1)))
+    def _graph(self, ids: torch.Tensor, positions: torch.Tensor):
+        """ids, positions [N, S] or [1, T] -> the residual stream (h, residual) after the last
+        layer."""
+        return self.model.hidden_states(GraphPlan(ids.reshape(-1), positions.reshape(-1)))
 
     @torch.inference_mode()
     def __call__(self, plan) -> torch.Tensor | None:
@@ -113,18 +116,16 @@ class CompiledForward:
         t = plan.num_tokens
         if plan.sp != self.sp:
             raise ValueError(f"a step with sp={plan.sp} sent to the compiled {self.kind} forward")
-        if self.sp:
-            rows = plan.padded
-            ids = F.pad(plan.token_ids, (0, rows - t)).view(n, rows // n)
-        else:
-            rows = t
-            ids = plan.token_ids.view(1, t)
-        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        rows, shape = (plan.padded, (n, plan.padded // n)) if self.sp else (t, (1, t))
+        ids, positions = (F.pad(x, (0, rows - t)).view(shape)
+                          for x in (plan.token_ids, plan.positions))
+        for x in (ids, positions):
+            torch._dynamo.maybe_mark_dynamic(x, 1)
         ops.ATTEND[0] = functools.partial(_attend, self.attends, plan, rows)
         graphs = len(self.backend.graphs)
         start = time.perf_counter()
         try:
-            h, residual = self._compiled(ids)
+            h, residual = self._compiled(ids, positions)
         finally:
             ops.ATTEND[0] = None
         if len(self.backend.graphs) != graphs:
@@ -167,12 +168,12 @@ class CompiledModel:
         return sum(f.compile_s for f in self.forwards.values())
 
 
-def _attend(attends: list[OpaqueAttend], plan, rows: int, layer: int,
-            qkv: torch.Tensor) -> torch.Tensor:
-    """Layer `layer`'s attend on the step's T real tokens: qkv [rows, ...] -> [rows, hq * D],
-    pad rows zero."""
+def _attend(attends: list[OpaqueAttention], plan, rows: int, layer: int, q: torch.Tensor,
+            k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Layer `layer`'s attention on the step's T real tokens: q [rows, hq, D], k, v [rows, hkv, D]
+    -> [rows, hq * D], pad rows zero."""
     t = plan.num_tokens
-    out = attends[layer].eager(qkv[:t], plan)  # [T, hq * D]
+    out = attends[layer].eager(q[:t], k[:t], v[:t], plan)  # [T, hq * D]
     return F.pad(out, (0, 0, 0, rows - t)) if rows > t else out
 
 

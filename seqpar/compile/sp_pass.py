@@ -342,6 +342,26 @@ def _aliases(node: fx.Node) -> set[fx.Node]:
     return out
 
 
+def _private_piece(node: fx.Node) -> bool:
+    """node is one piece of a chunk / split whose base nothing else reads (the MLP's gate of
+    gate_up): a write to it reaches no other reader, since the pieces do not overlap."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return False
+    split = node.args[0]
+    if not (isinstance(split, fx.Node) and _is_view(split) and _split_kind(split)
+            and all(u.op == "call_function" and u.target is operator.getitem
+                    for u in split.users)):
+        return False
+    base = split.args[0]
+    return (isinstance(base, fx.Node) and base.op != "placeholder" and not _is_view(base)
+            and list(base.users) == [split])
+
+
+def _split_kind(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in _LAST_DIM_SPLITS)
+            or (node.op == "call_function" and node.target in _LAST_DIM_SPLIT_FUNCTIONS))
+
+
 def _functionalize(graph: fx.Graph) -> int:
     """Step 0: in-place ops on fresh tensors become out of place; returns how many."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -355,7 +375,8 @@ def _functionalize(graph: fx.Graph) -> int:
                     new = latest[new]
                 node.replace_input_with(arg, new)
         target = _inplace(node)
-        if target is None or target.op == "placeholder" or _is_view(target):
+        if target is None or target.op == "placeholder" or (_is_view(target)
+                                                            and not _private_piece(target)):
             continue
         if any(order.get(u, -1) > order[node] for a in _aliases(target) for u in a.users):
             continue  # a view read after the write would miss it

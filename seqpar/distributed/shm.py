@@ -11,10 +11,11 @@ A control line holds the words its rank writes (rounds, ring pieces sent, ring p
 "sleeping" flag); a bell line holds the futex word its rank sleeps on, which the peers write.
 
 Collectives. One collective, or one chunk of a payload larger than a slot, is one round:
-  1. rank r copies its payload into its slot of buffer (round % 2);
+  1. rank r copies its payload into its slot of buffer (round % 2) (reduce_scatter: the chunks
+     for its peers only);
   2. it publishes the round's number in its control line and waits until every peer has published it;
   3. it reads what it needs from every slot: all_reduce sums the N slots, reduce_scatter sums chunk r
-     of each, all_gather concatenates them.
+     of each (its own chunk r straight from its input), all_gather concatenates them.
 A rank writes a buffer again two rounds later, when every peer has published the round in between,
 which a peer does only after reading this one: one wait per round suffices.
 
@@ -300,10 +301,14 @@ class ShmGroup:
         for a in range(0, m, step):
             k = min(step, m - a)
             slots = self._slots(x.dtype)
-            # [N, k]: columns a..a+k of every rank's chunk
-            slots[r][:n * k].view(n, k).copy_(rows[:, a:a + k])
+            # [N, k]: columns a..a+k of every peer's chunk. Row r, this rank's own chunk, only it
+            # would read: it is summed straight from x instead, and never copied.
+            mine = slots[r][:n * k].view(n, k)
+            mine[:r].copy_(rows[:r, a:a + k])
+            mine[r + 1:].copy_(rows[r + 1:, a:a + k])
             self._sync("reduce_scatter")
-            sum_into(flat[a:a + k], [s[r * k:(r + 1) * k] for s in slots])
+            sum_into(flat[a:a + k], [rows[p, a:a + k] if p == r else s[r * k:(r + 1) * k]
+                                     for p, s in enumerate(slots)])
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:

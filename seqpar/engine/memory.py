@@ -37,6 +37,37 @@ def _libc_in_use():
     return in_use
 
 
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20
+"""Blocks up to this size come from the heap: glibc's largest allowed mmap threshold on 64 bits."""
+TRIM_THRESHOLD = 1 << 30
+"""Free heap memory kept at the top of the heap before glibc returns it to the system."""
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse the memory of freed activations instead of returning it to the system.
+
+    A step allocates and frees the same [T, H] and [T, I] buffers over and over. By default glibc
+    gives blocks over 128 KiB their own mapping (its adaptive threshold grows only as far as the
+    largest block freed so far) and trims the heap top: each step then touches fresh pages, and
+    the kernel zero-fills every one of them. Measured on rank 0, 2048-token prefills of a 6-layer
+    SmolLM2-shaped model at tp=2 (fp32): 2,038 page faults a step eager and 6,784 compiled
+    (Inductor allocates where eager writes in place), 0.574 and 0.598 s; with these settings
+    1,792 and 1,008 (the KV pool's pages, touched once), 0.588 and 0.559 s. The cost is a rank's
+    resident memory staying at its peak, as a serving process's does anyway. Returns False off
+    glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # Both or neither: a fixed trim threshold alone turns off the adaptive mmap threshold, which
+    # then stays at 128 KiB and maps (and faults in) every large block.
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 class _AfterEachOp(TorchDispatchMode):
     def __init__(self, probe: "PeakMemory"):
         super().__init__()

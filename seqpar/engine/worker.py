@@ -21,7 +21,7 @@ from seqpar.config import EngineConfig, round_up
 from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
-from seqpar.engine.memory import PeakMemory
+from seqpar.engine.memory import PeakMemory, keep_freed_memory
 from seqpar.engine.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
 from seqpar.engine.sampler import Sampler
@@ -74,6 +74,8 @@ class Worker:
         parallel = cfg.parallel
         self.cfg = cfg
         self.device = rank_device(cfg.device, rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations live in host memory (memory.py says why)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.topo = topo = init_groups(backend_for(cfg.device), rank, parallel.tensor_parallel_size,

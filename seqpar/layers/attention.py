@@ -100,15 +100,21 @@ class Attention(nn.Module):
         # [num_blocks * block_size, hkv, D] views: a token's slot is one row.
         self.k_cache.view(-1, hkv, d).index_copy_(0, meta.slots, k)
         self.v_cache.view(-1, hkv, d).index_copy_(0, meta.slots, v)
+        # A step of one kind of call (decodes only, or one uncached chunk) serves all T rows in
+        # order: no rows to gather or scatter.
+        lone = meta.prefill is not None and meta.prefill.mask is None
+        if meta.prefill is None:
+            return self._decode(q, meta.decode).reshape(q.shape[0], -1)
+        if lone and meta.decode is None:
+            return self._lone_chunk(q, k, v).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.decode is not None:
             out[meta.decode.rows] = self._decode(q[meta.decode.rows], meta.decode)
-        if meta.prefill is not None:
-            batch = meta.prefill
-            if batch.mask is None:
-                out[batch.rows] = self._lone_chunk(q[batch.rows], k, v, batch)
-            else:
-                out[batch.rows] = self._prefill(q[batch.rows], batch)
+        rows = meta.prefill.rows
+        if lone:
+            out[rows] = self._lone_chunk(q[rows], k[rows], v[rows])
+        else:
+            out[rows] = self._prefill(q[rows], meta.prefill)
         return out.view(q.shape[0], -1)
 
     def _gather(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,13 +149,12 @@ class Attention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads)
         return o.transpose(1, 2).reshape(p * batch.q_max, *q.shape[1:])[batch.dest]
 
-    def _lone_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    batch: _Batch) -> torch.Tensor:
-        """One chunk with nothing cached before it: [n, hq, D] against its own keys, is_causal.
-        [1, heads, n, D] with a batch dimension: the CPU picks its fused (flash) kernel; 3-D
-        inputs with enable_gqa fall back to the math kernel (5x slower at 2048 tokens)."""
-        rows = batch.rows
+    def _lone_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One chunk with nothing cached before it: q [n, hq, D] against its own keys k, v
+        [n, hkv, D], is_causal -> [n, hq, D]. [1, heads, n, D] with a batch dimension: the CPU
+        picks its fused (flash) kernel; 3-D inputs with enable_gqa fall back to the math kernel
+        (5x slower at 2048 tokens)."""
         o = F.scaled_dot_product_attention(
-            q[None].transpose(1, 2), k[rows][None].transpose(1, 2), v[rows][None].transpose(1, 2),
+            q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
             is_causal=True, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
         return o[0].transpose(0, 1)

@@ -52,8 +52,9 @@ class LlamaAttention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, plan) -> torch.Tensor:
         """The middle between the projections, on the step's T real tokens:
-        qkv [T, (hq + 2 hkv) * D] -> [T, hq * D]. The compiled forward calls it as an opaque op
-        (compile/runner.py), so eager and compiled steps share it."""
+        qkv [T, (hq + 2 hkv) * D] -> [T, hq * D]. The compiled forward traces the split, norms and
+        rotary with it and calls `self.attn` (the KV cache and SDPA) as an opaque op
+        (compile/runner.py), so eager and compiled steps share all of it."""
         t, d = qkv.shape[0], self.attn.head_dim
         q, k, v = qkv.split(self.split, dim=-1)
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
