@@ -40,7 +40,8 @@ def pass_report(cfg, tp: int, dtype: torch.dtype, max_len: int, sp: bool = True)
 
         runner = CompiledForward(model, sp=sp)
         compiled = torch.compile(runner._graph, backend=backend, fullgraph=True)
-        ids, positions = (torch.zeros(tp, 4, dtype=torch.int64, device="meta") for _ in "ip")
+        ids = torch.zeros(tp, 4, dtype=torch.int64, device="meta")
+        positions = torch.zeros_like(ids)
         for x in (ids, positions):
             torch._dynamo.maybe_mark_dynamic(x, 1)
         try:

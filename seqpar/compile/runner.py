@@ -6,14 +6,15 @@ and their positions, nothing else. Comm then emits its collectives as custom ops
 (distributed/ops.py: the group's own transport) and the fences of ops.py; each layer's `attn`
 (layers/attention.py: the KV cache writes and SDPA, laid out by the step's block tables) is the
 opaque op `seqpar::attention`, whose eager body reads the step's plan outside the graph. The rest
-of attention (the qkv split, q/k norms, rotary) is traced and fused like the other token-wise ops. So the whole stream, from the token ids to the last layer's
-residual, is one graph with no graph break and no guard on the per-step plan; the SP pass
-(sp_pass.py) turns its all_reduces into reduce_scatter / all_gather.
+of attention (the qkv split, q/k norms, rotary) is traced and fused like the other token-wise
+ops. So the whole stream, from the token ids to the last layer's residual, is one graph with no
+graph break and no guard on the per-step plan; the SP pass (sp_pass.py) turns its all_reduces
+into reduce_scatter / all_gather.
 
-Token counts: the ids (and positions) go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a multiple of N, the
-same padding as eager SP), with S dynamic, so the graph's T is N * S and divides by N exactly; one
-graph serves every count (S = 1 is specialised by Dynamo once, so at most two graphs). On TP
-(sp=False) the ids go in as [1, T], T dynamic: again at most two graphs.
+Token counts: the ids and positions go in as [N, S] (S = T_pad / N, T_pad = T rounded up to a
+multiple of N, the same padding as eager SP), with S dynamic, so the graph's T is N * S and
+divides by N exactly; one graph serves every count (S = 1 is specialised by Dynamo once, so at
+most two graphs). On TP (sp=False) they go in as [1, T], T dynamic: again at most two graphs.
 
 The graph returns the residual stream (h, residual), as the pass left it: sharded [S, H] on an SP
 step (shard_outputs), or whole where a region stayed TP (each rank then keeps its own rows, no

@@ -264,8 +264,7 @@ def _is_token_wise(node: fx.Node) -> bool:
             return first is not None and _is_last_dim(_dim_arg(node, 2), first.dim())
         if node.target is operator.getitem:
             src, idx = node.args
-            if isinstance(src, fx.Node) and _is_token_wise(src) and (
-                    src.target in _LAST_DIM_SPLITS or src.target in _LAST_DIM_SPLIT_FUNCTIONS):
+            if isinstance(src, fx.Node) and _is_token_wise(src) and _is_split(src):
                 return isinstance(idx, int)  # one piece of a last-dim chunk / split
             # x[:, a:b] or x[..., a:b]: the first index keeps every row
             return (isinstance(idx, tuple) and len(idx) > 1 and idx[0] == slice(None, None, None))
@@ -348,7 +347,7 @@ def _private_piece(node: fx.Node) -> bool:
     if not (node.op == "call_function" and node.target is operator.getitem):
         return False
     split = node.args[0]
-    if not (isinstance(split, fx.Node) and _is_view(split) and _split_kind(split)
+    if not (isinstance(split, fx.Node) and _is_split(split)
             and all(u.op == "call_function" and u.target is operator.getitem
                     for u in split.users)):
         return False
@@ -357,7 +356,8 @@ def _private_piece(node: fx.Node) -> bool:
             and list(base.users) == [split])
 
 
-def _split_kind(node: fx.Node) -> bool:
+def _is_split(node: fx.Node) -> bool:
+    """A chunk / split (its getitems are disjoint pieces of its input)."""
     return ((node.op == "call_method" and node.target in _LAST_DIM_SPLITS)
             or (node.op == "call_function" and node.target in _LAST_DIM_SPLIT_FUNCTIONS))
 

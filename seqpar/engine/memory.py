@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,12 +22,19 @@ class _MallInfo2(ctypes.Structure):
                  "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (find_library runs ldconfig), or None where it cannot load."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _libc_in_use():
     """A function returning the bytes malloc has handed out and not got back, or None off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+    mallinfo2 = getattr(_libc(), "mallinfo2", None)  # absent off glibc, or glibc < 2.33
+    if mallinfo2 is None:
         return None
     mallinfo2.restype = _MallInfo2
 
@@ -58,9 +66,8 @@ def keep_freed_memory() -> bool:
     resident memory staying at its peak, as a serving process's does anyway. Returns False off
     glibc.
     """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     # Both or neither: a fixed trim threshold alone turns off the adaptive mmap threshold, which
     # then stays at 128 KiB and maps (and faults in) every large block.

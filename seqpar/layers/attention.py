@@ -102,9 +102,9 @@ class Attention(nn.Module):
         self.v_cache.view(-1, hkv, d).index_copy_(0, meta.slots, v)
         # A step of one kind of call (decodes only, or one uncached chunk) serves all T rows in
         # order: no rows to gather or scatter.
-        lone = meta.prefill is not None and meta.prefill.mask is None
         if meta.prefill is None:
             return self._decode(q, meta.decode).reshape(q.shape[0], -1)
+        lone = meta.prefill.mask is None
         if lone and meta.decode is None:
             return self._lone_chunk(q, k, v).reshape(q.shape[0], -1)
         out = torch.empty_like(q)
