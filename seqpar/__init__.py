@@ -2,7 +2,7 @@
 import logging
 
 from seqpar.engine.llm import LLM
-from seqpar.engine.sampler import SamplingParams
+from seqpar.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]
 

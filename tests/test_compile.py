@@ -108,7 +108,7 @@ NEXT = [13, 99, 650]
 
 
 def _plans(world):
-    from seqpar.engine.plan import StepPlan
+    from seqpar.worker.plan import StepPlan
 
     lens = [len(p) for p in SEQS]
     tables, ones = [[i] for i in range(len(SEQS))], [True] * len(SEQS)  # a block each

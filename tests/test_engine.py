@@ -10,8 +10,8 @@ import torch
 from models import hf_next_logprobs
 from seqpar import LLM, SamplingParams
 from seqpar.engine.policy import NEVER, SWEEP, SPPolicy
-from seqpar.engine.plan import SampleSpec
-from seqpar.engine.sampler import Sampler
+from seqpar.worker.plan import SampleSpec
+from seqpar.worker.sampler import Sampler
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 

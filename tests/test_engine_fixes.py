@@ -9,7 +9,7 @@ import torch
 
 from models import hf_reference
 from seqpar import LLM, SamplingParams
-from seqpar.engine.worker import rank_device
+from seqpar.worker.worker import rank_device
 
 
 def test_llm_built_in_a_thread_keeps_its_ranks(tiny):
@@ -108,7 +108,7 @@ def test_dtype_auto_follows_the_checkpoint(tiny, tmp_path):
 
 _FAULTS = """
 import resource, sys, torch
-from seqpar.engine.memory import keep_freed_memory
+from seqpar.worker.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():  # three 24 MiB activations alive at once, then freed, as a layer's are: more than

@@ -96,7 +96,7 @@ SITECUSTOMIZE = textwrap.dedent("""
     # Test-only: make rank 1 raise inside its third step (loaded by spawned ranks via PYTHONPATH).
     import os
     if os.environ.get("SEQPAR_TEST_FAIL_RANK"):
-        import seqpar.engine.worker as worker
+        import seqpar.worker.worker as worker
         original = worker.Worker.execute
         def execute(self, plan):
             self.steps_seen = getattr(self, "steps_seen", 0) + 1

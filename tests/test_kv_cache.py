@@ -124,7 +124,7 @@ def test_paged_attention_matches_per_sequence_sdpa(heads, kv_heads, window):
     import torch
     import torch.nn.functional as F
 
-    from seqpar.engine.plan import StepPlan
+    from seqpar.worker.plan import StepPlan
     from seqpar.layers.attention import Attention
 
     rng, gen = random.Random(heads), torch.Generator().manual_seed(kv_heads)

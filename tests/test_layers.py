@@ -21,7 +21,7 @@ from torch.testing import assert_close
 from dist_helpers import run_ranks
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.engine.plan import SampleSpec, StepPlan
+from seqpar.worker.plan import SampleSpec, StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)

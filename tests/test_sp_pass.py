@@ -210,7 +210,7 @@ def _seqpar_ranks(rank, world, model_dir, lengths, mix=False, overlap=False, sp=
     from seqpar.compile.runner import CompiledForward
     from seqpar.config import ModelConfig
     from seqpar.distributed.comm import Comm
-    from seqpar.engine.plan import StepPlan
+    from seqpar.worker.plan import StepPlan
     from seqpar.models import MODELS
 
     cfg = ModelConfig.from_dir(model_dir)

@@ -92,7 +92,7 @@ def boundary_bytes(cfg: ModelConfig, rows: int, tp: int, pp: int, sp: bool,
 
 def pipeline_sampled_bytes(sampled: int, pp: int, logprobs: int = 0) -> int:
     """Bytes the last stage sends rank 0 for `sampled` rows: the sampler's float64 rows [S, 2 + 2K]
-    (token, its logprob, K top ids and logprobs; engine/sampler.py), none without a pipeline
+    (token, its logprob, K top ids and logprobs; worker/sampler.py), none without a pipeline
     (rank 0 is the last stage)."""
     return sampled * (2 + 2 * logprobs) * 8 if pp > 1 else 0
 

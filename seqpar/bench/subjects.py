@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from seqpar.engine.memory import PeakMemory
+from seqpar.worker.memory import PeakMemory
 
 
 class SeqparSubject:

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from seqpar.config import EngineConfig
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, Spawner, free_port,
                                        in_torchrun)
-from seqpar.engine.plan import StepPlan
-from seqpar.engine.worker import Sampled, Worker, encode_call, follower, rank_threads
+from seqpar.worker.plan import StepPlan
+from seqpar.worker.worker import Sampled, Worker, encode_call, follower, rank_threads
 
 log = logging.getLogger("seqpar")
 

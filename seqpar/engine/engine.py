@@ -20,7 +20,8 @@ from seqpar.engine.cluster import Cluster
 from seqpar.engine.detokenizer import Detokenizer
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.policy import SPPolicy
-from seqpar.engine.sampler import SamplingParams, unpack
+from seqpar.sampling_params import SamplingParams
+from seqpar.worker.sampler import unpack
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 

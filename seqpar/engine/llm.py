@@ -16,8 +16,8 @@ from seqpar.engine.cluster import Cluster
 from seqpar.engine.engine import Engine
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.policy import NEVER, SPPolicy
-from seqpar.engine.sampler import SamplingParams
-from seqpar.engine.worker import COLLECTIVES
+from seqpar.sampling_params import SamplingParams
+from seqpar.worker.worker import COLLECTIVES
 from seqpar.loader.resolve import resolve_model
 from seqpar.report import sp_blockers
 

@@ -20,7 +20,7 @@ import torch
 
 from seqpar.config import EngineConfig, round_up
 from seqpar.engine.block_manager import BlockManager
-from seqpar.engine.plan import SampleSpec, StepPlan
+from seqpar.worker.plan import SampleSpec, StepPlan
 from seqpar.engine.sequence import Sequence
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from seqpar.engine.sampler import SamplingParams
+from seqpar.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from seqpar.engine.sampler import SamplingParams
+from seqpar.sampling_params import SamplingParams
 from seqpar.entrypoints import protocol as P
 from seqpar.entrypoints.async_engine import AsyncEngine, EngineDead, EngineRequest, QueueFull
 from seqpar.entrypoints.metrics import ServerMetrics, snapshot

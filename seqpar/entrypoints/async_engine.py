@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from seqpar.engine.sampler import SamplingParams
+from seqpar.sampling_params import SamplingParams
 
 
 class QueueFull(Exception):

@@ -1,7 +1,7 @@
 """Causal attention over a paged KV cache, one flat step of mixed prefills and decodes.
 
 Each layer's keys and values live in one pool per rank, [num_blocks, block_size, kv_heads, D],
-allocated once; a sequence's tokens sit in the blocks its block table lists (engine/plan.py). A
+allocated once; a sequence's tokens sit in the blocks its block table lists (worker/plan.py). A
 step writes its tokens' keys and values at their slots, then attends in at most two batched calls,
 whatever the number of sequences:
 - the decoding sequences (one query each) together: their blocks gathered into [B, L, kv, D]

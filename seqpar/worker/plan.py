@@ -20,7 +20,7 @@ from seqpar.layers.attention import AttentionMetadata
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """How the sampler rank draws one sampled row's token (engine/sampler.py)."""
+    """How the sampler rank draws one sampled row's token (worker/sampler.py)."""
 
     key: int
     """The request's number: names its random generator on the sampler rank."""

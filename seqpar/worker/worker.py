@@ -21,10 +21,10 @@ from seqpar.config import EngineConfig, round_up
 from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
-from seqpar.engine.memory import PeakMemory, keep_freed_memory
-from seqpar.engine.plan import StepPlan
+from seqpar.worker.memory import PeakMemory, keep_freed_memory
+from seqpar.worker.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
-from seqpar.engine.sampler import Sampler
+from seqpar.worker.sampler import Sampler
 from seqpar.layers.attention import Attention
 from seqpar.models import MODELS
 
