@@ -36,3 +36,66 @@ def build_with_tokenizer(family: str, root: Path) -> Path:
                                    eos_token="</s>", chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(out)
     return out
+
+
+# A chat template that renders tools, tool calls and tool results the way Hermes / Qwen templates
+# do (the tools' JSON in a system turn, calls as <tool_call>{...}</tool_call>).
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|> tools: {% for t in tools %}{{ t | tojson }} {% endfor %}"
+    "call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call> </s> {% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|> "
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}"
+    "</tool_call>{% endfor %}{% else %}{{ m['content'] }}{% endif %} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def _corpus() -> list[str]:
+    """Text a byte-level BPE learns its merges from: English words, JSON, numbers, accents."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]
+    for i in range(300):
+        obj = {rng.choice(WORDS): rng.choice([rng.randint(-999, 999), rng.choice(WORDS), True,
+                                              None, [1, 2.5], {"city": "Paris"}])
+               for _ in range(3)}
+        lines.append(json.dumps(obj) + " " + json.dumps(obj, indent=2))
+    # Made-up words: enough distinct pairs for the merges a ~1000-token vocab needs.
+    lines += [" ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))
+                       for _ in range(10)) for _ in range(300)]
+    lines += ["été naïve café über 日本 ✓ " * 3, "<tool_call>{\"name\": \"f\"}</tool_call>"]
+    return lines
+
+
+def build_with_bytelevel_tokenizer(family: str, root: Path, added: tuple[str, ...] = (),
+                                   **overrides) -> Path:
+    """models.build(family, **overrides) plus a byte-level BPE tokenizer (GPT-2 / Llama-3 /
+    Qwen style) trained here on a small corpus, exactly as large as the model's vocab: any text,
+    JSON included, can be written with it, and multi-byte characters span several tokens.
+    added: extra whole tokens (like Qwen's <tool_call>), appended last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import hashlib
+
+    tag = hashlib.sha1("|".join(added).encode()).hexdigest()[:8]
+    out = build(family, root / f"bytelevel-{tag}", **overrides)
+    if (out / "tokenizer.json").is_file():
+        return out
+    size = overrides.get("vocab_size", FAMILIES[family][1]["vocab_size"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size - len(added), special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    assert tok.get_vocab_size() == size - len(added), "the corpus is too small for the vocab"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", chat_template=TOOLS_CHAT_TEMPLATE)
+    fast.add_tokens(list(added))
+    fast.save_pretrained(out)
+    return out
