@@ -99,3 +99,38 @@ def build_with_bytelevel_tokenizer(family: str, root: Path, added: tuple[str, ..
     fast.add_tokens(list(added))
     fast.save_pretrained(out)
     return out
+
+
+TOOL_CALL_TURN = (" Let me check.", "<tool_call>", '{"name": "get_weather", "arguments": ',
+                  '{"city": "Paris"}}', "</tool_call>")
+"""What build_tool_caller's model writes after <|assistant|>, one added token each, then EOS."""
+
+
+def build_tool_caller(root: Path) -> Path:
+    """A checkpoint made to write a Hermes tool call: build_with_bytelevel_tokenizer's model with
+    TOOL_CALL_TURN's pieces as whole tokens, its attention and MLP outputs zeroed (o_proj,
+    down_proj), so the last hidden state is the current token's embedding, and its LM head set
+    so that greedy decoding follows <|assistant|> -> TOOL_CALL_TURN -> EOS. Any prompt that ends
+    with <|assistant|> (a chat turn) gets that answer."""
+    import torch
+    import transformers
+
+    out = build_with_bytelevel_tokenizer("llama-gqa", root, added=TOOL_CALL_TURN)
+    if (out / "tool_caller").is_file():
+        return out
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    chain = [tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", *TOOL_CALL_TURN)]
+    chain.append(tokenizer.eos_token_id)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed = model.model.embed_tokens.weight
+        for a, b in zip(chain, chain[1:]):
+            # logit of b after a: 8 |e_a| . rmsnorm(e_a) = 8 sqrt(H), far above any other.
+            model.lm_head.weight[b] = 8 * embed[a] / embed[a].norm()
+    model.save_pretrained(out)
+    (out / "tool_caller").touch()
+    return out

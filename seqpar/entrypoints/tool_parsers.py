@@ -207,7 +207,8 @@ def tool_choice_constraint(tools: list[P.ToolDefinition], tool_choice
                            ) -> StructuredOutputsParams | None:
     """The grammar that forces "required" or a named function's call (None for "none" / "auto"):
     a JSON array of at least one {"name": one of the tools, "parameters": its schema}, or the
-    named function's arguments object."""
+    named function's arguments object. Compact JSON (no free whitespace): a call needs no
+    layout, and a model cannot pad it forever."""
     def schema(tool: P.ToolDefinition) -> dict:
         return tool.function.parameters or {"type": "object"}
 
@@ -216,10 +217,11 @@ def tool_choice_constraint(tools: list[P.ToolDefinition], tool_choice
                                                    "parameters": schema(t)},
                   "required": ["name", "parameters"]} for t in tools]
         return StructuredOutputsParams(json={"type": "array", "minItems": 1,
-                                             "items": {"anyOf": calls}})
+                                             "items": {"anyOf": calls}},
+                                       disable_any_whitespace=True)
     if isinstance(tool_choice, P.NamedToolChoice):
         [tool] = [t for t in tools if t.function.name == tool_choice.function.name]
-        return StructuredOutputsParams(json=schema(tool))
+        return StructuredOutputsParams(json=schema(tool), disable_any_whitespace=True)
     return None
 
 
