@@ -3,7 +3,6 @@ engine (engine.py) from rank 0."""
 from __future__ import annotations
 
 import itertools
-import logging
 
 import torch
 
@@ -14,7 +13,6 @@ from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.sampling_params import SamplingParams
 from seqpar.worker.worker import COLLECTIVES
 
-log = logging.getLogger("seqpar")
 COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "all_to_all", "send", "recv")
 
 
