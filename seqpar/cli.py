@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from seqpar.entrypoints.tool_parsers import PARSERS
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
@@ -138,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="most requests waiting for a batch slot; beyond it requests get 429")
     serve.add_argument("--seed", type=int, default=0, help="engine seed (requests may set their own)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model decide to call tools (tool_choice "auto"); needs '
+                            "--tool-call-parser")
+    serve.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                       help="how the model writes tool calls: hermes (Qwen2, Qwen3, Hermes) or "
+                            "llama3_json (Llama 3.x)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a model x tp x pp and print the parallel plan")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 class Detokenizer:
     """One sequence's generated text, one token at a time (the tokenizers library's DecodeStream,
-    which keeps only the few tokens a multi-byte character may still need)."""
+    which keeps only the few tokens a multi-byte character may still need).
+
+    Only the text not yet handed out is kept (`pending`): at most the longest stop string's
+    length minus one held back, plus the newest piece. A stop string cannot begin in text already
+    handed out: while any tail of the text could begin one, that tail is held back."""
 
     def __init__(self, tokenizer, stop: list[str]):
         from tokenizers.decoders import DecodeStream  # with the tokenizer, which is optional
@@ -12,33 +16,33 @@ class Detokenizer:
         self.backend = tokenizer.backend_tokenizer
         self.stream = DecodeStream(skip_special_tokens=True)
         self.stop = stop
-        self.longest_stop = max(map(len, stop), default=0)
-        self.full = ""
-        """Everything decoded so far."""
-        self.cut: int | None = None
-        """Where a stop string begins in `full`, once one appeared."""
+        self.pending = ""
+        """Decoded text not handed out yet."""
+        self.stopped = False
+        """A stop string appeared; `pending` ends before it."""
 
     def add(self, token: int) -> bool:
         """Decode one more token; True when a stop string has appeared (the text ends before it)."""
         piece = self.stream.step(self.backend, token)
-        if not piece or not self.stop:
-            self.full += piece or ""
-            return False
-        # Only a stop string that overlaps the new piece is new: search from there.
-        begin = max(0, len(self.full) - self.longest_stop + 1)
-        self.full += piece
-        found = [i for i in (self.full.find(s, begin) for s in self.stop) if i >= 0]
-        if found:
-            self.cut = min(found)
-        return self.cut is not None
+        if piece:
+            self.pending += piece
+            found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+            if found:
+                self.pending = self.pending[:min(found)]
+                self.stopped = True
+        return self.stopped
 
-    def text(self, finished: bool) -> str:
-        """The text to show: up to a stop string; while running, without a tail that may be the
-        beginning of one."""
-        if self.cut is not None:
-            return self.full[:self.cut]
-        if finished or not self.stop:
-            return self.full
-        hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(self.full)), 0, -1)
-                    if self.full.endswith(s[:n])), default=0)
-        return self.full[:len(self.full) - hold]
+    def delta(self, finished: bool) -> str:
+        """The text to hand out now: what is pending, less (while running) a tail that may be the
+        beginning of a stop string."""
+        hold = 0 if finished or self.stopped else partial_suffix(self.pending, self.stop)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+
+def partial_suffix(text: str, markers: list[str]) -> int:
+    """The length of the longest tail of text that is a proper beginning of one of markers (the
+    characters to hold back until the next piece shows whether a marker forms)."""
+    return max((n for m in markers for n in range(min(len(m) - 1, len(text)), 0, -1)
+                if text.endswith(m[:n])), default=0)

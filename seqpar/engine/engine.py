@@ -2,8 +2,8 @@
 
     engine.add_request("a", prompt_ids, SamplingParams(...))
     while engine.has_unfinished():
-        for out in engine.step():      # the requests that got a token (or finished) in this step
-            ...
+        for delta in engine.step():    # what is new for each request that got a token (or
+            ...                        # finished) in this step: outputs.DeltaOutput
     engine.abort_request("a")          # frees its KV blocks at once
 
 It owns the scheduler (and through it the block manager) and drives the ranks (Cluster). It is
@@ -17,10 +17,11 @@ from collections import deque
 
 from seqpar.config import EngineConfig
 from seqpar.engine.cluster import Cluster
-from seqpar.engine.detokenizer import Detokenizer
-from seqpar.engine.outputs import RequestOutput
+from seqpar.engine.output_processor import OutputProcessor
+from seqpar.engine.outputs import DeltaOutput
 from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
+from seqpar.structured_output import validate as validate_grammar
 from seqpar.worker.sampler import unpack
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
@@ -37,7 +38,7 @@ class Engine:
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.scheduler = Scheduler(cfg)
         self.requests: dict[str, Sequence] = {}
-        self.detokenizers: dict[str, Detokenizer] = {}
+        self.output = OutputProcessor(tokenizer, eos_ids, cfg.max_model_len)
         self.in_flight: deque = deque()
         self.max_in_flight = cfg.parallel.pipeline_parallel_size
         """Steps in flight at once: one per stage (fewer only to measure what they buy)."""
@@ -61,19 +62,32 @@ class Engine:
         if bad:
             raise ValueError(f"{what}: token id {bad[0]} is outside the vocab (size {vocab})")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """ValueError for settings this engine cannot honour: a grammar xgrammar cannot build;
+        and, until the sampler rank applies grammar masks and the last stage computes prompt
+        logprobs (issue 21, after the sampler's rework), structured outputs and prompt logprobs
+        at all: refused, never silently ignored."""
+        if params.structured_outputs is not None:
+            validate_grammar(params.structured_outputs)
+            raise ValueError("structured_outputs: the grammar is valid, but this engine's sampler "
+                             "does not apply grammar masks yet")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: this engine does not compute prompt logprobs yet")
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
-        """Queue a request (ValueError, and nothing queued, for a bad prompt or a duplicate id)."""
+        """Queue a request (ValueError, and nothing queued, for a bad prompt, settings the engine
+        cannot honour or a duplicate id)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         ids = [int(t) for t in prompt_ids]
         self.check_prompt(ids)
+        self.check_params(params)
         key, self._keys = self._keys, self._keys + 1
         seed = params.seed if params.seed is not None else self.cfg.seed * SEED_MIX + key
         seq = Sequence(request_id, key, ids, params, seed, prompt)
         self.requests[request_id] = seq
-        if self.tokenizer is not None:
-            self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop)
+        self.output.add_request(seq)
         self.stats["prompt_tokens"] += len(ids)
         self.scheduler.add(seq)
 
@@ -81,7 +95,7 @@ class Engine:
         """End a request now and free its KV blocks (unknown or finished ids: nothing to do)."""
         seq = self.requests.pop(request_id, None)
         if seq is not None:
-            self.detokenizers.pop(request_id, None)
+            self.output.abort(request_id)
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
@@ -95,9 +109,9 @@ class Engine:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step (issuing more while stages are free) and return the outputs of the
-        requests that got a token or finished in it; [] when nothing could run."""
+    def step(self) -> list[DeltaOutput]:
+        """Run one step (issuing more while stages are free) and return what is new for each
+        request that got a token or finished in it; [] when nothing could run."""
         self.cluster.check_open()
         with self.cluster.guard():
             self._issue()
@@ -131,28 +145,14 @@ class Engine:
             self.steps["padded_tokens"] += plan.padded - total
             self.in_flight.append((plan, seqs, counts, self.cluster.run_step(plan)))
 
-    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> DeltaOutput:
         seq.token_ids.append(token)
         self.stats["generation_tokens"] += 1
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        p = seq.params
-        detok = self.detokenizers.get(seq.request_id)
-        reason = None
-        if detok is not None and detok.add(token):
-            reason = "stop"
-        elif token in self.eos_ids and not p.ignore_eos:
-            reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+        out = self.output.process(seq, token, logprob)
+        if out.finished:
+            self.scheduler.finish(seq, out.finish_reason)
             del self.requests[seq.request_id]
-            self.detokenizers.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.output_ids,
-                             "" if detok is None else detok.text(seq.finished), seq.finish_reason,
-                             list(seq.logprobs) if p.logprobs is not None else None,
-                             seq.num_cached_tokens)
+        return out
 
     # ---- statistics --------------------------------------------------------------------------
 

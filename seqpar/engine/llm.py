@@ -3,81 +3,47 @@ engine (engine.py) from rank 0."""
 from __future__ import annotations
 
 import itertools
-import json
-import logging
-from pathlib import Path
 
 import torch
 
-from seqpar.compile.runner import check_single_stage
-from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
-from seqpar.distributed.launch import in_torchrun
-from seqpar.engine.cluster import Cluster
-from seqpar.engine.engine import Engine
-from seqpar.engine.outputs import RequestOutput
-from seqpar.engine.policy import NEVER, SPPolicy
+from seqpar.engine.args import EngineArgs
+from seqpar.engine.outputs import OutputCollector, RequestOutput
+from seqpar.engine.policy import SPPolicy
+from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.sampling_params import SamplingParams
 from seqpar.worker.worker import COLLECTIVES
-from seqpar.loader.resolve import resolve_model
-from seqpar.report import sp_blockers
 
-log = logging.getLogger("seqpar")
 COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "all_to_all", "send", "recv")
 
 
 class LLM:
     """A Llama-family model served over tensor_parallel_size x pipeline_parallel_size ranks.
-    See docs/architecture.md for the API."""
 
-    def __init__(self, model: str = "smollm2", tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1, sequence_parallel: str = "auto",
-                 overlap: bool = False, compile: bool = False, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, *, block_size: int = 16,
-                 kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.9, sp_min_tokens: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 device: str | None = None, threads_per_rank: int | None = None,
-                 shm: bool = True, enable_expert_parallel: bool = False):
-        self.cluster = None
-        parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
-                                  sp_min_tokens, overlap, shm, enable_expert_parallel)
-        if compile:
-            check_single_stage(pipeline_parallel_size)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model_dir = resolve_model(model)
-        model_cfg = ModelConfig.from_dir(model_dir)
-        if max_model_len is None:
-            max_model_len = model_cfg.max_position_embeddings
-        elif max_model_len > model_cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
-                             f"max_position_embeddings={model_cfg.max_position_embeddings}")
-        self.cfg = EngineConfig(model_dir, model_cfg, parallel, dtype, max_model_len, max_num_seqs,
-                                max_num_batched_tokens, seed, device, threads_per_rank,
-                                block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                gpu_memory_utilization=gpu_memory_utilization,
-                                enable_prefix_caching=enable_prefix_caching, compile=compile)
-        world = parallel.world_size
-        if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
-            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "
-                             f"{world} GPUs; {torch.cuda.device_count()} visible")
-        self.tokenizer = _load_tokenizer(model_dir)
-        eos_ids = _eos_ids(model_dir, model_cfg, self.tokenizer)
+    LLM(model, **options): options are EngineArgs' fields (seqpar/engine/args.py), e.g.
+    tensor_parallel_size, sequence_parallel, dtype, max_model_len. See docs/architecture.md."""
 
-        # Start the ranks: validation is over, nothing above started a process.
-        self.cluster = Cluster(self.cfg)
-        self.rank = self.cluster.rank
-        with self.cluster.guard():
-            blockers = sp_blockers(self.worker.model)
-            if blockers and sequence_parallel != "off":
-                log.warning("seqpar: this model runs without sequence parallelism: "
-                            + "; ".join(blockers))
-                sequence_parallel = "off"
-            thresholds = self._thresholds(sequence_parallel)
-        policy = SPPolicy(sequence_parallel, tensor_parallel_size, thresholds[0],
-                          overlap=overlap, overlap_threshold=thresholds[1])
-        self.engine = Engine(self.cfg, self.cluster, policy, self.tokenizer, eos_ids)
+    def __init__(self, model: str = "smollm2", **options):
+        self.engine = None
+        self.engine = EngineArgs(model=model, **options).create_engine()
         self._p2p = [0, 0, 0, 0]  # the whole pipeline's [send calls, bytes, recv calls, bytes]
         self._ids = itertools.count()
+
+    @property
+    def cfg(self):
+        return self.engine.cfg
+
+    @property
+    def cluster(self):
+        """The ranks (None when the LLM failed to start)."""
+        return None if self.engine is None else self.engine.cluster
+
+    @property
+    def rank(self) -> int:
+        return self.cluster.rank
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
     @property
     def worker(self):
@@ -94,22 +60,6 @@ class LLM:
     def eos_ids(self) -> set[int]:
         return self.engine.eos_ids
 
-    # ---- start-up ---------------------------------------------------------------------------
-
-    def _thresholds(self, mode: str) -> tuple[int | None, int | None]:
-        """(SP threshold, overlap threshold) in tokens for "auto": given, or measured on all ranks."""
-        parallel = self.cfg.parallel
-        if mode != "auto" or parallel.tensor_parallel_size == 1:
-            return None, None
-        if parallel.sp_min_tokens is not None:
-            log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
-            return parallel.sp_min_tokens, parallel.sp_min_tokens
-        sp, overlap = self.cluster.call("measure")
-        said = lambda t: "never" if t >= NEVER else f"{t} tokens"  # noqa: E731
-        log.info(f"seqpar: measured thresholds: SP from {said(sp)}"
-                 + (f", SP + overlap from {said(overlap)}" if parallel.overlap else ""))
-        return sp, overlap
-
     # ---- generation ------------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -122,20 +72,25 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(requests)
         if len(params) != len(requests):
             raise ValueError(f"{len(params)} sampling params for {len(requests)} prompts")
+        for p in params:
+            self.engine.check_params(p)
         if self.cluster.torchrun and self.rank != 0:
             return self.cluster.follow_call()
         if self.cluster.torchrun:
             self.cluster.begin_call()
         engine = self.engine
         ids = [f"generate-{next(self._ids)}" for _ in requests]
+        collectors = {}
         for request_id, (prompt, prompt_ids), p in zip(ids, requests, params):
             engine.add_request(request_id, prompt_ids, p, prompt)
+            collectors[request_id] = OutputCollector(request_id, prompt, prompt_ids)
         done = {}
         try:
             while len(done) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
+                for delta in engine.step():
+                    collectors[delta.request_id].add(delta)
+                    if delta.finished:
+                        done[delta.request_id] = collectors[delta.request_id].result()
         finally:
             for request_id in ids:
                 if request_id not in done:  # interrupted: leave nothing behind in the engine
@@ -154,12 +109,12 @@ class LLM:
         prompts = [{"prompt_token_ids": self.chat_prompt_ids(conv)} for conv in conversations]
         return self.generate(prompts, sampling_params)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A conversation through the tokenizer's chat template, ready for the assistant's turn."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.cfg.model_dir} has no tokenizer with a chat template")
-        return _as_ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                          tokenize=True))
+        try:
+            return chat_prompt_ids(self.tokenizer, messages, tools)
+        except ValueError as e:
+            raise ValueError(f"{self.cfg.model_dir}: {e}") from e
 
     def _normalize(self, prompts) -> list[tuple[str | None, list[int]]]:
         """str | list[str] | list[int] | list[list[int]] | {"prompt_token_ids"|"prompt": ..} | list
@@ -188,10 +143,10 @@ class LLM:
 
     def encode(self, text: str, what: str = "prompt") -> list[int]:
         """Token ids of a text prompt (ValueError when the model has no tokenizer)."""
-        if self.tokenizer is None:
-            raise ValueError(f"{what} is text but {self.cfg.model_dir} has no tokenizer files; "
-                             "pass token ids instead")
-        return _as_ids(self.tokenizer(text)["input_ids"])
+        try:
+            return encode(self.tokenizer, text, what)
+        except ValueError as e:
+            raise ValueError(f"{self.cfg.model_dir}: {e}") from e
 
     # ---- statistics and lifetime ------------------------------------------------------------
 
@@ -265,12 +220,12 @@ class LLM:
         self._p2p = [0, 0, 0, 0]
 
     def _check_open(self) -> None:
-        if self.cluster is None:
+        if self.engine is None:
             raise RuntimeError("this LLM failed to start")
         self.cluster.check_open()
 
     def close(self) -> None:
-        if self.cluster is not None:
+        if self.engine is not None:
             self.cluster.close()
 
     def __enter__(self):
@@ -279,31 +234,3 @@ class LLM:
     def __exit__(self, *exc):
         self.close()
 
-
-def _as_ids(encoded) -> list[int]:
-    if hasattr(encoded, "keys") and "input_ids" in encoded:
-        encoded = encoded["input_ids"]
-    if hasattr(encoded, "tolist"):
-        encoded = encoded.tolist()
-    if encoded and isinstance(encoded[0], list):
-        encoded = encoded[0]
-    return list(encoded)
-
-
-def _load_tokenizer(model_dir: Path):
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((model_dir / n).is_file() for n in names):
-        return None
-    from transformers import AutoTokenizer  # slow import: only where a tokenizer exists
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer) -> set[int]:
-    ids = set(cfg.eos_token_ids)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -16,7 +16,6 @@ class Sequence:
     params: SamplingParams
     seed: int
     prompt: str | None = None
-    logprobs: list[dict] = field(default_factory=list)
     computed: int = 0
     """Tokens whose keys and values are in the KV cache."""
     scheduled: int = 0

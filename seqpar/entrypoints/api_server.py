@@ -1,14 +1,16 @@
-"""`seqpar serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one LLM's engine.
+"""`seqpar serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over one engine.
 
 One handler per endpoint; each turns its body into engine requests, submits them to the async
-front (async_engine.py) and streams or collects their outputs. Every error is an OpenAI error
-object `{"error": {"message", "type", "param", "code"}}`.
+front (async_engine.py) and streams the engine's deltas as they come (or folds them into whole
+outputs). Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
+The server holds the engine and its tokenizer only (no offline LLM).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import hmac
+import json
 import os
 import signal
 import socket
@@ -22,10 +24,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from seqpar.sampling_params import SamplingParams
+from seqpar.engine.outputs import OutputCollector
+from seqpar.engine.tokenizer import as_ids, chat_prompt_ids
 from seqpar.entrypoints import protocol as P
 from seqpar.entrypoints.async_engine import AsyncEngine, EngineDead, EngineRequest, QueueFull
 from seqpar.entrypoints.metrics import ServerMetrics, snapshot
+from seqpar.entrypoints.tool_parsers import assemble, extractor, tool_choice_constraint
+from seqpar.sampling_params import SamplingParams, StructuredOutputsParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
@@ -55,17 +60,20 @@ def _error_json(status: int, message: str) -> str:
 # ---- the server's state ----------------------------------------------------------------------
 
 class Server:
-    """What the handlers share: the engine front, a tokenizer of the loop's own, the metrics."""
+    """What the handlers share: the engine front, the tokenizer, the metrics, the tool options."""
 
-    def __init__(self, llm, model_name: str, max_waiting: int, on_death):
-        self.llm = llm
+    def __init__(self, engine, model_name: str, max_waiting: int, on_death,
+                 tool_parser: str | None = None):
+        self.engine = engine
         self.model_name = model_name
-        self.max_model_len = llm.cfg.max_model_len
+        self.max_model_len = engine.cfg.max_model_len
         # Shared with the engine thread's detokenizers: encoding, chat templates and decoding
         # only read a fast tokenizer (tokenizers' objects take shared borrows for them).
-        self.tokenizer = llm.tokenizer
+        self.tokenizer = engine.tokenizer
+        self.tool_parser = tool_parser
+        """The --tool-call-parser for tool_choice "auto"; None: "auto" is refused."""
         self.metrics = ServerMetrics(model_name)
-        self.front = AsyncEngine(llm.engine, max_waiting, lambda: _rank_failure(llm),
+        self.front = AsyncEngine(engine, max_waiting, lambda: _rank_failure(engine.cluster),
                                  self.metrics, on_death)
 
     def check_model(self, name: str | None) -> None:
@@ -73,21 +81,49 @@ class Server:
             raise APIError(404, f"the model '{name}' does not exist; this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
 
-    def encode(self, text: str) -> list[int]:
-        try:
-            return self.llm.encode(text)
-        except ValueError as e:  # no tokenizer
-            raise APIError(400, str(e), param="prompt") from e
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "the prompt is text but the model has no tokenizer files; send "
+                                "token ids instead", param="prompt")
+        return as_ids(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_ids(self, messages: list[P.ChatMessage]) -> list[int]:
+    def chat_ids(self, messages: list[P.ChatMessage], tools: list[P.ToolDefinition] | None,
+                 add_generation_prompt: bool = True) -> list[int]:
         try:
-            return self.llm.chat_prompt_ids([{"role": m.role, "content": m.text()}
-                                             for m in messages])
+            return chat_prompt_ids(self.tokenizer, [_template_message(m) for m in messages],
+                                   [t.model_dump(exclude_none=True) for t in tools or []] or None,
+                                   add_generation_prompt)
         except ValueError as e:  # no tokenizer or no chat template
             raise APIError(400, f"{e}; use /v1/completions", param="messages") from e
 
     def token_text(self, token: int) -> str:
         return str(token) if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """max_tokens (None: as many as fit), after a 400 naming both numbers when the prompt
+        and max_tokens do not fit in max_model_len (a prompt too long alone is the prompt's)."""
+        try:
+            self.engine.check_prompt(ids)
+        except ValueError as e:  # the message names the limit
+            raise APIError(400, str(e), param="prompt") from e
+        if max_tokens is None:
+            return max(1, self.max_model_len - len(ids))
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"{param}={max_tokens} and the prompt's {len(ids)} tokens make "
+                                f"{len(ids) + max_tokens} tokens, more than this model's "
+                                f"max_model_len={self.max_model_len}; lower {param} or shorten "
+                                "the prompt", param=param)
+        return max_tokens
+
+    def check_params(self, params: SamplingParams, fields: dict[str, str]) -> None:
+        """What the engine cannot honour (a grammar xgrammar cannot build...) as a 400 naming
+        the request's field: fields maps "structured_outputs" / "prompt_logprobs" to it."""
+        try:
+            self.engine.check_params(params)
+        except ValueError as e:
+            culprit = "structured_outputs" if params.structured_outputs is not None \
+                else "prompt_logprobs"
+            raise APIError(400, str(e), param=fields.get(culprit, culprit)) from e
 
     async def submit(self, requests: list[EngineRequest]):
         try:
@@ -96,12 +132,34 @@ class Server:
             raise APIError(400, str(e), param="prompt") from e
 
 
-def _rank_failure(llm) -> str | None:
-    """Why one of the LLM's ranks died, None while they all live."""
-    cluster = llm.cluster
+def _rank_failure(cluster) -> str | None:
+    """Why one of the engine's ranks died, None while they all live."""
     if cluster.alive():
         return None
     return (cluster.spawner and cluster.spawner.failure(5.0)) or "a rank died"
+
+
+def _template_message(m: P.ChatMessage) -> dict:
+    """A message as chat templates read it: tool calls' arguments as objects (templates render
+    them with tojson), not OpenAI's JSON text."""
+    message = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        message["name"] = m.name
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": c.type,
+             "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+            for c in m.tool_calls]
+    return message
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 # ---- request -> engine requests --------------------------------------------------------------
@@ -113,19 +171,37 @@ def _refuse_unsupported(body) -> None:
                            param=name)
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _structured(body, tool_constraint: StructuredOutputsParams | None = None
+                ) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's grammar and the field that asked for it: structured_outputs,
+    response_format or (chat) a tool_choice that forces calls; two at once is a 400."""
+    given = []
+    if body.structured_outputs is not None:
+        given.append(("structured_outputs", body.structured_outputs))
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", StructuredOutputsParams(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs "
+                                "json_schema.schema", param="response_format")
+        given.append(("response_format", StructuredOutputsParams(json=fmt.json_schema.json_schema)))
+    if tool_constraint is not None:
+        given.append(("tool_choice", tool_constraint))
+    if len(given) > 1:
+        raise APIError(400, f"{given[0][0]} and {given[1][0]} both constrain the output; send "
+                            "one of them", param=given[1][0])
+    return given[0][1] if given else None, given[0][0] if given else None
+
+
+def _sampling(body, max_tokens: int, logprobs: int | None, **extra) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-            logprobs=logprobs, stop=body.stop, ignore_eos=body.ignore_eos, seed=body.seed)
+            logprobs=logprobs, stop=body.stop, ignore_eos=body.ignore_eos, seed=body.seed, **extra)
     except ValueError as e:
         raise APIError(400, str(e)) from e
-
-
-def _max_tokens(asked: int | None, max_model_len: int, ids: list[int]) -> int:
-    """None: as many as fit in max_model_len (a prompt too long is refused by the engine)."""
-    return asked if asked is not None else max(1, max_model_len - len(ids))
 
 
 def _engine_requests(request_id: str, prompts: list[tuple[str | None, list[int]]],
@@ -149,20 +225,10 @@ def _index(out) -> int:
 def _usage(prompt_lens: list[int], finals: list, n: int) -> P.Usage:
     prompt = sum(prompt_lens)
     completion = sum(len(out.token_ids) for out in finals)
-    cached = sum(getattr(out, "num_cached_tokens", 0) for out in finals if _index(out) % n == 0)
+    cached = sum(out.num_cached_tokens for out in finals if _index(out) % n == 0)
     return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
                    total_tokens=prompt + completion,
                    prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
-
-
-async def _deltas(stream):
-    """(output, new text, new token ids, their logprobs) as each output arrives."""
-    seen: dict[str, tuple[int, int]] = {}
-    async for out in stream:
-        chars, tokens = seen.get(out.request_id, (0, 0))
-        seen[out.request_id] = (len(out.text), len(out.token_ids))
-        logprobs = None if out.logprobs is None else out.logprobs[tokens:]
-        yield out, out.text[chars:], out.token_ids[tokens:], logprobs
 
 
 async def _disconnected(request: Request) -> None:
@@ -170,14 +236,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _final_outputs(stream, request: Request) -> list | None:
-    """Every engine request's last output, in choice order; None if the client left first
-    (its requests are aborted then)."""
+async def _final_outputs(stream, request: Request, prompts: dict[str, tuple]) -> list | None:
+    """Every engine request's whole output (folded from its deltas), in choice order; None if
+    the client left first (its requests are aborted then). prompts: request id -> (text, ids)."""
     async def collect():
-        finals = {}
-        async for out in stream:
-            finals[out.request_id] = out
-        return sorted(finals.values(), key=_index)
+        collectors = {rid: OutputCollector(rid, *prompt) for rid, prompt in prompts.items()}
+        async for delta in stream:
+            collectors[delta.request_id].add(delta)
+        return sorted((c.result() for c in collectors.values()), key=_index)
 
     async with stream:
         done_task = asyncio.ensure_future(collect())
@@ -207,17 +273,23 @@ def _sse(chunks, stream) -> StreamingResponse:
 
 # ---- logprobs in OpenAI's two shapes ---------------------------------------------------------
 
-def _completion_logprobs(server: Server, ids: list[int], logprobs: list[dict], k: int,
+def _completion_logprobs(server: Server, ids: list[int], logprobs: list[dict | None], k: int,
                          offset: int) -> P.CompletionLogprobs:
+    """Legacy completions' logprobs of ids, text offsets counted from offset. An entry None (the
+    first prompt token's, with echo) has no logprob and no top tokens."""
     result = P.CompletionLogprobs()
     for token, step in zip(ids, logprobs):
         text = server.token_text(token)
-        top = sorted(step.items(), key=lambda kv: -kv[1])[:k]
         result.tokens.append(text)
-        result.token_logprobs.append(step.get(token))
-        result.top_logprobs.append({server.token_text(t): lp for t, lp in top})
         result.text_offset.append(offset)
         offset += len(text)
+        if step is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        top = sorted(step.items(), key=lambda kv: -kv[1])[:k]
+        result.token_logprobs.append(step.get(token))
+        result.top_logprobs.append({server.token_text(t): lp for t, lp in top})
     return result
 
 
@@ -254,6 +326,7 @@ def build_app(server: Server, api_key: str | None) -> FastAPI:
                            code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    keyed = APIRouter(dependencies=[Depends(check_api_key)])
 
     @app.get("/health")
     async def health():
@@ -265,14 +338,38 @@ def build_app(server: Server, api_key: str | None) -> FastAPI:
     async def metrics():
         snap = None
         if server.front.error is None:
-            snap = await server.front.call(lambda engine: snapshot(server.llm))
+            snap = await server.front.call(snapshot)
         return Response(server.metrics.render(snap), media_type=CONTENT_TYPE_LATEST)
 
     @v1.get("/models")
     async def models() -> P.ModelList:
-        card = P.ModelCard(id=server.model_name, root=str(server.llm.cfg.model_dir),
+        card = P.ModelCard(id=server.model_name, root=str(server.engine.cfg.model_dir),
                            max_model_len=server.max_model_len)
         return P.ModelList(data=[card])
+
+    @keyed.post("/tokenize")
+    async def tokenize(body: P.TokenizeCompletionRequest | P.TokenizeChatRequest
+                       ) -> P.TokenizeResponse:
+        server.check_model(body.model)
+        if isinstance(body, P.TokenizeChatRequest):
+            ids = server.chat_ids(body.messages, body.tools, body.add_generation_prompt)
+        else:
+            ids = server.encode(body.prompt, body.add_special_tokens)
+        strs = server.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return P.TokenizeResponse(count=len(ids), max_model_len=server.max_model_len, tokens=ids,
+                                  token_strs=strs)
+
+    @keyed.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        server.check_model(body.model)
+        if server.tokenizer is None:
+            raise APIError(400, "the model has no tokenizer files", param="tokens")
+        vocab = server.engine.cfg.model.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocab (size {vocab})",
+                           param="tokens")
+        return P.DetokenizeResponse(prompt=server.tokenizer.decode(body.tokens))
 
     @v1.post("/completions")
     async def completions(body: P.CompletionRequest, request: Request):
@@ -286,60 +383,93 @@ def build_app(server: Server, api_key: str | None) -> FastAPI:
         prompts = [(p, server.encode(p)) if isinstance(p, str) else (None, list(p))
                    for p in prompt]
         k = body.logprobs
-        params = [_sampling(body, _max_tokens(body.max_tokens, server.max_model_len, ids), k)
+        # Echo with logprobs scores the prompt too (what log-likelihood evaluations read).
+        asked = [x for x in (body.prompt_logprobs, k if body.echo else None) if x is not None]
+        prompt_k = max(asked) if asked else None
+        grammar, grammar_field = _structured(body)
+        fields = {"structured_outputs": grammar_field,
+                  "prompt_logprobs": "prompt_logprobs" if body.prompt_logprobs is not None
+                  else "echo"}
+        params = [_sampling(body, server.check_length(ids, body.max_tokens, "max_tokens"), k,
+                            prompt_logprobs=prompt_k, structured_outputs=grammar)
                   for _, ids in prompts]
+        for p in params[:1]:  # the same settings for every prompt
+            server.check_params(p, fields)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await server.submit(_engine_requests(request_id, prompts, params, body.n))
+        requests = _engine_requests(request_id, prompts, params, body.n)
+        stream = await server.submit(requests)
         prompt_lens = [len(ids) for _, ids in prompts]
         make = lambda choices, usage=None: P.CompletionResponse(  # noqa: E731
             id=request_id, model=server.model_name, choices=choices, usage=usage)
 
-        def logprobs_of(ids, lps, offset):
-            return None if k is None else _completion_logprobs(server, ids, lps, k, offset)
+        def choice(out, first: bool, offset: int) -> P.CompletionChoice:
+            """A choice of out (a delta, or a whole output); the first of a choice starts with
+            the prompt under echo. offset: where out's text begins in the choice's text."""
+            text, ids, lps = out.text, out.token_ids, out.logprobs
+            if body.echo and first:
+                prompt_text, prompt_ids = prompts[_index(out) // body.n]
+                if prompt_text is None:
+                    prompt_text = "" if server.tokenizer is None else \
+                        server.tokenizer.decode(prompt_ids)
+                text = prompt_text + text
+                if k is not None:  # the prompt's logprobs were asked with echo (prompt_k)
+                    ids, lps = prompt_ids + ids, out.prompt_logprobs + lps
+            return P.CompletionChoice(
+                index=_index(out), text=text, finish_reason=out.finish_reason,
+                logprobs=None if k is None else _completion_logprobs(server, ids, lps, k, offset),
+                prompt_logprobs=_prompt_logprobs(out.prompt_logprobs)
+                if body.prompt_logprobs is not None and first else None)
 
         if body.stream:
             async def chunks():
-                finals, offsets = [], {}
-                async for out, text, ids, lps in _deltas(stream):
-                    if not (text or ids or out.finished):
+                finals, offsets = {}, {}
+                async for out in stream:
+                    if not (out.text or out.token_ids or out.finished):
                         continue
-                    offset = offsets.get(out.request_id, 0)
-                    offsets[out.request_id] = offset + len(text)
-                    yield make([P.CompletionChoice(index=_index(out), text=text,
-                                                   logprobs=logprobs_of(ids, lps, offset),
-                                                   finish_reason=out.finish_reason)])
-                    if out.finished:
-                        finals.append(out)
+                    first = out.request_id not in offsets
+                    part = choice(out, first, offsets.get(out.request_id, 0))
+                    offsets[out.request_id] = offsets.get(out.request_id, 0) + len(part.text)
+                    yield make([part])
+                    finals.setdefault(out.request_id, OutputCollector(out.request_id, None, []))
+                    finals[out.request_id].add(out)
                 if body.stream_options and body.stream_options.include_usage:
-                    yield make([], _usage(prompt_lens, finals, body.n))
+                    yield make([], _usage(prompt_lens, [f.result() for f in finals.values()],
+                                          body.n))
             return _sse(chunks(), stream)
 
-        finals = await _final_outputs(stream, request)
+        finals = await _final_outputs(stream, request, {r.request_id: (r.prompt, r.prompt_ids)
+                                                        for r in requests})
         if finals is None:
             return Response(status_code=499)  # nobody reads it: the client went away
-        return make([P.CompletionChoice(index=_index(out), text=out.text,
-                                        logprobs=logprobs_of(out.token_ids, out.logprobs, 0),
-                                        finish_reason=out.finish_reason) for out in finals],
-                    _usage(prompt_lens, finals, body.n))
+        return make([choice(out, True, 0) for out in finals], _usage(prompt_lens, finals, body.n))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         _refuse_unsupported(body)
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format={body.response_format!r} is not supported",
-                           param="response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        ids = server.chat_ids(body.messages)
+        tools = body.tools or []
+        tool_choice = _tool_choice(server, body, tools)
+        ids = server.chat_ids(body.messages, tools)
         k = (body.top_logprobs or 0) if body.logprobs else None
-        asked = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        params = _sampling(body, _max_tokens(asked, server.max_model_len, ids), k)
+        asked, field = (body.max_tokens, "max_tokens") if body.max_completion_tokens is None \
+            else (body.max_completion_tokens, "max_completion_tokens")
+        grammar, grammar_field = _structured(body, tool_choice_constraint(tools, tool_choice))
+        params = _sampling(body, server.check_length(ids, asked, field), k,
+                           structured_outputs=grammar)
+        server.check_params(params, {"structured_outputs": grammar_field})
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await server.submit(_engine_requests(request_id, [(None, ids)], [params], body.n))
+        requests = _engine_requests(request_id, [(None, ids)], [params], body.n)
+        stream = await server.submit(requests)
+        calls_end_turn = tool_choice in ("auto", "required")
 
         def logprobs_of(ids, lps):
             return None if k is None else _chat_logprobs(server, ids, lps, k)
+
+        def finish_reason(out, made_calls: bool) -> str | None:
+            return "tool_calls" if made_calls and calls_end_turn and out.finish_reason == "stop" \
+                else out.finish_reason
 
         if body.stream:
             def make(choices, usage=None):
@@ -347,35 +477,104 @@ def build_app(server: Server, api_key: str | None) -> FastAPI:
                                              choices=choices, usage=usage)
 
             async def chunks():
-                # The role first, once per choice, then content deltas as tokens come.
+                # The role first, once per choice, then content and tool-call deltas as they come.
                 yield make([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))
                             for i in range(body.n)])
-                finals = []
-                async for out, text, ids, lps in _deltas(stream):
-                    if not (text or ids or out.finished):
+                extractors = {i: extractor(tool_choice, server.tool_parser) for i in range(body.n)}
+                finals, made_calls = {}, set()
+                async for out in stream:
+                    if not (out.text or out.token_ids or out.finished):
                         continue
-                    yield make([P.ChatChunkChoice(index=_index(out),
-                                                  delta=P.Delta(content=text or None),
-                                                  logprobs=logprobs_of(ids, lps),
-                                                  finish_reason=out.finish_reason)])
+                    i = _index(out)
+                    content, calls = _extract(extractors[i], out.text, out.finished)
+                    made_calls.update(i for _ in calls[:1])
+                    parts = [P.ChatChunkChoice(index=i, delta=P.Delta(content=content or None),
+                                               logprobs=logprobs_of(out.token_ids, out.logprobs))]
+                    if calls and not (content or out.logprobs):
+                        parts = []  # the tokens went into calls: no empty content chunk
+                    parts += [P.ChatChunkChoice(index=i, delta=P.Delta(tool_calls=[call]))
+                              for call in calls]
                     if out.finished:
-                        finals.append(out)
+                        parts[-1:] = [parts[-1].model_copy(update={
+                            "finish_reason": finish_reason(out, i in made_calls)})] if parts \
+                            else [P.ChatChunkChoice(index=i, delta=P.Delta(),
+                                                    finish_reason=finish_reason(out, i in made_calls))]
+                    for part in parts:
+                        yield make([part])
+                    finals.setdefault(out.request_id, OutputCollector(out.request_id, None, []))
+                    finals[out.request_id].add(out)
                 if body.stream_options and body.stream_options.include_usage:
-                    yield make([], _usage([len(ids)], finals, body.n))
+                    yield make([], _usage([len(ids)], [f.result() for f in finals.values()],
+                                          body.n))
             return _sse(chunks(), stream)
 
-        finals = await _final_outputs(stream, request)
+        finals = await _final_outputs(stream, request, {r.request_id: (None, ids)
+                                                        for r in requests})
         if finals is None:
             return Response(status_code=499)
-        choices = [P.ChatChoice(index=_index(out), message=P.AssistantMessage(content=out.text),
-                                logprobs=logprobs_of(out.token_ids, out.logprobs),
-                                finish_reason=out.finish_reason) for out in finals]
+        choices = []
+        for out in finals:
+            content, calls = _extract(extractor(tool_choice, server.tool_parser), out.text, True)
+            message = P.AssistantMessage(content=content or (None if calls else ""),
+                                         tool_calls=assemble(calls))
+            choices.append(P.ChatChoice(index=_index(out), message=message,
+                                        logprobs=logprobs_of(out.token_ids, out.logprobs),
+                                        finish_reason=finish_reason(out, bool(calls))))
         return P.ChatCompletionResponse(id=request_id, model=server.model_name, choices=choices,
                                         usage=_usage([len(ids)], finals, body.n))
 
     app.include_router(v1)
+    app.include_router(keyed)
     _add_error_handlers(app)
     return app
+
+
+def _tool_choice(server: Server, body: P.ChatCompletionRequest, tools: list):
+    """The request's tool_choice, defaulted as OpenAI does and checked against the tools and the
+    server's options."""
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if not tools and choice != "none":
+        raise APIError(400, f"tool_choice={_said(choice)} needs tools", param="tool_choice")
+    if isinstance(choice, P.NamedToolChoice):
+        names = [t.function.name for t in tools]
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which "
+                                f"is not among the tools ({', '.join(names)})", param="tool_choice")
+    if choice == "auto" and server.tool_parser is None:
+        raise APIError(400, 'tool_choice "auto" (the default when tools are given) needs the '
+                            "server started with --enable-auto-tool-choice and --tool-call-parser; "
+                            'send tool_choice "none", "required" or a named function',
+                       param="tool_choice")
+    return choice
+
+
+def _said(choice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
+
+
+def _extract(ext, text: str, finished: bool) -> tuple[str, list[P.DeltaToolCall]]:
+    """(content, tool-call deltas) of a new piece of text; ext None: all content."""
+    if ext is None:
+        return text, []
+    content, calls = ext.feed(text)
+    if finished:
+        rest, more = ext.finish()
+        content, calls = content + rest, calls + more
+    return content, calls
+
+
+def _joined(head: P.CompletionLogprobs, tail: P.CompletionLogprobs) -> P.CompletionLogprobs:
+    return P.CompletionLogprobs(text_offset=head.text_offset + tail.text_offset,
+                                token_logprobs=head.token_logprobs + tail.token_logprobs,
+                                tokens=head.tokens + tail.tokens,
+                                top_logprobs=head.top_logprobs + tail.top_logprobs)
+
+
+def _prompt_logprobs(entries: list[dict | None] | None) -> list[dict[str, float] | None] | None:
+    """vLLM's prompt_logprobs field: per prompt token {token id: logprob}, the first None."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): lp for t, lp in e.items()} for e in entries]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -427,17 +626,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args, llm_kwargs: dict) -> int:
+def serve(args, engine_kwargs: dict) -> int:
     """Run `seqpar serve` until SIGTERM / SIGINT (exit 0) or a rank's death (exit 1)."""
     import uvicorn
 
-    from seqpar import LLM
     from seqpar.distributed.launch import in_torchrun
+    from seqpar.engine.args import EngineArgs
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0..65535)")
     if args.max_waiting < 1:
         raise ValueError(f"--max-waiting must be >= 1, got {args.max_waiting}")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the "
+                         "parser reads the calls a model writes under tool_choice \"auto\"")
+    engine_args = EngineArgs(**engine_kwargs, seed=args.seed)
     rank = int(os.environ.get("RANK", "0")) if in_torchrun() else 0
     sock = _bind(args.host, args.port) if rank == 0 else None
     # The ranks spawned below inherit ignored SIGINT and SIGTERM: a Ctrl-C (or a service manager)
@@ -445,7 +648,7 @@ def serve(args, llm_kwargs: dict) -> int:
     # ranks in order. A rank still dies with this process (launch.die_with_parent).
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        llm = LLM(**llm_kwargs, seed=args.seed)
+        engine = engine_args.create_engine()
     except BaseException:
         if sock is not None:
             sock.close()
@@ -453,12 +656,13 @@ def serve(args, llm_kwargs: dict) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    with llm:
+    cluster = engine.cluster
+    try:
         if rank != 0:
             # torchrun signals every rank; this one ends when rank 0 stops serving.
             for sig in previous:
                 signal.signal(sig, signal.SIG_IGN)
-            llm.cluster.follow_call()  # rank 0's steps, until rank 0's end_call below
+            cluster.follow_call()  # rank 0's steps, until rank 0's end_call below
             return 0
         death: list[str] = []
         uv = None
@@ -467,9 +671,10 @@ def serve(args, llm_kwargs: dict) -> int:
             death.append(reason)
             uv.should_exit = True
 
-        name = args.served_model_name or llm_kwargs["model"]
-        app = build_app(Server(llm, name, args.max_waiting, on_death), args.api_key)
-        uv = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False,
+        name = args.served_model_name or engine_kwargs["model"]
+        server = Server(engine, name, args.max_waiting, on_death, args.tool_call_parser)
+        uv = uvicorn.Server(uvicorn.Config(build_app(server, args.api_key), log_level="info",
+                                           access_log=False,
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         host, port = sock.getsockname()[:2]
         print(f"seqpar serve: {name} on http://{host}:{port} (OpenAI API under /v1)",
@@ -478,11 +683,13 @@ def serve(args, llm_kwargs: dict) -> int:
         # under the handlers it found: these swallow it, so the ranks close below and we exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        if llm.cluster.torchrun:
-            llm.cluster.begin_call()  # the other ranks follow (follow_call above) until end_call
+        if cluster.torchrun:
+            cluster.begin_call()  # the other ranks follow (follow_call above) until end_call
         uv.run(sockets=[sock])
-        if llm.cluster.torchrun and not death:
-            llm.cluster.end_call(None)
+        if cluster.torchrun and not death:
+            cluster.end_call(None)
+    finally:
+        cluster.close()
     if death:
         print(f"seqpar serve: error: {death[0]}", file=sys.stderr)
         return 1

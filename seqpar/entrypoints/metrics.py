@@ -16,11 +16,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.1
 COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
 
 
-def snapshot(llm) -> dict:
+def snapshot(engine) -> dict:
     """The engine's counters and gauges; call on the engine thread."""
-    engine = llm.engine
-    cache = llm.cache_stats()
-    comm = llm.comm_stats()
+    cache = engine.cache_stats()
+    comm = engine.cluster.worker.comm.snapshot()
     return {
         "running": engine.num_running(), "waiting": engine.num_waiting(),
         "kv_usage": cache["used_blocks"] / max(cache["num_blocks"], 1),
@@ -28,7 +27,7 @@ def snapshot(llm) -> dict:
         "generation_tokens": engine.stats["generation_tokens"],
         "preemptions": cache["preemptions"], "prefix_queries": cache["prefix_queries"],
         "prefix_hits": cache["prefix_hits"],
-        "sp_steps": comm["steps"]["sp"], "tp_steps": comm["steps"]["tp"],
+        "sp_steps": engine.steps["sp"], "tp_steps": engine.steps["tp"],
         "comm": {op: comm[op] for op in COMM_OPS if op in comm},
     }
 
@@ -95,8 +94,8 @@ class ServerMetrics:
         self._model = model_name
 
     def on_output(self, route, out, now: float) -> None:
-        """One engine output for `route` (async_engine._Route) arrived on the loop at `now`."""
-        new = len(out.token_ids) - route.tokens
+        """One engine delta for `route` (async_engine._Route) arrived on the loop at `now`."""
+        new = len(out.token_ids)
         if new > 0:
             if route.tokens == 0:
                 self.ttft.observe(now - route.arrival)
@@ -104,7 +103,7 @@ class ServerMetrics:
                 gap = (now - route.last) / new
                 for _ in range(new):
                     self.itl.observe(gap)
-            route.tokens, route.last = len(out.token_ids), now
+            route.tokens, route.last = route.tokens + new, now
         if out.finished:
             self.e2e.observe(now - route.arrival)
             self._finished.labels(self._model, out.finish_reason).inc()

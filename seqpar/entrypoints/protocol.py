@@ -1,12 +1,15 @@
 """Request and response bodies of the OpenAI API subset `seqpar serve` speaks (OpenAI's field
-names; `top_k` and `ignore_eos` are vLLM's extensions). Types only: values are checked where
-the sampling parameters are built (SamplingParams) and by the engine (prompt length, ids)."""
+names; `top_k`, `ignore_eos`, `structured_outputs`, `prompt_logprobs` and /tokenize,
+/detokenize are vLLM's extensions). Types only: values are checked where the sampling parameters
+are built (SamplingParams, StructuredOutputsParams) and by the engine (prompt length, ids)."""
 from __future__ import annotations
 
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from seqpar.sampling_params import StructuredOutputsParams
 
 
 def _now() -> int:
@@ -41,6 +44,19 @@ class StreamOptions(BaseModel):
     """Send one more chunk before [DONE]: no choices, the request's usage."""
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(BaseModel):
     """The fields completions and chat completions share."""
     model: str | None = None
@@ -55,6 +71,10 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    """vLLM's: exactly one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema"}}."""
     # Accepted for compatibility, refused when set to anything but "off" (see UNSUPPORTED).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -70,6 +90,9 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     """Log-probabilities of this many most likely tokens (and the chosen one) per position."""
     echo: bool = False
+    """Return the prompt before the completion (and, with logprobs, the prompt tokens' too)."""
+    prompt_logprobs: int | None = None
+    """vLLM's: the prompt tokens' logprobs (and this many most likely tokens at each)."""
     suffix: str | None = None
 
 
@@ -78,15 +101,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as JSON text."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls, given back in a later request."""
+    tool_call_id: str | None = None
+    """A tool turn: the call it answers."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    """A JSON schema of the arguments (None: no arguments)."""
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -97,14 +158,15 @@ class ChatCompletionRequest(SamplingFields):
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    response_format: dict | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """None: "auto" when tools are given, else "none" (OpenAI's default)."""
 
 
 UNSUPPORTED = {
     # field -> the values that mean "not used"
     "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "logit_bias": (None, {}),
-    "best_of": (None, 1), "echo": (False,), "suffix": (None, ""), "tools": (None, []),
+    "best_of": (None, 1), "suffix": (None, ""),
 }
 
 
@@ -122,6 +184,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, float] | None] | None = None
+    """vLLM's (when prompt_logprobs is asked; in a stream, in a choice's first chunk): per prompt
+    token {token id: logprob} of the top-k and the prompt's own token, the first None."""
 
 
 class CompletionResponse(BaseModel):
@@ -152,7 +217,9 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """None when the turn is only tool calls."""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -171,9 +238,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first delta has its id, type and name (arguments ""); later ones add arguments."""
+    index: int
+    """The call's place among the choice's calls."""
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -190,6 +272,39 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# ---- tokenize / detokenize (vLLM's shapes) ---------------------------------------------------
+
+class TokenizeCompletionRequest(BaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---- models ----------------------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""EngineArgs: every option of an engine, and the one way to start one (LLM and the server both
+call EngineArgs.create_engine)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from seqpar.compile.runner import check_single_stage
+from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+from seqpar.distributed.launch import in_torchrun
+from seqpar.engine.cluster import Cluster
+from seqpar.engine.engine import Engine
+from seqpar.engine.policy import NEVER, SPPolicy
+from seqpar.engine.tokenizer import eos_token_ids, load_tokenizer
+from seqpar.loader.resolve import resolve_model
+from seqpar.report import sp_blockers
+
+log = logging.getLogger("seqpar")
+
+
+@dataclass
+class EngineArgs:
+    model: str = "smollm2"
+    """An HF directory (config.json + *.safetensors), a .gguf file, or an alias (smollm2)."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    sequence_parallel: str = "auto"
+    """off | on | auto (SP on steps above a threshold measured at start-up)."""
+    overlap: bool = False
+    """Collective matmul on SP steps."""
+    compile: bool = False
+    """torch.compile + the SP graph pass (one pipeline stage only)."""
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    """Longest prompt + output per sequence; default: the model's max_position_embeddings."""
+    seed: int = 0
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    sp_min_tokens: int | None = None
+    """With sequence_parallel="auto": this SP threshold instead of a measured one."""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    device: str | None = None
+    """cpu or cuda; default: cuda when available."""
+    threads_per_rank: int | None = None
+    shm: bool = True
+    """Shared-memory collectives between CPU ranks on one host."""
+    enable_expert_parallel: bool = False
+
+    def create_engine(self) -> Engine:
+        """Validate everything, then start the ranks and build the engine on them. Nothing starts
+        a process before validation is over (invariant 6)."""
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                  self.sequence_parallel, self.sp_min_tokens, self.overlap,
+                                  self.shm, self.enable_expert_parallel)
+        if self.compile:
+            check_single_stage(self.pipeline_parallel_size)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_dir = resolve_model(self.model)
+        model_cfg = ModelConfig.from_dir(model_dir)
+        max_model_len = self.max_model_len
+        if max_model_len is None:
+            max_model_len = model_cfg.max_position_embeddings
+        elif max_model_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={model_cfg.max_position_embeddings}")
+        cfg = EngineConfig(model_dir, model_cfg, parallel, self.dtype, max_model_len,
+                           self.max_num_seqs, self.max_num_batched_tokens, self.seed, device,
+                           self.threads_per_rank, block_size=self.block_size,
+                           kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                           gpu_memory_utilization=self.gpu_memory_utilization,
+                           enable_prefix_caching=self.enable_prefix_caching, compile=self.compile)
+        world = parallel.world_size
+        if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "
+                             f"{world} GPUs; {torch.cuda.device_count()} visible")
+        tokenizer = load_tokenizer(model_dir)
+        eos_ids = eos_token_ids(model_dir, model_cfg, tokenizer)
+
+        # Start the ranks: validation is over, nothing above started a process.
+        cluster = Cluster(cfg)
+        mode = self.sequence_parallel
+        with cluster.guard():
+            blockers = sp_blockers(cluster.worker.model)
+            if blockers and mode != "off":
+                log.warning("seqpar: this model runs without sequence parallelism: "
+                            + "; ".join(blockers))
+                mode = "off"
+            thresholds = _thresholds(cluster, cfg, mode)
+        policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
+                          overlap_threshold=thresholds[1])
+        return Engine(cfg, cluster, policy, tokenizer, eos_ids)
+
+
+def _thresholds(cluster: Cluster, cfg: EngineConfig, mode: str) -> tuple[int | None, int | None]:
+    """(SP threshold, overlap threshold) in tokens for "auto": given, or measured on all ranks."""
+    parallel = cfg.parallel
+    if mode != "auto" or parallel.tensor_parallel_size == 1:
+        return None, None
+    if parallel.sp_min_tokens is not None:
+        log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
+        return parallel.sp_min_tokens, parallel.sp_min_tokens
+    sp, overlap = cluster.call("measure")
+    said = lambda t: "never" if t >= NEVER else f"{t} tokens"  # noqa: E731
+    log.info(f"seqpar: measured thresholds: SP from {said(sp)}"
+             + (f", SP + overlap from {said(overlap)}" if parallel.overlap else ""))
+    return sp, overlap

@@ -1,0 +1,176 @@
+"""Structured outputs (seqpar/structured_output.py) against xgrammar itself and on a real model.
+
+The module's bitmask rows are compared with xgrammar's own matcher on its own compilation, the
+masking with a pure-torch reading of the bits; then HF transformers' tiny random model, greedy
+and sampled, masked by the module at each step, must write outputs that parse and validate
+(jsonschema) where the same model unmasked does not: only the grammar makes them valid."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from seqpar.sampling_params import SamplingParams, StructuredOutputsParams
+from seqpar.structured_output import (GrammarCompiler, allocate_bitmask, apply_bitmask,
+                                      validate)
+from tokenized import build_with_bytelevel_tokenizer
+
+xgr = pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+EOS = 2
+VOCAB = 1001
+SCHEMA = {"type": "object",
+          "properties": {"city": {"type": "string", "maxLength": 8},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "ok": {"type": "boolean"}},
+          "required": ["city", "n", "ok"], "additionalProperties": False}
+REGEX = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
+CHOICE = ["Paris", "Lyon", "日本"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_with_bytelevel_tokenizer("llama-gqa", tmp_path_factory.mktemp("grammar"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer, VOCAB, {EOS})
+
+
+def test_bad_specs_are_refused_with_xgrammar_s_reason():
+    for spec, why in [
+            (StructuredOutputsParams(json={"type": "bogus"}), 'Unsupported type "bogus"'),
+            (StructuredOutputsParams(json="{not json"), "Failed to parse JSON"),
+            (StructuredOutputsParams(regex="(?<=a)b"), "Lookbehind is not supported"),
+            (StructuredOutputsParams(grammar="root ::= item"), 'Rule "item" is not defined')]:
+        with pytest.raises(ValueError, match=re.escape(why)) as e:
+            validate(spec)
+        assert "/project/" not in str(e.value)  # xgrammar's C++ source location is dropped
+    for kwargs, said in [({}, "got none"), ({"regex": "a", "choice": ["a"]}, "got regex, choice"),
+                         ({"choice": []}, "non-empty list of strings")]:
+        with pytest.raises(ValueError, match=said):
+            StructuredOutputsParams(**kwargs)
+    with pytest.raises(ValueError, match="ignore_eos cannot be combined"):
+        SamplingParams(ignore_eos=True, structured_outputs=StructuredOutputsParams(regex="a"))
+
+
+def test_compiled_grammars_are_cached(compiler):
+    spec = StructuredOutputsParams(json=SCHEMA)
+    compiler.compile(spec)
+    size = compiler.compiler.get_cache_size_bytes()
+    compiler.compile(StructuredOutputsParams(json=json.dumps(SCHEMA)))  # the same grammar
+    assert compiler.compiler.get_cache_size_bytes() == size
+    compiler.compile(StructuredOutputsParams(regex=REGEX))
+    assert compiler.compiler.get_cache_size_bytes() > size
+
+
+def _allowed(bitmask_row: torch.Tensor) -> torch.Tensor:
+    """A bitmask row [ceil(V / 32)] int32 -> [V] bool, bit t of word t // 32 (pure torch)."""
+    bits = (bitmask_row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten()[:VOCAB].bool()
+
+
+def test_bitmask_rows_and_masking_match_xgrammar(tokenizer, compiler):
+    # xgrammar's own path: its tokenizer info, compiler and matcher, built here.
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[EOS])
+    theirs = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_json_schema(
+        json.dumps(SCHEMA), any_whitespace=False))
+    ours = compiler.matcher(StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True))
+    text = '{"city": "Paris", "n": 42, "ok": true}'
+    mine, ref = allocate_bitmask(3, VOCAB), xgr.allocate_token_bitmask(1, VOCAB)
+    for token in [*tokenizer(text)["input_ids"], EOS]:
+        ours.fill_bitmask(mine, 1)
+        theirs.fill_next_token_bitmask(ref, 0)
+        assert torch.equal(mine[1], ref[0])
+        assert _allowed(mine[1])[token]
+        ours.accept(token)
+        assert theirs.accept_token(token)
+    assert ours.is_terminated
+    with pytest.raises(RuntimeError, match="breaks the request's grammar"):
+        compiler.matcher(StructuredOutputsParams(choice=CHOICE)).accept(EOS)
+
+    # Only the rows named are masked: -inf where the bit is clear, the rest untouched.
+    logits = torch.randn(3, VOCAB)
+    before = logits.clone()
+    apply_bitmask(logits, mine, [1])
+    allowed = _allowed(mine[1])
+    assert torch.equal(logits[1][allowed], before[1][allowed])
+    assert bool((logits[1][~allowed] == float("-inf")).all())
+    assert torch.equal(logits[[0, 2]], before[[0, 2]])
+
+
+def _generate(model_dir, prompt: list[int], matcher, max_tokens: int, temperature: float,
+              seed: int = 0) -> list[int]:
+    """HF transformers' forward, one token at a time, the grammar's mask applied to the logits
+    before the greedy or sampled choice (what the sampler rank does); matcher None: unmasked."""
+    from models import _hf_model
+
+    hf = _hf_model(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    bitmask = allocate_bitmask(1, VOCAB)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = hf(torch.tensor([ids])).logits[0, -1:].float()  # [1, V]
+            if matcher is not None:
+                matcher.fill_bitmask(bitmask, 0)
+                apply_bitmask(logits, bitmask, [0])
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            ids.append(token)
+            if matcher is not None:
+                matcher.accept(token)
+            if token == EOS:
+                break
+    return ids[len(prompt):]
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode([t for t in ids if t != EOS])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_masked_generation_is_always_valid(model, tokenizer, compiler, temperature):
+    prompt = tokenizer("the capital of france is")["input_ids"]
+    unmasked = _text(tokenizer, _generate(model, prompt, None, 30, temperature))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(unmasked)  # the random model alone writes no JSON
+    assert not re.fullmatch(REGEX, unmasked) and unmasked not in CHOICE
+
+    for seed in range(2):
+        spec = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+        out = _generate(model, prompt, compiler.matcher(spec), 60, temperature, seed)
+        assert out[-1] == EOS, "the grammar completed and allowed only EOS"
+        jsonschema.validate(json.loads(_text(tokenizer, out)), SCHEMA)
+
+        out = _generate(model, prompt, compiler.matcher(StructuredOutputsParams(regex=REGEX)),
+                        40, temperature, seed)
+        assert re.fullmatch(REGEX, _text(tokenizer, out))
+
+        out = _generate(model, prompt, compiler.matcher(StructuredOutputsParams(choice=CHOICE)),
+                        20, temperature, seed)
+        assert _text(tokenizer, out) in CHOICE
+
+    # json_object: any object; an unbounded grammar, so some samples run out of tokens first.
+    if temperature:
+        ended = 0
+        for seed in range(3):
+            out = _generate(model, prompt, compiler.matcher(StructuredOutputsParams(
+                json_object=True, disable_any_whitespace=True)), 200, temperature, seed)
+            if out[-1] == EOS:
+                ended += 1
+                assert isinstance(json.loads(_text(tokenizer, out)), dict)
+        assert ended
