@@ -11,18 +11,18 @@ import torch
 
 from seqpar.compile.runner import check_single_stage
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+from seqpar.distributed.collectives import Collective
 from seqpar.distributed.launch import in_torchrun
 from seqpar.engine.cluster import Cluster
 from seqpar.engine.engine import Engine
 from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.sampling_params import SamplingParams
-from seqpar.worker.worker import COLLECTIVES
 from seqpar.loader.resolve import resolve_model
 from seqpar.report import sp_blockers
+from seqpar.worker.worker import TIMED_COLLECTIVES
 
 log = logging.getLogger("seqpar")
-COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "all_to_all", "send", "recv")
 
 
 class LLM:
@@ -205,7 +205,7 @@ class LLM:
         last stage to rank 0.
         """
         self._check_open()
-        stats = {op: {"calls": 0, "bytes": 0} for op in COMM_OPS}
+        stats = {op.value: {"calls": 0, "bytes": 0} for op in Collective}
         stats.update(self.worker.comm.snapshot())
         if self.cfg.parallel.pipeline_parallel_size > 1:
             calls, nbytes, rcalls, rbytes = self._p2p
@@ -243,16 +243,20 @@ class LLM:
         """Run `ops` alone on stage 0's TP group, back to back, no compute: (wall seconds, CPU
         seconds its ranks spent). For benchmarks: the communication part of a step.
 
-        ops: (name, rows, cols) per collective, a name of worker.COLLECTIVES and [rows, cols] the
-        logical tensor comm_stats() counts for it (bench/analytic.py step_collectives lists a
-        step's). Leaves comm_stats() as it was.
+        ops: (name, rows, cols) per collective, the name of one of worker.TIMED_COLLECTIVES and
+        [rows, cols] the logical tensor comm_stats() counts for it (bench/analytic.py
+        step_collectives lists a step's). Leaves comm_stats() as it was.
         """
         self._check_open()
         if self.cluster.torchrun:
             raise RuntimeError("time_collectives runs with spawned ranks, not under torchrun")
         if not ops:
             return 0.0, 0.0
-        payload = torch.tensor([[COLLECTIVES.index(op), rows, cols] for op, rows, cols in ops],
+        unknown = sorted({op for op, _, _ in ops} - {c.value for c in TIMED_COLLECTIVES})
+        if unknown:
+            raise ValueError(f"time_collectives times {[c.value for c in TIMED_COLLECTIVES]}, "
+                             f"not {unknown}")
+        payload = torch.tensor([[Collective(op).code, rows, cols] for op, rows, cols in ops],
                                dtype=torch.int64).view(-1)
         with self.cluster.guard():
             wall, cpu = self.cluster.call("time_collectives", payload)

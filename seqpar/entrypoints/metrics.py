@@ -10,10 +10,11 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_cr
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from seqpar.distributed.collectives import Collective
+
 # Seconds; fine steps below 100 ms where CPU decode steps of tiny and small models fall.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                     0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
 
 
 def snapshot(llm) -> dict:
@@ -29,7 +30,7 @@ def snapshot(llm) -> dict:
         "preemptions": cache["preemptions"], "prefix_queries": cache["prefix_queries"],
         "prefix_hits": cache["prefix_hits"],
         "sp_steps": comm["steps"]["sp"], "tp_steps": comm["steps"]["tp"],
-        "comm": {op: comm[op] for op in COMM_OPS if op in comm},
+        "comm": {op.value: comm[op.value] for op in Collective},
     }
 
 
