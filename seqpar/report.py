@@ -133,7 +133,8 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         role = sp.role_of(type(module))
         if role is not None and not role.container and type(module) not in seen:
             seen.append(type(module))
-            lines.append(f"{type(module).__name__:<28} {role.name:<17} {role.sp_step}")
+            step = role.sp_step.replace("`", "")  # the table's markdown
+            lines.append(f"{type(module).__name__:<28} {role.name:<17} {step}")
     blockers = sp_blockers(net)
     for b in blockers:
         lines.append(f"{'':<28} {'blocks SP':<17} {b}")

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.layers.sp import Layout
+from seqpar.layers import sp
 
 log = logging.getLogger("seqpar")
 
@@ -43,19 +43,12 @@ def median_time(fn, reps: int = 5) -> float:
 
 @dataclass(frozen=True)
 class _SublayerPlan:
-    """What an MLP sublayer reads of a step (the step plan's names), for a step of
-    `num_tokens` tokens in layout `layout`."""
-    layout: Layout
+    """What an MLP sublayer reads of a step (the step plan's names): a step of `num_tokens`
+    tokens in the layout `sp`, `overlap`."""
+    sp: bool
+    overlap: bool
     num_tokens: int
     world_size: int
-
-    @property
-    def sp(self) -> bool:
-        return self.layout.scattered
-
-    @property
-    def overlap(self) -> bool:
-        return self.layout.rings
 
     @property
     def padded(self) -> int:
@@ -63,7 +56,7 @@ class _SublayerPlan:
 
 
 # the timing table's key per layout
-_KEYS = {Layout.TP: "tp_s", Layout.SP: "sp_s", Layout.SP_OVERLAP: "overlap_s"}
+_KEYS = {sp.TP: "tp_s", sp.SP: "sp_s", sp.SP_OVERLAP: "overlap_s"}
 
 
 def measure_thresholds(norm: nn.Module, mlp: nn.Module, comm: Comm, with_overlap: bool,
@@ -80,12 +73,12 @@ def measure_thresholds(norm: nn.Module, mlp: nn.Module, comm: Comm, with_overlap
     n = comm.world_size
     weight = norm.weight  # [H]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    layouts = [Layout.TP, Layout.SP] + ([Layout.SP_OVERLAP] if with_overlap else [])
+    layouts = [sp.TP, sp.SP] + ([sp.SP_OVERLAP] if with_overlap else [])
     table = []
     for t in sweep:
         row = {"tokens": t}
         for layout in layouts:
-            plan = _SublayerPlan(layout, t, n)
+            plan = _SublayerPlan(layout.sp, layout.overlap, t, n)
             rows = plan.padded // n if plan.sp else t  # this rank's rows of the stream
             x, residual = (torch.randn(rows, weight.shape[0], generator=gen).to(weight)
                            for _ in range(2))

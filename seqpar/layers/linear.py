@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
-from seqpar.layers.overlap import dense_matmul
 
 
 class _ParallelLinear(nn.Module):
@@ -39,10 +39,7 @@ class _ParallelLinear(nn.Module):
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's local product, no bias, no collective: x [R, in] -> [R, out] (local
         features), written into `out` when given (rows of a ring collective matmul's output)."""
-        return dense_matmul(x, self.weight, out)
-
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
 
     def weight_loader(self, param: nn.Parameter, tensor_slice, shard_id=None) -> None:
         raise NotImplementedError
@@ -67,7 +64,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         """x [rows, in] -> [T (TP) or T_pad (SP), out / N]."""
-        return self._add_bias(sp.column_matmul(self.comm, x, self.matmul, self.local_out, plan))
+        y = sp.column_matmul(self.comm, x, self.matmul, self.local_out, plan)
+        return y if self.bias is None else y.add_(self.bias)
 
     def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
                    rows: int) -> None:
@@ -155,8 +153,8 @@ class RowParallelLinear(_ParallelLinear):
     def forward_from(self, make_input, plan) -> torch.Tensor:
         """forward(make_input(), plan), the input made only when needed so that it can be dropped
         before the reduction (sp.row_matmul): for callers that build it only for this layer."""
-        # The bias is added once, after the reduction.
-        return self._add_bias(sp.row_matmul(self.comm, make_input, self.matmul, plan))
+        y = sp.row_matmul(self.comm, make_input, self.matmul, plan)
+        return y if self.bias is None else y.add_(self.bias)  # once, after the reduction
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank

@@ -1,12 +1,14 @@
 """The sequence-parallel plan as code: the step layouts, the transitions between them that the
 layers call, and the role each module kind declares.
 
-Layouts. How a step lays the residual stream out over the N ranks of the TP group (derived from
-the plan's `sp` and `overlap`, the same on every rank):
+Layouts. How a step lays the residual stream out over the N ranks of the TP group: the plan's
+`sp` says whether the stream is scattered, `overlap` whether an SP step runs rings (the same on
+every rank; the transitions read the two flags directly, several times per layer on every step):
   TP          every rank holds all T rows;
   SP          rank r holds rows [r * T_pad / N, (r + 1) * T_pad / N) (T_pad: T rounded up to N);
   SP_OVERLAP  SP, with each gather + matmul and matmul + reduce-scatter pair run as one ring
               collective matmul (layers/overlap.py).
+(The policy's start-up timing runs the model's MLP sublayer in each, engine/policy.py.)
 
 Transitions. The only places where what a layer communicates depends on the step; the layers
 call them and never branch on `plan.sp` / `plan.overlap` themselves:
@@ -36,7 +38,6 @@ its other methods count as the caller's.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,27 +48,19 @@ from seqpar.distributed.comm import Comm
 from seqpar.layers.overlap import Matmul, gather_matmul, matmul_scatter
 
 
-class Layout(enum.Enum):
-    TP = "TP"
-    SP = "SP"
-    SP_OVERLAP = "SP + overlap"
-
-    @property
-    def scattered(self) -> bool:
-        """The residual stream is sharded along tokens between layers."""
-        return self is not Layout.TP
-
-    @property
-    def rings(self) -> bool:
-        """Column / row-parallel matmuls run as ring collective matmuls."""
-        return self is Layout.SP_OVERLAP
+@dataclass(frozen=True)
+class Layout:
+    """A step layout, by the plan's two flags."""
+    name: str
+    sp: bool
+    """The residual stream is sharded along tokens between layers."""
+    overlap: bool
+    """Column / row-parallel matmuls run as ring collective matmuls (SP steps)."""
 
 
-def layout(plan) -> Layout:
-    """The step's layout, from the plan's `sp` and `overlap`."""
-    if not plan.sp:
-        return Layout.TP
-    return Layout.SP_OVERLAP if plan.overlap else Layout.SP
+TP = Layout("TP", sp=False, overlap=False)
+SP = Layout("SP", sp=True, overlap=False)
+SP_OVERLAP = Layout("SP + overlap", sp=True, overlap=True)
 
 
 # ---- transitions ---------------------------------------------------------------------------
@@ -75,23 +68,19 @@ def layout(plan) -> Layout:
 def gather_tokens(comm: Comm, x: torch.Tensor, plan) -> torch.Tensor:
     """Into a region that needs every token. TP: x [T, in] as it is (while compiling, the fence
     that closes a token-wise region); SP: all-gather [T_pad / N, in] -> [T_pad, in]."""
-    if layout(plan).scattered:
-        return comm.all_gather_tokens(x)
-    return comm.tokenwise_end(x)
+    return comm.all_gather_tokens(x) if plan.sp else comm.tokenwise_end(x)
 
 
 def reduce_tokens(comm: Comm, partial: torch.Tensor, plan) -> torch.Tensor:
     """Partial sums [T, out] (T <= T_pad) back to the stream. TP: all-reduce -> [T, out] on every
     rank; SP: reduce-scatter along tokens -> this rank's [T_pad / N, out]."""
-    if layout(plan).scattered:
-        return comm.reduce_scatter_tokens(partial, plan.padded)
-    return comm.all_reduce(partial)
+    return comm.reduce_scatter_tokens(partial, plan.padded) if plan.sp else comm.all_reduce(partial)
 
 
 def column_matmul(comm: Comm, x: torch.Tensor, matmul: Matmul, width: int, plan) -> torch.Tensor:
     """A column-parallel matmul on every token: x [rows, in] (rows = T on a TP step, T_pad / N on
     an SP step) -> [T or T_pad, width]. SP + overlap: one ring, the gather behind the matmuls."""
-    if layout(plan).rings:
+    if plan.sp and plan.overlap:
         return gather_matmul(comm, x, matmul, width)
     return matmul(gather_tokens(comm, x, plan))
 
@@ -105,7 +94,7 @@ def row_matmul(comm: Comm, make_input: Callable[[], torch.Tensor], matmul: Matmu
     The input is made here so that, without a ring, it is dropped once the local product is
     taken, before the reduction allocates its buffers: a caller that builds it only for this
     matmul (the MLP's activation, [T, I / N]) does not keep it alive next to them."""
-    if layout(plan).rings:
+    if plan.sp and plan.overlap:
         return matmul_scatter(comm, make_input(), matmul, plan.padded)
     return reduce_tokens(comm, matmul(make_input()), plan)
 
@@ -117,7 +106,7 @@ def sampled_rows(comm: Comm, plan, h: torch.Tensor, residual: torch.Tensor,
 
     SP: each rank norms the sampled rows it owns ([K, H], K = the most rows any rank owns), then
     one all-gather brings every rank's [K, H] together: [N * K, H] -> [S, H]."""
-    if layout(plan).scattered:
+    if plan.sp:
         local = plan.local_sample_rows(comm.rank)
         x, _ = norm(h[local], residual[local])
         return comm.all_gather_tokens(x)[plan.sample_gather_index]
@@ -131,7 +120,7 @@ def routes_own_rows(plan, expert_parallel: bool) -> bool:
     them to the experts' owners (all-to-all), rather than gathering every token. Only experts
     split whole over the ranks (EP) on an SP step do; a TP step routes all T tokens on every
     rank, and SP without EP gathers them (gather_tokens) like the MLP."""
-    return expert_parallel and layout(plan).scattered
+    return expert_parallel and plan.sp
 
 
 # ---- roles -----------------------------------------------------------------------------------
@@ -182,7 +171,7 @@ TOKEN_MIXING = Role(
     token_wise=False, needs_all_tokens=True)
 POSITIONAL = Role(
     "positional", "reads the step's positions `[T]`, inside attention",
-    "the same, on the gathered T real tokens: only inside a block that gathered them",
+    "reads the positions of the gathered T real tokens: only inside a block that gathered them",
     token_wise=False, needs_all_tokens=True)
 ALL_TOKENS_BLOCK = Role(
     "all-tokens block", "column-parallel in, row-parallel out, T rows in between",
