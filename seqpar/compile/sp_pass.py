@@ -51,8 +51,8 @@ Algorithm:
    and what was left alone and why.
 
 Deliberately conservative: an op neither a declared role nor the predicates know is not
-token-wise, so it ends the component; if it reads a component tensor, the whole component stays TP (reported). Only flat
-[T, features] activations (dim 0 = tokens) are sharded.
+token-wise, so it ends the component; if it reads a component tensor, the whole component stays
+TP (reported). Only flat [T, features] activations (dim 0 = tokens) are sharded.
 """
 from __future__ import annotations
 

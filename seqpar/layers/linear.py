@@ -2,9 +2,9 @@
 
 Column-parallel layers split the output features over the TP ranks and, on a sequence-parallel
 step, all-gather their token-sharded input first. Row-parallel layers split the input features and
-finish with an all-reduce (TP step) or a reduce-scatter along tokens (SP step). Which, is the
-step's layout's (layers/sp.py), read from the plan at forward time, never fixed at construction.
-Every local product goes through the layer's `matmul`.
+finish with an all-reduce (TP step) or a reduce-scatter along tokens (SP step). Which one runs is
+the step's (layers/sp.py's transitions read it from the plan at forward time), never fixed at
+construction. Every local product goes through the layer's `matmul`.
 
 Each parameter carries a `weight_loader(param, tensor_slice, shard_id)` that reads only this
 rank's rows or columns from a lazily-sliced checkpoint tensor (safetensors `get_slice`).
