@@ -1,54 +1,75 @@
 """What runs where: the parallel plan of a model x tp x pp, per module kind, without starting ranks.
 
-Every module kind declares, in SP_ROLES, how it runs on an SP step: token-wise modules (norms, the
-residual add) on this rank's token shard; column-parallel inputs all-gathered, row-parallel
-outputs reduce-scattered; attention, which mixes tokens, only between an all-gather and a
-reduce-scatter. The layers do this themselves (they read the step's plan); the table is what they
-declare, and it is used twice: `seqpar check` prints it, and an LLM whose model has a leaf module
-of a kind not declared here runs TP and says why (sp_blockers), since SP could be wrong there.
-A new module kind (an MoE block, say) adds one entry. With compile=True the SP pass decides from
-the traced graph itself; `seqpar check --compile` prints what it rewrote and left alone.
+Every module kind declares its SP role in its class body (layers/sp.py): token-wise modules (norms,
+the router) run on whatever rows they are given, column-parallel inputs are all-gathered,
+row-parallel outputs reduce-scattered, token-mixing modules (attention) run only inside a block
+that gathered every token. The layers act on it through sp.py's transitions; here it is read
+three times: `seqpar check` prints each kind's role; sp_blockers refuses SP for a model with a
+module (leaf or not) that declares none, or that mixes tokens in the residual stream (an LLM then
+runs TP and says why); sp_plan_table renders the roles as docs/architecture.md's table. With
+compile=True the SP pass reads the same roles on the traced graph; `seqpar check --compile`
+prints what it rewrote and left alone.
 """
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import torch
 import torch.nn as nn
 
+import seqpar.layers
+import seqpar.models
 from seqpar.compile.runner import check_single_stage
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
 from seqpar.distributed.comm import Comm
-from seqpar.layers.attention import Attention
-from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                  QKVParallelLinear, RowParallelLinear)
-from seqpar.layers.moe import Experts, ReplicatedLinear, Router, SparseMoeBlock
-from seqpar.layers.norm import RMSNorm
-from seqpar.layers.rotary import RotaryEmbedding
-
-# module kind -> how it runs on an SP step
-SP_ROLES: dict[type, str] = {
-    VocabParallelEmbedding: "reduce-scatter along tokens instead of all-reduce",
-    ParallelLMHead: "all-gathers only the sampled rows, then gathers vocab shards",
-    RMSNorm: "token-wise: residual add + norm on this rank's T_pad/N rows",
-    QKVParallelLinear: "all-gather tokens right before the matmul",
-    MergedColumnParallelLinear: "all-gather tokens right before the matmul",
-    ColumnParallelLinear: "all-gather tokens right before the matmul",
-    RowParallelLinear: "reduce-scatter along tokens instead of all-reduce",
-    Attention: "mixes tokens: runs on the gathered T real tokens (pad rows dropped), sharded by heads",
-    RotaryEmbedding: "position-wise, inside attention on gathered tokens",
-    SparseMoeBlock: "where the MLP sits: see the MoE block's steps below",
-    Router: "token-wise, replicated: routes the rows the MoE block gives it",
-    Experts: "row-wise: each routed row through its expert",
-    ReplicatedLinear: "token-wise, replicated (the shared expert's gate)",
-}
+from seqpar.layers import sp
 
 
 def sp_blockers(model: nn.Module) -> list[str]:
-    """Leaf module kinds in `model` that SP_ROLES does not declare (empty: SP is safe). A composite
-    (decoder layer, attention block, MLP) is judged by its parts."""
-    unknown = {type(m).__name__ for m in model.modules()
-               if type(m) not in SP_ROLES and next(m.children(), None) is None}
-    return sorted(f"{name}: not declared token-wise, so SP would be unsafe" for name in unknown)
+    """Why SP would be unsafe for `model` (empty: it is safe), one line per module kind at fault:
+    a module, leaf or not, whose class declares no SP role (its forward could do anything to the
+    token rows); one that needs every token sitting outside a block that gathers them."""
+    found = set()
+
+    def walk(module: nn.Module, path: str, all_tokens: bool) -> None:
+        kind = type(module).__name__
+        role = sp.role_of(type(module))
+        if role is None:
+            found.add(f"{kind}: not declared token-wise, so SP would be unsafe")
+        elif role.needs_all_tokens and not all_tokens:
+            found.add(f"{kind} ({role.name}, at {path}): needs every token but sits in the "
+                      "residual stream, which an SP step shards, so SP would be unsafe")
+        inner = all_tokens if role is not None and role.container else (
+            role is not None and role.gathers_all_tokens)
+        for name, child in module.named_children():
+            walk(child, f"{path}.{name}" if path else name, inner)
+
+    walk(model, "", False)
+    return sorted(found)
+
+
+def declared_kinds() -> list[tuple[type, sp.Role]]:
+    """Every module class of seqpar.layers and seqpar.models with its declared role, and torch's
+    containers, in the order of sp.ROLES, then of their files."""
+    kinds = [(kind, sp.CONTAINER) for kind in sp.TORCH_CONTAINERS]
+    for package in (seqpar.layers, seqpar.models):
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            for kind in vars(importlib.import_module(info.name)).values():
+                if (isinstance(kind, type) and issubclass(kind, nn.Module)
+                        and kind.__module__ == info.name and sp.role_of(kind) is not None):
+                    kinds.append((kind, sp.role_of(kind)))
+    return sorted(kinds, key=lambda kr: sp.ROLES.index(kr[1]))
+
+
+def sp_plan_table() -> str:
+    """docs/architecture.md's SP plan table (markdown), one row per role, from the declarations."""
+    lines = ["| role | module kinds | TP step | SP step |", "| --- | --- | --- | --- |"]
+    kinds = declared_kinds()
+    for role in sp.ROLES:
+        names = ", ".join(kind.__name__ for kind, r in kinds if r is role)
+        lines.append(f"| {role.name} | {names} | {role.tp_step} | {role.sp_step} |")
+    return "\n".join(lines)
 
 
 def stage_layout(parallel: ParallelConfig, cfg: ModelConfig) -> list[str]:
@@ -105,17 +126,18 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
           f"{net.model.embed_tokens.per_rank * tp})",
         *stage_layout(parallel, cfg),
         "",
-        "module kind                  SP  on an SP step",
+        f"{'module kind':<28} {'SP role':<17} on an SP step",
     ]
     seen = []
     for module in net.modules():
-        if type(module) in SP_ROLES and type(module) not in seen:
+        role = sp.role_of(type(module))
+        if role is not None and not role.container and type(module) not in seen:
             seen.append(type(module))
-    for kind in seen:
-        lines.append(f"{kind.__name__:<28} yes {SP_ROLES[kind]}")
+            step = role.sp_step.replace("`", "")  # the table's markdown
+            lines.append(f"{type(module).__name__:<28} {role.name:<17} {step}")
     blockers = sp_blockers(net)
     for b in blockers:
-        lines.append(f"{'':<28} no  {b}")
+        lines.append(f"{'':<28} {'blocks SP':<17} {b}")
     lines += [
         "",
         "per layer  TP step: 2 x all_reduce [T, H]",

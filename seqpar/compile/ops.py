@@ -1,14 +1,5 @@
-"""Custom ops the compiled path puts in the graph: two no-op fences and opaque attention.
-
-Fences mark where a token-wise region of the residual stream starts and ends, so the SP pass
-(sp_pass.py) does not have to guess from norm variants:
-
-    tokenwise_begin(x)  after a reduction over the TP group (row-parallel output, embedding)
-    tokenwise_end(x)    at a column-parallel input (the matmul that needs every token)
-
-Both return their input unchanged. Comm emits them (distributed/comm.py) only while torch.compile
-traces (`torch.compiler.is_compiling()`), so eager steps pay nothing; the pass removes them from
-the graph before Inductor sees it.
+"""Custom ops the compiled path puts in the graph: opaque attention and the ring collective
+matmuls. (The fences around token-wise regions, and the collectives, are distributed/ops.py's.)
 
 `attention(q, k, v, layer)` hides attention over the paged KV cache (the cache writes and the
 batched SDPA calls, laid out by the step's block tables) from the compiler: one opaque node per
@@ -22,29 +13,6 @@ import torch
 from torch.library import custom_op
 
 from seqpar.distributed.ops import comm_of
-
-
-@custom_op("seqpar::tokenwise_begin", mutates_args=())
-def tokenwise_begin(x: torch.Tensor) -> torch.Tensor:
-    return x.clone()  # custom ops may not return an input alias; only reached without the pass
-
-
-@tokenwise_begin.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@custom_op("seqpar::tokenwise_end", mutates_args=())
-def tokenwise_end(x: torch.Tensor) -> torch.Tensor:
-    return x.clone()
-
-
-@tokenwise_end.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
 
 # callable(layer, q [rows, hq, D], k, v [rows, hkv, D]) -> [rows, hq * D] for the step being run
 # (runner.py)

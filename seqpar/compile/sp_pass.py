@@ -5,8 +5,11 @@ backend.py, so Inductor traces and lowers the rewritten graph like any other: no
 new nodes has to be kept by hand.
 
 Terms. The token dim is dim 0 of the [T, ...] activations (flat tokens, no batch dim). A node is
-*token-wise* when row i of its output depends only on row i of its token-dim inputs (elementwise
-ops, casts, reductions and chunks over the last dim, the seqpar fences). A *source* is an
+*token-wise* when row i of its output depends only on row i of its token-dim inputs: an op of a
+module whose class declares a token-wise SP role (layers/sp.py, read from the node's module stack,
+whatever the op), or, where no declared role decides, an elementwise op, a cast, a reduction or
+chunk over the last dim, a seqpar fence (the tables below). An op of a module that declares it
+mixes tokens (attention) is never token-wise. A *source* is an
 all_reduce sum, after which every rank holds the same [T, ...] sum: `seqpar::all_reduce(x, handle)`
 (what Comm emits: the TP group's own transport, shared memory on one host; distributed/ops.py) or
 torch's `wait_tensor(all_reduce(x, "sum", group))` (a TP model that knows nothing of seqpar). The
@@ -27,7 +30,8 @@ Algorithm:
    Each source seeds the component of its token-wise consumers.
 3. Classify every edge leaving a component:
    - into a matmul as its token operand (`_is_matmul_input`), directly or through the
-     `tokenwise_end` fence: an *exit* (the column-parallel input), all-gathered;
+     `tokenwise_end` fence, or into any op of a module whose role gathers its input (a
+     column-parallel layer, whatever its matmul is): an *exit*, all-gathered;
    - into the graph output: an exit, all-gathered, or left sharded when `shard_outputs` (the
      seqpar runner then samples from the shards as eager SP does);
    - anything else (attention, a cumsum over tokens, a size query, a row index): the component
@@ -46,9 +50,9 @@ Algorithm:
 6. Remove every fence (identity), `graph.lint()`, recompile. The report lists what was rewritten
    and what was left alone and why.
 
-Deliberately conservative: an op the predicates do not know is not token-wise, so it ends the
-component; if it reads a component tensor, the whole component stays TP (reported). Only flat
-[T, features] activations (dim 0 = tokens) are sharded.
+Deliberately conservative: an op neither a declared role nor the predicates know is not
+token-wise, so it ends the component; if it reads a component tensor, the whole component stays
+TP (reported). Only flat [T, features] activations (dim 0 = tokens) are sharded.
 """
 from __future__ import annotations
 
@@ -59,8 +63,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from seqpar.compile.ops import FENCES
-from seqpar.distributed.ops import comm_of
+import seqpar.compile.ops  # noqa: F401 (registers the ring collective matmuls this pass inserts)
+from seqpar.distributed.ops import FENCES, comm_of
+from seqpar.layers import sp
 
 _C10D = torch.ops._c10d_functional
 _SEQPAR = torch.ops.seqpar
@@ -252,8 +257,21 @@ def _is_last_dim(dim, ndim: int) -> bool:
     return isinstance(dim, int) and dim in (-1, ndim - 1)
 
 
+def _role(node: fx.Node) -> sp.Role | None:
+    """The SP role declared by the innermost module whose call recorded `node` (Dynamo's
+    nn_module_stack: calls of the module itself, not of its other methods), or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack or node.op not in ("call_function", "call_method"):
+        return None
+    kind = list(stack.values())[-1][1]
+    return sp.role_of(kind) if isinstance(kind, type) else None
+
+
 def _is_token_wise(node: fx.Node) -> bool:
     """Row i of the output depends only on row i of the token-dim inputs."""
+    role = _role(node)
+    if role is not None and role.token_wise is not None:
+        return role.token_wise
     if node.op == "call_function":
         if node.target in _ELEMENTWISE_FUNCTIONS:
             return True
@@ -293,11 +311,15 @@ def _is_matmul_input(node: fx.Node, user: fx.Node) -> bool:
 
 
 def _is_exit(node: fx.Node, user: fx.Node) -> bool:
-    """An edge out of a component that an all_gather can close: a matmul, or the end fence
-    whose every user is a matmul (the column-parallel input), or the graph output."""
+    """An edge out of a component that an all_gather can close: a matmul, an op of a module whose
+    role gathers its input (a column-parallel layer), the end fence whose every user is a matmul
+    (the column-parallel input), or the graph output."""
     if user.op == "output":
         return True
     if _is_matmul_input(node, user):
+        return True
+    role = _role(user)
+    if role is not None and role.gathers_input:
         return True
     return (user.op == "call_function" and user.target is _END and len(user.users) > 0
             and all(_is_matmul_input(user, u) for u in user.users))

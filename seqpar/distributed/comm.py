@@ -11,7 +11,8 @@ as TP, split into two halves. The bytes are the same whichever transport carries
 The transport (transport.py: shared memory when every rank of a gloo group is on this host, gloo's
 sockets otherwise, NCCL on CUDA) is picked when the Comm is built, which every rank of the group
 does at the same point. While torch.compile traces, the token collectives and all_reduce emit the
-custom ops of ops.py, which run the same verbs on the same transport.
+custom ops of ops.py, which run the same verbs on the same transport, and the fences the SP pass
+reads. Every op is counted under its name in collectives.Collective.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.distributed import ops
+from seqpar.distributed.collectives import Collective
 from seqpar.distributed.transport import group_dst, make_transport  # noqa: F401 (group_dst: for engine/)
 
 
@@ -43,8 +45,10 @@ class Comm:
         self.handle = ops.register(self)
         """This Comm's name in compiled graphs (ops.py), e.g. "tp0"."""
 
-    def _count(self, op: str, nbytes: int) -> None:
-        entry = self.stats[op]
+    def count(self, op: Collective, nbytes: int) -> None:
+        """One call of `op` moving `nbytes` (the logical payload); for collectives built on the
+        transport outside this class (the ring collective matmuls of layers/overlap.py)."""
+        entry = self.stats[op.value]
         entry[0] += 1
         entry[1] += nbytes
 
@@ -55,7 +59,7 @@ class Comm:
             return x if out is None else out.copy_(x)
         if torch.compiler.is_compiling():
             return self._traced_all_reduce(x)
-        self._count("all_reduce", x.numel() * x.element_size())
+        self.count(Collective.ALL_REDUCE, x.numel() * x.element_size())
         return self.transport.all_reduce(x, out)
 
     def reduce_scatter_tokens(self, x: torch.Tensor, padded: int) -> torch.Tensor:
@@ -70,7 +74,7 @@ class Comm:
             x = F.pad(x, (0, 0, 0, padded - x.shape[0]))
         if self.world_size == 1:
             return x
-        self._count("reduce_scatter", x.numel() * x.element_size())
+        self.count(Collective.REDUCE_SCATTER, x.numel() * x.element_size())
         return self.transport.reduce_scatter(x.contiguous())
 
     def all_gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +83,7 @@ class Comm:
             return x
         if torch.compiler.is_compiling():
             return ops.all_gather_tokens(x, self.handle)
-        self._count("all_gather", self.world_size * x.numel() * x.element_size())
+        self.count(Collective.ALL_GATHER, self.world_size * x.numel() * x.element_size())
         return self.transport.all_gather(x.contiguous())
 
     def all_to_all(self, x: torch.Tensor, send_splits: list[int] | None = None,
@@ -96,7 +100,7 @@ class Comm:
             return x
         x = x.contiguous()
         rows = total_rows if total_rows is not None else self.world_size * x.shape[0]
-        self._count("all_to_all", rows * math.prod(x.shape[1:]) * x.element_size())
+        self.count(Collective.ALL_TO_ALL, rows * math.prod(x.shape[1:]) * x.element_size())
         out = x.new_empty(x.shape[0] if recv_splits is None else sum(recv_splits), *x.shape[1:])
         dist.all_to_all_single(out, x, recv_splits, send_splits, group=self.group)
         return out
@@ -105,7 +109,7 @@ class Comm:
         """Join vocab shards on rank 0: [S, V/N] -> [S, V] there, None on the other ranks."""
         if self.world_size == 1:
             return x
-        self._count("gather", x.numel() * x.element_size() * self.world_size)
+        self.count(Collective.GATHER, x.numel() * x.element_size() * self.world_size)
         parts = self.transport.gather(x.contiguous())
         return None if parts is None else torch.cat(parts, dim=-1)
 
@@ -125,25 +129,22 @@ class Comm:
         Returns the Work to wait on; x stays referenced by it until then. Counted as "send".
         """
         x = x.contiguous()
-        self._count("send", x.numel() * x.element_size())
+        self.count(Collective.SEND, x.numel() * x.element_size())
         return dist.isend(x, dst, tag=tag)
 
     def recv(self, x: torch.Tensor, src: int, tag: int = 0):
         """Start receiving into x from global rank `src` on the world group; returns the Work."""
-        self._count("recv", x.numel() * x.element_size())
+        self.count(Collective.RECV, x.numel() * x.element_size())
         return dist.irecv(x, src, tag=tag)
 
     # ---- while torch.compile traces (compile/runner.py): the fences the SP pass reads ----------
-    # Layers call the collectives above and tokenwise_end, and nothing else; the fences of
-    # compile/ops.py around the traced collectives are emitted here. Eager steps pay one
-    # is_compiling() test.
+    # Layers call the collectives above and tokenwise_end, and nothing else; the fences of ops.py
+    # around the traced collectives are emitted here. Eager steps pay one is_compiling() test.
 
     def _traced_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """all_reduce as the op seqpar::all_reduce (a node the SP pass can rewrite) followed by
         the fence that opens a token-wise region. [T, H] -> [T, H], a new tensor."""
-        from seqpar.compile import ops as fences
-
-        return fences.tokenwise_begin(ops.all_reduce(x, self.handle))
+        return ops.tokenwise_begin(ops.all_reduce(x, self.handle))
 
     def tokenwise_end(self, x: torch.Tensor) -> torch.Tensor:
         """Mark a column-parallel input on a TP step (where an SP step all-gathers tokens): the
@@ -151,9 +152,7 @@ class Comm:
         token-wise region for the SP pass. [T, in] -> [T, in]."""
         if self.world_size == 1 or not torch.compiler.is_compiling():
             return x
-        from seqpar.compile import ops as fences
-
-        return fences.tokenwise_end(x)
+        return ops.tokenwise_end(x)
 
     def snapshot(self) -> dict:
         return {op: {"calls": c, "bytes": b} for op, (c, b) in sorted(self.stats.items())}

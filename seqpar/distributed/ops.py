@@ -1,5 +1,6 @@
 """The TP group's collectives as torch custom ops, so compiled graphs run them on the group's own
-transport (shared memory on one host, see transport.py) instead of torch's functional collectives.
+transport (shared memory on one host, see transport.py) instead of torch's functional collectives,
+and the two fences around the token-wise regions the SP graph pass reads.
 
 A graph cannot hold a Comm, so every Comm registers itself here and gets a `handle`, a short
 string ("tp0", Comm.handle); the ops find their Comm by it. A string, not an int: Dynamo turns ints
@@ -17,6 +18,17 @@ that inserts one writes `graph.call_function(torch.ops.seqpar.reduce_scatter_tok
 (x, padded, handle))`, the handle taken from the op it replaces. Each op counts its bytes in the
 Comm's stats when it runs, as the eager verb does: do not count it again from the graph.
 
+Fences mark where a token-wise region of the residual stream starts and ends, so the SP pass
+(compile/sp_pass.py) does not have to guess from norm variants:
+
+    torch.ops.seqpar.tokenwise_begin(x)  after a reduction over the TP group (row-parallel output,
+                                         embedding)
+    torch.ops.seqpar.tokenwise_end(x)    at an input that needs every token (a column-parallel
+                                         matmul's)
+
+Both return their input's values. Comm emits them (comm.py) only while torch.compile traces, so
+eager steps pay nothing; the pass removes them from the graph before Inductor sees it.
+
 Handles number the live Comms from 0, the smallest number free, so a process's first group is
 "tp0" in every run and a
 graph cached on disk (Inductor's FX graph cache) matches on the next start.
@@ -27,6 +39,8 @@ import weakref
 
 import torch
 from torch.library import custom_op
+
+from seqpar.distributed.collectives import Collective
 
 _COMMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 """handle -> the live Comm it names."""
@@ -82,7 +96,29 @@ def _(x, handle):
     return x.new_empty(comm_of(handle).world_size * x.shape[0], *x.shape[1:])
 
 
-COLLECTIVES = {torch.ops.seqpar.all_reduce.default: "all_reduce",
-               torch.ops.seqpar.reduce_scatter_tokens.default: "reduce_scatter",
-               torch.ops.seqpar.all_gather_tokens.default: "all_gather"}
+@custom_op("seqpar::tokenwise_begin", mutates_args=())
+def tokenwise_begin(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # custom ops may not return an input alias; only reached without the pass
+
+
+@tokenwise_begin.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@custom_op("seqpar::tokenwise_end", mutates_args=())
+def tokenwise_end(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@tokenwise_end.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+FENCES = (torch.ops.seqpar.tokenwise_begin.default, torch.ops.seqpar.tokenwise_end.default)
+
+COLLECTIVES = {torch.ops.seqpar.all_reduce.default: Collective.ALL_REDUCE,
+               torch.ops.seqpar.reduce_scatter_tokens.default: Collective.REDUCE_SCATTER,
+               torch.ops.seqpar.all_gather_tokens.default: Collective.ALL_GATHER}
 """Each op's overload (the target of its graph node) -> the Comm stats entry it counts in."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 
 from seqpar.config import EngineConfig
+from seqpar.distributed.collectives import Collective
 from seqpar.engine.cluster import Cluster
 from seqpar.engine.output_processor import OutputProcessor
 from seqpar.engine.outputs import DeltaOutput
@@ -43,6 +44,9 @@ class Engine:
         self.max_in_flight = cfg.parallel.pipeline_parallel_size
         """Steps in flight at once: one per stage (fewer only to measure what they buy)."""
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self.p2p = [0, 0, 0, 0]
+        """The whole pipeline's [send calls, bytes, recv calls, bytes], summed over the ranks
+        whenever the engine goes idle (pp > 1)."""
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         """Totals since start: prompt tokens of admitted requests and tokens generated."""
         self._keys = 0
@@ -131,6 +135,9 @@ class Engine:
             self.scheduler.free_finished()
             if not self.has_unfinished():
                 self.cluster.flush()  # every send has been received by now: release them
+                if self.cfg.parallel.pipeline_parallel_size > 1:
+                    for i, v in enumerate(self.cluster.call("report_p2p").tolist()):
+                        self.p2p[i] += v
         return outputs
 
     def _issue(self) -> None:
@@ -155,6 +162,29 @@ class Engine:
         return out
 
     # ---- statistics --------------------------------------------------------------------------
+
+    def comm_stats(self) -> dict:
+        """Calls and bytes per communication op, and step counts.
+
+        Collectives are rank 0's: every rank of its TP group issues the same; with several stages,
+        they are stage 0's. "send" / "recv" are the whole pipeline's point-to-point traffic,
+        summed over all ranks each time the engine goes idle: the activations crossing stage
+        boundaries (hidden + residual, each rank its share) and the sampled tokens going from the
+        last stage to rank 0.
+        """
+        stats = {op.value: {"calls": 0, "bytes": 0} for op in Collective}
+        stats.update(self.cluster.worker.comm.snapshot())
+        if self.cfg.parallel.pipeline_parallel_size > 1:
+            calls, nbytes, rcalls, rbytes = self.p2p
+            stats["send"] = {"calls": calls, "bytes": nbytes}
+            stats["recv"] = {"calls": rcalls, "bytes": rbytes}
+        stats["steps"] = dict(self.steps)
+        return stats
+
+    def reset_comm_stats(self) -> None:
+        self.cluster.call("reset_stats")
+        self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
+        self.p2p = [0, 0, 0, 0]
 
     def cache_stats(self) -> dict:
         blocks = self.scheduler.blocks

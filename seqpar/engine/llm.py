@@ -6,14 +6,13 @@ import itertools
 
 import torch
 
+from seqpar.distributed.collectives import Collective
 from seqpar.engine.args import EngineArgs
 from seqpar.engine.outputs import OutputCollector, RequestOutput
 from seqpar.engine.policy import SPPolicy
 from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.sampling_params import SamplingParams
-from seqpar.worker.worker import COLLECTIVES
-
-COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "all_to_all", "send", "recv")
+from seqpar.worker.worker import TIMED_COLLECTIVES
 
 
 class LLM:
@@ -25,7 +24,6 @@ class LLM:
     def __init__(self, model: str = "smollm2", **options):
         self.engine = None
         self.engine = EngineArgs(model=model, **options).create_engine()
-        self._p2p = [0, 0, 0, 0]  # the whole pipeline's [send calls, bytes, recv calls, bytes]
         self._ids = itertools.count()
 
     @property
@@ -95,9 +93,6 @@ class LLM:
             for request_id in ids:
                 if request_id not in done:  # interrupted: leave nothing behind in the engine
                     engine.abort_request(request_id)
-        if self.cfg.parallel.pipeline_parallel_size > 1 and not self.cluster.closed:
-            for i, v in enumerate(self.cluster.call("report_p2p").tolist()):
-                self._p2p[i] += v
         outputs = [done[i] for i in ids]
         if self.cluster.torchrun:
             outputs = self.cluster.end_call(outputs)
@@ -151,23 +146,9 @@ class LLM:
     # ---- statistics and lifetime ------------------------------------------------------------
 
     def comm_stats(self) -> dict:
-        """Calls and bytes per communication op, and step counts.
-
-        Collectives are rank 0's: every rank of its TP group issues the same; with several stages,
-        they are stage 0's. "send" / "recv" are the whole pipeline's point-to-point traffic,
-        summed over all ranks at the end of each generate call: the activations crossing stage
-        boundaries (hidden + residual, each rank its share) and the sampled tokens going from the
-        last stage to rank 0.
-        """
+        """Calls and bytes per communication op, and step counts (Engine.comm_stats)."""
         self._check_open()
-        stats = {op: {"calls": 0, "bytes": 0} for op in COMM_OPS}
-        stats.update(self.worker.comm.snapshot())
-        if self.cfg.parallel.pipeline_parallel_size > 1:
-            calls, nbytes, rcalls, rbytes = self._p2p
-            stats["send"] = {"calls": calls, "bytes": nbytes}
-            stats["recv"] = {"calls": rcalls, "bytes": rbytes}
-        stats["steps"] = dict(self.engine.steps)
-        return stats
+        return self.engine.comm_stats()
 
     def cache_stats(self) -> dict:
         """The paged KV cache: {"num_blocks", "block_size", "used_blocks" (held by unfinished
@@ -198,16 +179,20 @@ class LLM:
         """Run `ops` alone on stage 0's TP group, back to back, no compute: (wall seconds, CPU
         seconds its ranks spent). For benchmarks: the communication part of a step.
 
-        ops: (name, rows, cols) per collective, a name of worker.COLLECTIVES and [rows, cols] the
-        logical tensor comm_stats() counts for it (bench/analytic.py step_collectives lists a
-        step's). Leaves comm_stats() as it was.
+        ops: (name, rows, cols) per collective, the name of one of worker.TIMED_COLLECTIVES and
+        [rows, cols] the logical tensor comm_stats() counts for it (bench/analytic.py
+        step_collectives lists a step's). Leaves comm_stats() as it was.
         """
         self._check_open()
         if self.cluster.torchrun:
             raise RuntimeError("time_collectives runs with spawned ranks, not under torchrun")
         if not ops:
             return 0.0, 0.0
-        payload = torch.tensor([[COLLECTIVES.index(op), rows, cols] for op, rows, cols in ops],
+        unknown = sorted({op for op, _, _ in ops} - {c.value for c in TIMED_COLLECTIVES})
+        if unknown:
+            raise ValueError(f"time_collectives times {[c.value for c in TIMED_COLLECTIVES]}, "
+                             f"not {unknown}")
+        payload = torch.tensor([[Collective(op).code, rows, cols] for op, rows, cols in ops],
                                dtype=torch.int64).view(-1)
         with self.cluster.guard():
             wall, cpu = self.cluster.call("time_collectives", payload)
@@ -215,9 +200,7 @@ class LLM:
 
     def reset_comm_stats(self) -> None:
         self._check_open()
-        self.cluster.call("reset_stats")
-        self.engine.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
-        self._p2p = [0, 0, 0, 0]
+        self.engine.reset_comm_stats()
 
     def _check_open(self) -> None:
         if self.engine is None:

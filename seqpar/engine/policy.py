@@ -7,21 +7,22 @@ and an all-gather of [T_pad, H], and the token-wise pass over T_pad / N rows; SP
 the gather/scatter + matmul pairs by ring collective matmuls. Small steps (decode) are
 latency-bound, where one all-reduce beats two collectives; large steps win by the token-wise work
 saved and, with overlap, by hiding transfers. The thresholds are measured on the real group at
-start-up, with this model's MLP shapes, so they hold for this machine, backend, model and dtype.
+start-up, on this rank's own MLP sublayer (the model's modules and weights, the code a step runs),
+so they hold for this machine, backend, model, dtype and weight format.
 """
 from __future__ import annotations
 
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.layers.norm import RMSNorm
-from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
+from seqpar.layers import sp
 
 log = logging.getLogger("seqpar")
 
@@ -40,45 +41,48 @@ def median_time(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.dtype, device,
-                       with_overlap: bool, sweep=SWEEP, reps: int = 3) -> tuple[int, int, list[dict]]:
-    """Time one MLP sublayer as TP, SP and (optionally) SP + overlap per token count, on all ranks.
+@dataclass(frozen=True)
+class _SublayerPlan:
+    """What an MLP sublayer reads of a step (the step plan's names): a step of `num_tokens`
+    tokens in the layout `sp`, `overlap`."""
+    sp: bool
+    overlap: bool
+    num_tokens: int
+    world_size: int
+
+    @property
+    def padded(self) -> int:
+        return round_up(self.num_tokens, self.world_size if self.sp else 1)
+
+
+# the timing table's key per layout
+_KEYS = {sp.TP: "tp_s", sp.SP: "sp_s", sp.SP_OVERLAP: "overlap_s"}
+
+
+def measure_thresholds(norm: nn.Module, mlp: nn.Module, comm: Comm, with_overlap: bool,
+                       sweep=SWEEP, reps: int = 3) -> tuple[int, int, list[dict]]:
+    """Time one MLP sublayer, `norm(mlp(x, plan), residual)` (a decoder layer's MLP block and the
+    norm after it, as the model has them), as TP, SP and (optionally) SP + overlap per token count,
+    on all ranks of the group together.
 
     Returns (sp_threshold, overlap_threshold, table). sp_threshold: the smallest swept T from which
     SP or SP + overlap beats TP at every larger swept T; overlap_threshold: likewise for SP +
     overlap beating both others. NEVER where none. Decided on rank 0 and broadcast, so every rank
-    holds the same numbers.
+    holds the same numbers. Leaves comm's counters at zero.
     """
     n = comm.world_size
+    weight = norm.weight  # [H]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    w_in = torch.randn(mlp_per_rank, hidden, generator=gen).to(device, dtype) * hidden ** -0.5
-    w_out = torch.randn(hidden, mlp_per_rank, generator=gen).to(device, dtype) * mlp_per_rank ** -0.5
-    norm = RMSNorm(hidden, 1e-6, dtype).to(device)
-    norm.weight.data.fill_(1.0)
-
+    layouts = [sp.TP, sp.SP] + ([sp.SP_OVERLAP] if with_overlap else [])
     table = []
     for t in sweep:
-        padded = round_up(t, n)
-        x = torch.randn(t, hidden, generator=gen).to(device, dtype)
-        shard = torch.randn(padded // n, hidden, generator=gen).to(device, dtype)
-
-        def tp_layer():
-            y = comm.all_reduce(F.linear(F.silu(F.linear(x, w_in)), w_out))
-            norm(y, x)
-
-        def sp_layer():
-            full = comm.all_gather_tokens(shard)
-            y = comm.reduce_scatter_tokens(F.linear(F.silu(F.linear(full, w_in)), w_out), padded)
-            norm(y, shard)
-
-        def overlap_layer():
-            h = F.silu(all_gather_matmul(comm, shard, w_in))
-            norm(matmul_reduce_scatter(comm, h, w_out, padded), shard)
-
-        row = {"tokens": t, "tp_s": median_time(tp_layer, reps),
-               "sp_s": median_time(sp_layer, reps)}
-        if with_overlap:
-            row["overlap_s"] = median_time(overlap_layer, reps)
+        row = {"tokens": t}
+        for layout in layouts:
+            plan = _SublayerPlan(layout.sp, layout.overlap, t, n)
+            rows = plan.padded // n if plan.sp else t  # this rank's rows of the stream
+            x, residual = (torch.randn(rows, weight.shape[0], generator=gen).to(weight)
+                           for _ in range(2))
+            row[_KEYS[layout]] = median_time(lambda: norm(mlp(x, plan), residual), reps)
         table.append(row)
     comm.reset()
 

@@ -10,16 +10,17 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_cr
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from seqpar.distributed.collectives import Collective
+
 # Seconds; fine steps below 100 ms where CPU decode steps of tiny and small models fall.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                     0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "gather", "send", "recv")
 
 
 def snapshot(engine) -> dict:
     """The engine's counters and gauges; call on the engine thread."""
     cache = engine.cache_stats()
-    comm = engine.cluster.worker.comm.snapshot()
+    comm = engine.comm_stats()
     return {
         "running": engine.num_running(), "waiting": engine.num_waiting(),
         "kv_usage": cache["used_blocks"] / max(cache["num_blocks"], 1),
@@ -27,8 +28,8 @@ def snapshot(engine) -> dict:
         "generation_tokens": engine.stats["generation_tokens"],
         "preemptions": cache["preemptions"], "prefix_queries": cache["prefix_queries"],
         "prefix_hits": cache["prefix_hits"],
-        "sp_steps": engine.steps["sp"], "tp_steps": engine.steps["tp"],
-        "comm": {op: comm[op] for op in COMM_OPS if op in comm},
+        "sp_steps": comm["steps"]["sp"], "tp_steps": comm["steps"]["tp"],
+        "comm": {op.value: comm[op.value] for op in Collective},
     }
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqpar.config import round_up
+from seqpar.layers import sp
 
 
 @dataclass
@@ -83,6 +84,8 @@ def _batch(plan, seqs: list[int], window: int | None, lone_ok: bool) -> _Batch:
 
 
 class Attention(nn.Module):
+    sp_role = sp.TOKEN_MIXING
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  sliding_window: int | None = None):
         super().__init__()

@@ -8,10 +8,13 @@ import torch.nn.functional as F
 
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
+from seqpar.layers import sp
 from seqpar.layers.linear import check_shape
 
 
 class VocabParallelEmbedding(nn.Module):
+    sp_role = sp.VOCAB_EMBEDDING
+
     def __init__(self, vocab_size: int, hidden: int, comm: Comm, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.comm = comm
@@ -36,13 +39,13 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         x = x.masked_fill(outside.unsqueeze(-1), 0)  # [T, H] partial: only this rank's vocab rows
-        if plan.sp:
-            return self.comm.reduce_scatter_tokens(x, plan.padded)
-        return self.comm.all_reduce(x)
+        return sp.reduce_tokens(self.comm, x, plan)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the sampled rows only: [S, H] -> [S, V] on rank 0 (None elsewhere)."""
+
+    sp_role = sp.SAMPLED_ROWS
 
     def __init__(self, vocab_size: int, hidden: int, comm: Comm, dtype: torch.dtype = torch.float32,
                  tied_to: VocabParallelEmbedding | None = None):

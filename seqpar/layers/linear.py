@@ -2,8 +2,9 @@
 
 Column-parallel layers split the output features over the TP ranks and, on a sequence-parallel
 step, all-gather their token-sharded input first. Row-parallel layers split the input features and
-finish with an all-reduce (TP step) or a reduce-scatter along tokens (SP step). The step's mode is
-read from the plan at forward time, never fixed at construction.
+finish with an all-reduce (TP step) or a reduce-scatter along tokens (SP step). Which one runs is
+the step's (layers/sp.py's transitions read it from the plan at forward time), never fixed at
+construction. Every local product goes through the layer's `matmul`.
 
 Each parameter carries a `weight_loader(param, tensor_slice, shard_id)` that reads only this
 rank's rows or columns from a lazily-sliced checkpoint tensor (safetensors `get_slice`).
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
-from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
+from seqpar.layers import sp
 
 
 class _ParallelLinear(nn.Module):
@@ -24,6 +25,8 @@ class _ParallelLinear(nn.Module):
                  dtype: torch.dtype):
         super().__init__()
         self.comm = comm
+        self.local_out = out_features
+        """This rank's output features (of matmul's output)."""
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                    requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -32,6 +35,11 @@ class _ParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.bias = None
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's local product, no bias, no collective: x [R, in] -> [R, out] (local
+        features), written into `out` when given (rows of a ring collective matmul's output)."""
+        return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
 
     def weight_loader(self, param: nn.Parameter, tensor_slice, shard_id=None) -> None:
         raise NotImplementedError
@@ -47,19 +55,17 @@ def check_shape(tensor_slice, expected: tuple) -> None:
 class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T with W's output rows split over ranks. [T, in] -> [T, out / N] on each rank."""
 
+    sp_role = sp.COLUMN_PARALLEL
+
     def __init__(self, in_features: int, out_features: int, comm: Comm, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
         self.out_per_rank = divide(out_features, comm.world_size, "output features")
         super().__init__(in_features, self.out_per_rank, comm, bias, dtype)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        if plan.sp and plan.overlap:
-            return all_gather_matmul(self.comm, x, self.weight, self.bias)  # [T_pad, out / N]
-        if plan.sp:
-            x = self.comm.all_gather_tokens(x)  # [T_pad / N, in] -> [T_pad, in]
-        else:
-            x = self.comm.tokenwise_end(x)  # [T, in]: a token-wise region ends here
-        return F.linear(x, self.weight, self.bias)
+        """x [rows, in] -> [T (TP) or T_pad (SP), out / N]."""
+        y = sp.column_matmul(self.comm, x, self.matmul, self.local_out, plan)
+        return y if self.bias is None else y.add_(self.bias)
 
     def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
                    rows: int) -> None:
@@ -76,6 +82,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     Rank r's weight is [gate rows of r; up rows of r], so silu(gate) * up stays rank-local.
     """
+
+    sp_role = sp.COLUMN_PARALLEL
 
     def __init__(self, in_features: int, out_sizes: list[int], comm: Comm, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
@@ -95,6 +103,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     hq = heads / N query heads per rank. With fewer KV heads than ranks, each KV head is
     replicated on N / kv ranks: rank r holds KV head r // (N / kv), the one its query heads use.
     """
+
+    sp_role = sp.COLUMN_PARALLEL
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, comm: Comm,
                  bias: bool = False, dtype: torch.dtype = torch.float32):
@@ -130,28 +140,21 @@ class RowParallelLinear(_ParallelLinear):
     rows past T zero-padded first).
     """
 
+    sp_role = sp.ROW_PARALLEL
+
     def __init__(self, in_features: int, out_features: int, comm: Comm, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
         self.in_per_rank = divide(in_features, comm.world_size, "input features")
         super().__init__(self.in_per_rank, out_features, comm, bias, dtype)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        if plan.sp and plan.overlap:
-            y = matmul_reduce_scatter(self.comm, x, self.weight, plan.padded)
-            return y if self.bias is None else y + self.bias
-        return self.reduce(F.linear(x, self.weight), plan)
+        return self.forward_from(lambda: x, plan)
 
-    def reduce(self, partial: torch.Tensor, plan) -> torch.Tensor:
-        """The second half of forward: partial sums [T, out] -> [T, out] or [T_pad / N, out].
-
-        Callers that can drop the matmul's input before the reduction call F.linear themselves
-        and then this, so the input is not alive next to the reduction's buffers."""
-        if plan.sp:
-            y = self.comm.reduce_scatter_tokens(partial, plan.padded)
-        else:
-            y = self.comm.all_reduce(partial)
-        # The bias is added once, after the reduction.
-        return y if self.bias is None else y + self.bias
+    def forward_from(self, make_input, plan) -> torch.Tensor:
+        """forward(make_input(), plan), the input made only when needed so that it can be dropped
+        before the reduction (sp.row_matmul): for callers that build it only for this layer."""
+        y = sp.row_matmul(self.comm, make_input, self.matmul, plan)
+        return y if self.bias is None else y.add_(self.bias)  # once, after the reduction
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is whole on every rank

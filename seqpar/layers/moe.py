@@ -5,7 +5,7 @@ Two layouts of the experts over the TP group (ModelConfig.expert_parallel, fixed
   (rank r: columns [r * I/N, (r + 1) * I/N)), so each rank's output is a partial sum.
 - expert parallel (EP): rank r holds experts [r * E/N, (r + 1) * E/N) whole.
 
-Per step (the plan's mode, read at forward time, the same on every rank):
+Per step (the step's layout, layers/sp.py, read at forward time, the same on every rank):
 - TP step: x [T, H] holds the same values on every rank (the all-reduce before it gives every rank
   the same sum), so every rank routes every token identically; each runs its experts (or its
   columns of all of them) on the tokens routed there; one all-reduce sums the partial outputs.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from seqpar.config import ModelConfig, divide
 from seqpar.distributed.comm import Comm
+from seqpar.layers import sp
 from seqpar.layers.linear import MergedColumnParallelLinear, RowParallelLinear, check_shape
 
 
@@ -42,6 +43,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 class ReplicatedLinear(nn.Module):
     """y = x W^T with the whole W on every rank: [R, in] -> [R, out] on whatever rows it is given.
     The checkpoint tensor loads whole (the model's default loader)."""
+
+    sp_role = sp.TOKEN_WISE
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
         super().__init__()
@@ -56,6 +59,8 @@ class Router(ReplicatedLinear):
     """Softmax top-k routing: [R, H] -> weights [R, k] (x's dtype) and expert ids [R, k].
 
     The softmax runs in float32, as HF's routers do; renormalize: the k weights sum to 1."""
+
+    sp_role = sp.TOKEN_WISE
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, renormalize: bool,
                  dtype: torch.dtype):
@@ -85,6 +90,8 @@ class Experts(nn.Module):
 
     Checkpoint tensors come one per expert and projection (the hub layout); shard id
     (expert, "gate" | "up" | "down"), expert numbered in the whole model."""
+
+    sp_role = sp.TOKEN_WISE  # each routed row through its expert
 
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()
@@ -129,7 +136,10 @@ class Experts(nn.Module):
 
 class SharedExpert(nn.Module):
     """Qwen2-MoE's shared expert, a dense SiLU MLP: split by columns over the TP group (TP), or
-    whole on every rank (EP: built on a single-rank Comm, so its layers load whole tensors)."""
+    whole on every rank (EP: built on a single-rank Comm, so its layers load whole tensors).
+    Its linear layers only hold the weights: its forward runs no collective."""
+
+    sp_role = sp.TOKEN_WISE
 
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()
@@ -157,6 +167,8 @@ class SparseMoeBlock(nn.Module):
     """Router + experts (+ the gated shared expert): [rows, H] -> [rows, H], rows = T on a TP step,
     T_pad / N on an SP step; the same collectives as the dense MLP, except on SP + EP steps."""
 
+    sp_role = sp.EXPERT_BLOCK
+
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -173,12 +185,10 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, dtype)
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        if not plan.sp:
-            return self.comm.all_reduce(self._partial(x))  # [T, H]
-        if not self.expert_parallel:
-            full = self.comm.all_gather_tokens(x)[:plan.num_tokens]  # [T, H]: pad rows dropped
-            return self.comm.reduce_scatter_tokens(self._partial(full), plan.padded)
-        return self._dispatch_combine(x, plan)
+        if sp.routes_own_rows(plan, self.expert_parallel):
+            return self._dispatch_combine(x, plan)
+        full = sp.gather_tokens(self.comm, x, plan)[:plan.num_tokens]  # [T, H]: pad rows dropped
+        return sp.reduce_tokens(self.comm, self._partial(full), plan)
 
     def _partial(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H], the same on every rank -> this rank's part of the block's output [T, H]."""

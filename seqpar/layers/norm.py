@@ -4,8 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from seqpar.layers import sp
+
 
 class RMSNorm(nn.Module):
+    sp_role = sp.TOKEN_WISE
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eps = eps

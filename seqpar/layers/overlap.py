@@ -12,30 +12,64 @@ out while this rank multiplies; elsewhere gloo's or NCCL's async send/recv. On C
 symmetric-memory fused ops do the same in kernels; a backend can provide its own pair of
 functions with these signatures.
 
+gather_matmul and matmul_scatter take the local product as `matmul(x, out=None)`: a layer's own
+(linear.py, where the layer decides how its weights are stored and multiplied).
+all_gather_matmul and matmul_reduce_scatter are the same on a plain weight tensor (the compiled
+graph's ring ops, compile/ops.py).
+
 Each is counted like its plain collective (one call, the logical payload in bytes), under
-"all_gather_ring" / "reduce_scatter_ring"; each rank sends (N - 1) / N of it over the ring.
+Collective.ALL_GATHER_RING / REDUCE_SCATTER_RING; each rank sends (N - 1) / N of it over the ring.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from seqpar.distributed.collectives import Collective
 from seqpar.distributed.comm import Comm
+
+Matmul = Callable[..., torch.Tensor]
+"""matmul(x [R, in], out=None) -> [R, out]: a local product, written into `out` when given."""
+
+
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, in] times a plain weight [out, in] -> [R, out], into `out` (e.g. rows of a larger
+    product) when given."""
+    return F.linear(x, weight) if out is None else torch.mm(x, weight.t(), out=out)
 
 
 def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(all_gather_tokens(x), weight, bias) with the gather hidden behind the matmuls.
+    """F.linear(all_gather_tokens(x), weight, bias) for a plain weight [out, in] (the compiled
+    graph's op, compile/ops.py): gather_matmul with dense_matmul. [S, in] -> [N * S, out]."""
+    out = gather_matmul(comm, x, functools.partial(dense_matmul, weight=weight), weight.shape[0])
+    return out if bias is None else out.add_(bias)
 
-    x: [S, in] this rank's token shard (S = T_pad / N); weight: [out, in] -> [N * S, out].
-    At step i this rank holds the shard of rank (rank - i) mod N, multiplies it into those rows,
-    and meanwhile passes it on to rank + 1 and receives the next one from rank - 1.
+
+def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+                          padded: int) -> torch.Tensor:
+    """reduce_scatter_tokens(F.linear(x, weight), padded) for a plain weight [out, in / N]:
+    matmul_scatter with dense_matmul. [T, in / N] -> [padded / N, out]."""
+    return matmul_scatter(comm, x, functools.partial(dense_matmul, weight=weight), padded)
+
+
+def gather_matmul(comm: Comm, x: torch.Tensor, matmul: Matmul, width: int) -> torch.Tensor:
+    """matmul(all_gather_tokens(x)) with the gather hidden behind the matmuls.
+
+    x: [S, in] this rank's token shard (S = T_pad / N); matmul's output has `width` columns ->
+    [N * S, width]. At step i this rank holds the shard of rank (rank - i) mod N, multiplies it
+    into those rows, and meanwhile passes it on to rank + 1 and receives the next one from
+    rank - 1.
     """
     n, rank = comm.world_size, comm.rank
     if n == 1:
-        return F.linear(x, weight, bias)
+        return matmul(x)
     s = x.shape[0]
-    out = x.new_empty(n * s, weight.shape[0])
+    out = x.new_empty(n * s, width)
     current = x.contiguous()
     for i in range(n):
         pending = None
@@ -43,19 +77,18 @@ def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
             incoming = torch.empty_like(current)
             pending = comm.ring_exchange(current, incoming)
         owner = (rank - i) % n
-        torch.matmul(current, weight.t(), out=out[owner * s:(owner + 1) * s])
+        matmul(current, out=out[owner * s:(owner + 1) * s])
         if pending is not None:
             comm.ring_wait(pending)
             current = incoming
-    comm._count("all_gather_ring", n * x.numel() * x.element_size())
-    return out if bias is None else out + bias
+    comm.count(Collective.ALL_GATHER_RING, n * x.numel() * x.element_size())
+    return out
 
 
-def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
-                          padded: int) -> torch.Tensor:
-    """reduce_scatter_tokens(F.linear(x, weight), padded) with the transfers hidden behind matmuls.
+def matmul_scatter(comm: Comm, x: torch.Tensor, matmul: Matmul, padded: int) -> torch.Tensor:
+    """reduce_scatter_tokens(matmul(x), padded) with the transfers hidden behind the matmuls.
 
-    x: [T, in / N] (T <= padded; rows past T are zero) ; weight: [out, in / N] -> [padded / N, out].
+    x: [T, in / N] (T <= padded; rows past T are zero) -> [padded / N, out].
     At step i this rank computes its partial product for the chunk of rank (rank - i - 1) mod N,
     adds the running sum received from rank - 1 and sends it on to rank + 1; after N - 1 steps the
     sum that arrives is for its own chunk and is complete once its own part is added.
@@ -64,17 +97,18 @@ def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
     if x.shape[0] < padded:
         x = F.pad(x, (0, 0, 0, padded - x.shape[0]))
     if n == 1:
-        return F.linear(x, weight)
+        return matmul(x)
     s = padded // n
     pending = None
     for i in range(n):
         chunk = (rank - i - 1) % n
-        partial = F.linear(x[chunk * s:(chunk + 1) * s], weight)  # [S, out], overlaps the transfer
+        partial = matmul(x[chunk * s:(chunk + 1) * s])  # [S, out], overlaps the transfer
         if pending is not None:
             comm.ring_wait(pending)
             partial += incoming
         if i == n - 1:
-            comm._count("reduce_scatter_ring", n * partial.numel() * partial.element_size())
+            comm.count(Collective.REDUCE_SCATTER_RING,
+                       n * partial.numel() * partial.element_size())
             return partial
         incoming = torch.empty_like(partial)
         pending = comm.ring_exchange(partial, incoming)

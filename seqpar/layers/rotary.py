@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
+from seqpar.layers import sp
+
 
 def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
@@ -21,6 +23,8 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    sp_role = sp.POSITIONAL
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)

@@ -1,7 +1,8 @@
 """The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as one tensor-parallel model.
 
-It reads like a single-device model: every collective lives inside the parallel layers, which read
-the step's mode (TP or SP) from the plan at forward time. Shapes below: T real tokens, T_pad the
+It reads like a single-device model: every collective lives inside the parallel layers and the
+transitions of layers/sp.py, which read the step's layout (TP, SP, SP + overlap) from the plan at
+forward time; each module class declares its SP role there. Shapes below: T real tokens, T_pad the
 padded count (a multiple of N on SP steps), S sampled rows, "rows" = T on a TP step and T_pad / N
 on an SP step (this rank's token shard of the residual stream).
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
+from seqpar.layers import sp
 from seqpar.layers.attention import Attention
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
@@ -28,6 +30,8 @@ from seqpar.loader.checkpoint import open_safetensors
 
 
 class LlamaAttention(nn.Module):
+    sp_role = sp.ALL_TOKENS_BLOCK  # qkv_proj gathers, o_proj reduces: attention sees every token
+
     def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype):
         super().__init__()
         d = cfg.head_dim
@@ -65,6 +69,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    sp_role = sp.ALL_TOKENS_BLOCK
+
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()
         if cfg.hidden_act != "silu":
@@ -76,11 +82,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         # Token-wise throughout, so on an SP step pad rows ride along: [T_pad, 2I/N] -> [rows, H].
-        if plan.sp and plan.overlap:
-            return self.down_proj(self._act(x, plan), plan)
-        # The product (a view of gate_up) is freed when F.linear returns, before the reduction
-        # allocates its buffers: the MLP's peak is gate_up + the down output, not more.
-        return self.down_proj.reduce(F.linear(self._act(x, plan), self.down_proj.weight), plan)
+        # The activation (a view of gate_up) is made inside down_proj, which drops it once its
+        # product is taken: the MLP's peak is gate_up + the down output, not more.
+        return self.down_proj.forward_from(lambda: self._act(x, plan), plan)
 
     def _act(self, x: torch.Tensor, plan) -> torch.Tensor:
         """silu(gate) * up written over gate: [rows, H] -> [T', I/N], a view into gate_up
@@ -90,6 +94,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    sp_role = sp.RESIDUAL_STREAM
+
     def __init__(self, cfg: ModelConfig, comm: Comm, rotary: RotaryEmbedding, dtype: torch.dtype,
                  mlp: nn.Module):
         """mlp: the block after attention, [rows, H] -> [rows, H] (LlamaMLP, or an MoE block)."""
@@ -120,6 +126,8 @@ class LlamaModel(nn.Module):
     """Embedding (first stage), decoder layers `layers` (as self.layers[0..]) and the final norm
     (last stage); the parts a stage does not own are None."""
 
+    sp_role = sp.RESIDUAL_STREAM
+
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype, max_positions: int,
                  layers: range, mlp_for):
         """mlp_for(layer index in the whole model) -> that layer's MLP block."""
@@ -134,6 +142,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    sp_role = sp.RESIDUAL_STREAM  # and the sampled-row tail (logits)
+
     # checkpoint projection name -> (our fused parameter, shard id)
     FUSED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -183,16 +193,7 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, plan, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """The last stage's tail: final norm and LM head on the sampled rows only.
         h, residual [rows, H] -> float32 [S, V] on TP rank 0, None on the other TP ranks."""
-        if plan.sp:
-            # Each rank normalizes the sampled rows it owns ([K, H], K = most rows any rank owns),
-            # then one all-gather brings every rank's [K, H] together: [N * K, H] -> [S, H].
-            local = plan.local_sample_rows(self.comm.rank)
-            x, _ = self.model.norm(h[local], residual[local])
-            x = self.comm.all_gather_tokens(x)[plan.sample_gather_index]
-        else:
-            rows = plan.sample_rows
-            x, _ = self.model.norm(h[rows], residual[rows])
-        logits = self.lm_head(x)
+        logits = self.lm_head(sp.sampled_rows(self.comm, plan, h, residual, self.model.norm))
         return None if logits is None else logits.float()
 
     def load_weights(self, model_dir: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from seqpar.layers import sp
 from seqpar.layers.moe import SparseMoeBlock, local_experts
 from seqpar.models.llama import LlamaForCausalLM
 
@@ -22,6 +23,8 @@ EXPERT_PROJ = {("w1", None): ("w13", "gate"), ("w3", None): ("w13", "up"),
 
 
 class MoeForCausalLM(LlamaForCausalLM):
+    sp_role = sp.RESIDUAL_STREAM
+
     def make_mlp(self, index: int, dtype: torch.dtype) -> nn.Module:
         if index in self.cfg.moe_layers:
             return SparseMoeBlock(self.cfg, self.comm, dtype)

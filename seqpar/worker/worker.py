@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import EngineConfig, round_up
+from seqpar.distributed.collectives import Collective
 from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
@@ -30,8 +31,9 @@ from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
 TAG_HIDDEN, TAG_SAMPLED = 1, 2
-COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "gather")
-"""time_collectives' ops: Comm's collectives under their comm_stats() names."""
+TIMED_COLLECTIVES = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER, Collective.ALL_GATHER,
+                     Collective.GATHER)
+"""The collectives time_collectives runs."""
 
 
 def rank_threads(cfg: EngineConfig) -> int:
@@ -209,24 +211,26 @@ class Worker:
     def report_p2p(self) -> torch.Tensor:
         """Sum every rank's [send calls, send bytes, recv calls, recv bytes] on rank 0 (returned
         there) and zero those counters on every rank."""
-        counts = [x for op in ("send", "recv") for x in self.comm.stats.pop(op, (0, 0))]
+        counts = [x for op in (Collective.SEND, Collective.RECV)
+                  for x in self.comm.stats.pop(op.value, (0, 0))]
         total = torch.tensor(counts, dtype=torch.int64)
         dist.reduce(total, 0, group=self.channel.group)
         return total
 
     def measure(self) -> tuple[int, int]:
         """Time TP / SP / SP + overlap on this group (every rank together); see engine/policy.py."""
-        cfg = self.cfg
+        layer = self.model.model.layers[0]  # this stage's first decoder layer, as a step runs it
         self.sp_threshold, self.overlap_threshold, self.sp_table = measure_thresholds(
-            self.comm, cfg.model.hidden_size, 2 * cfg.model.intermediate_size // self.comm.world_size,
-            cfg.torch_dtype, self.device, with_overlap=cfg.parallel.overlap)
+            layer.post_attention_layernorm, layer.mlp, self.comm,
+            with_overlap=self.cfg.parallel.overlap)
         return self.sp_threshold, self.overlap_threshold
 
     def time_collectives(self, payload: torch.Tensor) -> list[float] | None:
         """Run a list of collectives alone, back to back on stage 0's TP group with no compute
         between them, and time them (the bench's "communication alone").
 
-        payload: int64 (index in COLLECTIVES, rows, cols) per collective; [rows, cols] is its
+        payload: int64 (Collective.code, rows, cols) per collective of TIMED_COLLECTIVES;
+        [rows, cols] is its
         logical tensor as comm_stats() counts it: all_gather joins [rows / N, cols] shards, gather
         joins [rows, cols / N] vocab shards. Inputs are made before the clock starts, as a step
         has them; outputs are allocated inside, as in a step. The ranks start together (a
@@ -239,15 +243,15 @@ class Worker:
         if self.topo.stage != 0 or comm.world_size == 1:
             return [0.0, 0.0] if self.topo.rank == 0 else None
         n, gen = comm.world_size, torch.Generator().manual_seed(0)
-        runs = {"all_reduce": comm.all_reduce, "all_gather": comm.all_gather_tokens,
-                "reduce_scatter": lambda x: comm.reduce_scatter_tokens(x, x.shape[0]),
-                "gather": comm.gather_vocab}
+        runs = {Collective.ALL_REDUCE: comm.all_reduce, Collective.ALL_GATHER: comm.all_gather_tokens,
+                Collective.REDUCE_SCATTER: lambda x: comm.reduce_scatter_tokens(x, x.shape[0]),
+                Collective.GATHER: comm.gather_vocab}
         inputs, calls = {}, []
         for code, rows, cols in payload.view(-1, 3).tolist():
-            op = COLLECTIVES[code]
+            op = Collective.from_code(code)
             # This rank's input: all_gather's token shard, gather's vocab shard, else the whole.
-            shape = (rows // n if op == "all_gather" else rows,
-                     cols // n if op == "gather" else cols)
+            shape = (rows // n if op is Collective.ALL_GATHER else rows,
+                     cols // n if op is Collective.GATHER else cols)
             if (op, shape) not in inputs:  # one per shape (all_reduce sums into it: values only)
                 inputs[op, shape] = torch.randn(shape, generator=gen).to(self.device,
                                                                          self.cfg.torch_dtype)
