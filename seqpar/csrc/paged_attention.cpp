@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,12 +38,33 @@ struct Group {  // the items that split one (sequence, KV head, tile)'s keys
 };
 
 template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {
+inline void widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// exp(x) for x <= 0 (scores minus their running max), vectorizable: x = n ln2 + r with |r| <=
+// ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7), times 2^n built in the
+// exponent bits. Below -87 it returns about 1e-38 (callers zero masked keys themselves).
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  float e = 1.f / 720;
+  e = e * r + 1.f / 120;
+  e = e * r + 1.f / 24;
+  e = e * r + 1.f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -62,7 +84,7 @@ template <typename T>
 void attend_item(const Params& p, const Item& it, const T* q, const T* k_cache, const T* v_cache,
                  std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& m,
                  std::vector<float>& l, std::vector<float>& kf, std::vector<float>& vf,
-                 std::vector<float>& s) {
+                 std::vector<float>& kt, std::vector<float>& s) {
   const int64_t D = p.dim, g = p.group, bs = p.block_size;
   const int64_t rows = it.row_hi - it.row_lo, R = rows * g;
   const int64_t first_row = p.qsl[it.seq];
@@ -74,6 +96,7 @@ void attend_item(const Params& p, const Item& it, const T* q, const T* k_cache, 
   l.assign(R, 0.f);
   kf.resize(bs * D);
   vf.resize(bs * D);
+  kt.resize(bs * D);
   s.resize(R * bs);
   // Query vector r = (row i, head h of the group): q[first_row + row_lo + i][kv_head * g + h].
   for (int64_t i = 0; i < rows; ++i)
@@ -95,24 +118,45 @@ void attend_item(const Params& p, const Item& it, const T* q, const T* k_cache, 
       widen(k_cache + base + j * token_stride, kf.data() + j * D, D);
       widen(v_cache + base + j * token_stride, vf.data() + j * D, D);
     }
+    // Scores s [R][nk]. Many rows against a full block of 16: keys transposed once, [D][16],
+    // then each row's 16 scores are D broadcast multiply-adds in one vector register (no
+    // horizontal sum per key). Few rows (a decode's group): one dot product per key.
+    const bool tiled = bs == 16 && nk == 16 && R >= 8;
+    if (tiled) {
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * 16 + j] = kf[j * D + d];
+      for (int64_t r = 0; r < R; ++r) {
+        float lanes[16] = {};
+        const float* __restrict__ qr = qf.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = qr[d];
+#pragma omp simd
+          for (int64_t j = 0; j < 16; ++j) lanes[j] += qd * kt[d * 16 + j];
+        }
+        std::copy(lanes, lanes + 16, s.data() + r * nk);
+      }
+    } else {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < nk; ++j)
+          s[r * nk + j] = dot(qf.data() + r * D, kf.data() + j * D, D);
+    }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t pos = pos0 + it.row_lo + r / g;
       float* sr = s.data() + r * nk;
       float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < nk; ++j) {
-        const int64_t key = lo + j;
-        const bool seen = key <= pos && (p.window <= 0 || key > pos - p.window);
-        sr[j] = seen ? dot(qf.data() + r * D, kf.data() + j * D, D)
-                     : -std::numeric_limits<float>::infinity();
-        block_max = std::max(block_max, sr[j]);
-      }
-      if (block_max == -std::numeric_limits<float>::infinity()) continue;  // nothing visible
+      // Keys this row sees: positions (pos - window, pos].
+      const int64_t first = p.window > 0 ? std::max(lo, pos - p.window + 1) : lo;
+      const int64_t last = std::min(hi - 1, pos);
+      if (first > last) continue;  // nothing visible to this row in this block
+      for (int64_t j = first - lo; j <= last - lo; ++j) block_max = std::max(block_max, sr[j]);
       const float m_new = std::max(m[r], block_max);
       const float correction = std::exp(m[r] - m_new);  // 0 on the first visible block
       float* ar = acc.data() + r * D;
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < nk; ++j) {
-        sr[j] = std::exp(sr[j] - m_new);
+        const bool seen = lo + j >= first && lo + j <= last;
+        sr[j] = seen ? exp_nonpositive(sr[j] - m_new) : 0.f;
         sum += sr[j];
       }
 #pragma omp simd
@@ -139,10 +183,10 @@ void run(const Params& p, const std::vector<Item>& items, const std::vector<Grou
     return out + (row * p.heads + it.kv_head * g + r % g) * D;
   };
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, acc, m, l, kf, vf, s;
+    std::vector<float> qf, acc, m, l, kf, vf, kt, s;
     for (int64_t i = begin; i < end; ++i) {
       const Item& it = items[i];
-      attend_item(p, it, q, k_cache, v_cache, qf, acc, m, l, kf, vf, s);
+      attend_item(p, it, q, k_cache, v_cache, qf, acc, m, l, kf, vf, kt, s);
       const int64_t R = (it.row_hi - it.row_lo) * g;
       if (it.partial < 0) {
         for (int64_t r = 0; r < R; ++r) {

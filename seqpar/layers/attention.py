@@ -173,6 +173,10 @@ class Attention(nn.Module):
                                          isa)
         elif meta.num_seqs == 1 and meta.max_seq_len == t and (window is None or t <= window):
             out = self._lone_chunk(q, k, v)
+        elif meta.num_seqs == 1 and t > 1 and q.device.type == "cpu":
+            # One chunk after cached context: SDPA's kernel over its own gathered blocks beats
+            # seqpar's kernel 1.3-3x (docs/attention.md), and the copy is small beside the compute.
+            out = gather_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
         elif q.device.type == "cpu" and kernels.available():
             out = kernels.seqpar_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
         elif q.is_cuda and _flashinfer_fits(q):
