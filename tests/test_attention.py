@@ -17,7 +17,7 @@ size vLLM has no kernel for, and the tiny test models' size."""
 
 
 def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d: int,
-          dtype: torch.dtype):
+          dtype: torch.dtype, device="cpu"):
     """A mixed step in shuffled blocks: decodes at assorted contexts, a decode on an empty cache,
     an uncached chunk, chunks after cached context (one ending mid-block, one on a boundary)."""
     shapes = [(rng.randint(1, 300), 1) for _ in range(6)]
@@ -32,8 +32,8 @@ def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d
     keys = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
     values = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
     q = torch.randn(sum(n for _, n in shapes), heads, d, generator=gen).to(dtype)
-    everything = build_metadata([0] * len(shapes), lens, tables, BS, "cpu")  # every token's slot
-    step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, BS, "cpu")
+    everything = build_metadata([0] * len(shapes), lens, tables, BS, device)  # every token's slot
+    step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, BS, device)
     return q, keys, values, everything.slot_mapping, step, num_blocks
 
 
@@ -41,7 +41,7 @@ def _reference(q, keys, values, slots, step, num_blocks, window):
     """gather_attention in float32 over a plain pool holding every token."""
     kv_heads, d = keys.shape[1:]
     pool = torch.zeros(2, num_blocks * BS, kv_heads, d)
-    pool[0][slots], pool[1][slots] = keys.float(), values.float()
+    pool[0][slots.cpu()], pool[1][slots.cpu()] = keys.float(), values.float()
     k_cache, v_cache = pool.view(2, num_blocks, BS, kv_heads, d).unbind(0)
     return gather_attention(q.float(), k_cache, v_cache, step, window, d ** -0.5)
 
@@ -133,3 +133,29 @@ def test_own_kernel_build_is_keyed_by_host(monkeypatch):
     other_torch = kernels.build_dir()
     assert len({here, other_cpu, other_torch}) == 3
     assert here.parent == other_cpu.parent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 2, 64), (6, 1, 128), (6, 2, 72)])
+def test_cuda_attention_matches_reference(heads, kv_heads, d, window, dtype):
+    """Attention on CUDA (FlashInfer's paged kernel when installed and it has the head size and
+    dtype, else gather + SDPA) against the float32 CPU reference."""
+    from types import SimpleNamespace
+
+    from seqpar.layers.attention import Attention
+
+    rng, gen = random.Random(d), torch.Generator().manual_seed(d)
+    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype, "cuda")
+    ref = _reference(q, keys, values, slots, step, num_blocks, window)
+    attn = Attention(heads, kv_heads, d, window)
+    attn.k_cache, attn.v_cache = torch.zeros(2, num_blocks, BS, kv_heads, d, dtype=dtype,
+                                             device="cuda").unbind(0)
+    keys, values = keys.cuda(), values.cuda()
+    attn.write_kv(keys, values, slots)  # the context, as earlier steps wrote it
+    # The step's own keys: each sequence's last rows, found by slot.
+    rows = torch.cat([torch.nonzero(slots == s).view(-1) for s in step.slot_mapping])
+    out = attn(q.cuda(), keys[rows], values[rows], SimpleNamespace(attn_metadata=step))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.view_as(ref).float().cpu(), ref, **tol)
