@@ -17,12 +17,14 @@ size vLLM has no kernel for, and the tiny test models' size."""
 
 
 def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d: int,
-          dtype: torch.dtype, device="cpu"):
-    """A mixed step in shuffled blocks: decodes at assorted contexts, a decode on an empty cache,
-    an uncached chunk, chunks after cached context (one ending mid-block, one on a boundary)."""
-    shapes = [(rng.randint(1, 300), 1) for _ in range(6)]
-    shapes += [(0, 1), (0, 29), (40, 24), (rng.randint(1, 200), 57), (47, 1)]
-    rng.shuffle(shapes)
+          dtype: torch.dtype, device="cpu", shapes=None):
+    """A step in shuffled blocks; by default a mix of decodes at assorted contexts, a decode on an
+    empty cache, an uncached chunk, chunks after cached context (one ending mid-block, one on a
+    boundary). shapes: [(cached, new)] per sequence instead."""
+    if shapes is None:
+        shapes = [(rng.randint(1, 300), 1) for _ in range(6)]
+        shapes += [(0, 1), (0, 29), (40, 24), (rng.randint(1, 200), 57), (47, 1)]
+        rng.shuffle(shapes)
     need = [-(-(s + n) // BS) for s, n in shapes]
     num_blocks = sum(need) + 8
     free = rng.sample(range(num_blocks), num_blocks)
@@ -135,6 +137,44 @@ def test_own_kernel_build_is_keyed_by_host(monkeypatch):
     assert here.parent == other_cpu.parent
 
 
+def _module_check(device, heads, kv_heads, d, window, dtype, shapes=None):
+    """The Attention module, whichever path it takes on `device`, against the float32 CPU
+    reference: the context written as earlier steps wrote it, then the step."""
+    from types import SimpleNamespace
+
+    from seqpar.layers.attention import Attention
+
+    rng, gen = random.Random(d), torch.Generator().manual_seed(d)
+    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype, device,
+                                                     shapes)
+    ref = _reference(q, keys, values, slots, step, num_blocks, window)
+    attn = Attention(heads, kv_heads, d, window)
+    attn.k_cache, attn.v_cache = torch.zeros(2, num_blocks, BS, kv_heads, d, dtype=dtype,
+                                             device=device).unbind(0)
+    keys, values = keys.to(device), values.to(device)
+    attn.write_kv(keys, values, slots)
+    # The step's own keys: each sequence's last rows, found by slot.
+    rows = torch.cat([torch.nonzero(slots == s).view(-1) for s in step.slot_mapping])
+    out = attn(q.to(device), keys[rows], values[rows], SimpleNamespace(attn_metadata=step))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.view_as(ref).float().cpu(), ref, **tol)
+    return step
+
+
+@pytest.mark.parametrize("shapes,decodes", [
+    ([(30, 1), (3, 1), (0, 1)], 3),  # decodes only: the own kernel
+    ([(30, 1), (17, 1), (0, 40)], 2),  # decodes, then an uncached chunk: fused causal SDPA
+    ([(30, 1), (0, 20), (9, 1), (16, 5)], 1),  # a decode, then chunks and a decode: gathered
+    ([(0, 33)], 0),  # a lone uncached chunk
+    ([(21, 12)], 0)])  # one chunk after cached context
+@pytest.mark.parametrize("d,window", [(8, None), (8, 7), (64, 7)])
+def test_attention_module_paths(shapes, decodes, d, window):
+    """Every way the CPU module splits a step (head size 8: seqpar's own kernel for the leading
+    decodes, SDPA for the chunks; 64: vLLM's kernel for all) gives the reference's output."""
+    step = _module_check("cpu", 6, 2, d, window, torch.float32, shapes)
+    assert step.num_decodes == decodes
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5])
@@ -142,20 +182,4 @@ def test_own_kernel_build_is_keyed_by_host(monkeypatch):
 def test_cuda_attention_matches_reference(heads, kv_heads, d, window, dtype):
     """Attention on CUDA (FlashInfer's paged kernel when installed and it has the head size and
     dtype, else gather + SDPA) against the float32 CPU reference."""
-    from types import SimpleNamespace
-
-    from seqpar.layers.attention import Attention
-
-    rng, gen = random.Random(d), torch.Generator().manual_seed(d)
-    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype, "cuda")
-    ref = _reference(q, keys, values, slots, step, num_blocks, window)
-    attn = Attention(heads, kv_heads, d, window)
-    attn.k_cache, attn.v_cache = torch.zeros(2, num_blocks, BS, kv_heads, d, dtype=dtype,
-                                             device="cuda").unbind(0)
-    keys, values = keys.cuda(), values.cuda()
-    attn.write_kv(keys, values, slots)  # the context, as earlier steps wrote it
-    # The step's own keys: each sequence's last rows, found by slot.
-    rows = torch.cat([torch.nonzero(slots == s).view(-1) for s in step.slot_mapping])
-    out = attn(q.cuda(), keys[rows], values[rows], SimpleNamespace(attn_metadata=step))
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.view_as(ref).float().cpu(), ref, **tol)
+    _module_check("cuda", heads, kv_heads, d, window, dtype)

@@ -47,6 +47,10 @@ class AttentionMetadata:
     """The longest query run of the step (host int: reading it needs no sync)."""
     max_seq_len: int
     """The longest seq_lens entry (host int)."""
+    num_decodes: int = 0
+    """Host int: the first num_decodes sequences have one query row each (the scheduler puts
+    decodes first). seqpar's own CPU kernel serves them and SDPA the chunks after them; 0 sends
+    every sequence the chunks' way, still correct."""
     kernel_plans: dict = field(default_factory=dict, repr=False)
     """Per-step state a kernel plans once and every layer reuses (FlashInfer's wrapper on CUDA),
     keyed by what it depends on besides the metadata."""
@@ -54,6 +58,15 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def sequences(self, start: int, stop: int) -> "AttentionMetadata":
+        """Sequences [start, stop) alone, their query rows numbered from 0 (views, no copy of
+        the tables). The host maxima stay the step's: upper bounds for the part."""
+        qsl = self.query_start_loc[start:stop + 1]
+        rows = slice(self.query_start_loc[start].item(), self.query_start_loc[stop].item())
+        return AttentionMetadata(self.slot_mapping[rows], qsl - qsl[0], self.seq_lens[start:stop],
+                                 self.block_tables[start:stop], self.max_query_len,
+                                 self.max_seq_len, max(0, min(self.num_decodes, stop) - start))
 
 
 def build_metadata(starts: list[int], lens: list[int], block_tables: list[list[int]],
@@ -74,9 +87,10 @@ def build_metadata(starts: list[int], lens: list[int], block_tables: list[list[i
     qsl = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     pos = torch.arange(qsl[-1].item()) - qsl[seq] + torch.tensor(starts)[seq]  # [T] positions
     slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
+    decodes = next((b for b, n in enumerate(lens) if n != 1), len(lens))
     return AttentionMetadata(slots.to(device), qsl.to(device),
                              torch.tensor(ends, dtype=torch.int32, device=device),
-                             tables.to(device), max(lens), max(ends))
+                             tables.to(device), max(lens), max(ends), decodes)
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -171,19 +185,39 @@ class Attention(nn.Module):
         if isa is not None:
             out = kernels.vllm_attention(q, self.k_cache, self.v_cache, meta, window, self.scale,
                                          isa)
-        elif meta.num_seqs == 1 and meta.max_seq_len == t and (window is None or t <= window):
-            out = self._lone_chunk(q, k, v)
-        elif meta.num_seqs == 1 and t > 1 and q.device.type == "cpu":
-            # One chunk after cached context: SDPA's kernel over its own gathered blocks beats
-            # seqpar's kernel 1.3-3x (docs/attention.md), and the copy is small beside the compute.
-            out = gather_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
         elif q.device.type == "cpu" and kernels.available():
-            out = kernels.seqpar_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
+            out = self._cpu_attention(q, k, v, meta)
         elif q.is_cuda and _flashinfer_fits(q):
             out = _flashinfer_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
+        elif meta.num_seqs == 1 and meta.max_seq_len == t and (window is None or t <= window):
+            out = self._lone_chunk(q, k, v)
         else:
             out = gather_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
         return out.reshape(t, -1)
+
+    def _cpu_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        """Where vLLM's kernel has not the head size: the decodes on seqpar's own kernel, the
+        chunks after them on SDPA, which runs them 1.3-8x faster than the own kernel
+        (docs/attention.md): a lone uncached chunk on its fused causal kernel, others over their
+        gathered blocks (a copy that is small beside a chunk's compute). q [T, hq, D] -> same."""
+        nd, window = meta.num_decodes, self.sliding_window
+        if nd == meta.num_seqs:
+            return kernels.seqpar_attention(q, self.k_cache, self.v_cache, meta, window, self.scale)
+        chunks = meta.sequences(nd, meta.num_seqs) if nd else meta
+        n = q.shape[0] - nd  # the chunks' rows, after one row per decode
+        if (chunks.num_seqs == 1 and chunks.seq_lens[0].item() == n  # on the CPU: no sync
+                and (window is None or n <= window)):
+            tail = self._lone_chunk(q[nd:], k[nd:], v[nd:])
+        else:
+            tail = gather_attention(q[nd:], self.k_cache, self.v_cache, chunks, window, self.scale)
+        if nd == 0:
+            return tail
+        out = torch.empty_like(q)
+        out[:nd] = kernels.seqpar_attention(q[:nd], self.k_cache, self.v_cache,
+                                            meta.sequences(0, nd), window, self.scale)
+        out[nd:] = tail
+        return out
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Keys and values [T, hkv, D] into the pool at slot_mapping [T], in the layout this
