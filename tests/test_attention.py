@@ -121,7 +121,7 @@ def test_own_kernel_rejects_bad_input():
 
 
 def test_build_metadata_rejects_short_tables():
-    with pytest.raises(ValueError, match="sequence 1 has 4 new tokens after 15 cached and 1 blocks"):
+    with pytest.raises(ValueError, match="sequence 1 has 4 new tokens after 15 cached and 1 block"):
         build_metadata([0, 15], [1, 4], [[0], [1]], BS, "cpu")
 
 

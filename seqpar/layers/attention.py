@@ -20,6 +20,8 @@ the step's T real tokens.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +63,8 @@ class AttentionMetadata:
 
     def sequences(self, start: int, stop: int) -> "AttentionMetadata":
         """Sequences [start, stop) alone, their query rows numbered from 0 (views, no copy of
-        the tables). The host maxima stay the step's: upper bounds for the part."""
+        the tables). The host maxima stay the step's: upper bounds for the part. Reads two row
+        offsets from query_start_loc: for the CPU path (on a GPU that is a sync)."""
         qsl = self.query_start_loc[start:stop + 1]
         rows = slice(self.query_start_loc[start].item(), self.query_start_loc[stop].item())
         return AttentionMetadata(self.slot_mapping[rows], qsl - qsl[0], self.seq_lens[start:stop],
@@ -112,7 +115,8 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     padded[dest] = q
     # query position [B, q_max, 1] against key position [1, 1, L]; pad query rows attend to
     # whatever, their outputs are never read.
-    q_pos = (meta.seq_lens.long() - lens).view(-1, 1, 1) + torch.arange(q_max, device=q.device).view(1, -1, 1)
+    q_pos = ((meta.seq_lens.long() - lens).view(-1, 1, 1)
+             + torch.arange(q_max, device=q.device).view(1, -1, 1))
     k_pos = torch.arange(nb * bs, device=q.device).view(1, 1, -1)
     mask = k_pos <= q_pos
     if window is not None:
@@ -123,14 +127,16 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o.transpose(1, 2).reshape(b * q_max, *q.shape[1:])[dest]
 
 
+@functools.cache
+def _flashinfer_installed() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
+
+
 def _flashinfer_fits(q: torch.Tensor) -> bool:
     """FlashInfer is installed and takes this query: 16-bit dtypes and its head sizes. (flash-attn's
     paged kernels want blocks of a multiple of 256 tokens; seqpar's are 16 by default.)"""
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError:
-        return False
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128, 256)
+    return (_flashinfer_installed() and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] in (64, 128, 256))
 
 
 _FLASHINFER_WORKSPACE: dict = {}

@@ -142,7 +142,8 @@ def build_dir() -> Path:
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__, platform.machine(), _cpu_flags()):
         key.update(part if isinstance(part, bytes) else part.encode())
-    root = Path(os.environ.get("SEQPAR_KERNEL_CACHE", Path.home() / ".cache" / "seqpar" / "kernels"))
+    default = Path.home() / ".cache" / "seqpar" / "kernels"
+    root = Path(os.environ.get("SEQPAR_KERNEL_CACHE", default))
     return root / f"paged_attention_{key.hexdigest()[:16]}"
 
 
