@@ -11,7 +11,7 @@
 // softmax, and either writes the finished rows or, when the keys were split into parts (a batch
 // too small to keep every thread busy), a partial (max, sum, weighted values) that a second pass
 // merges. Arithmetic is float32 whatever the storage (bf16 is widened by a shift), so the kernel
-// needs no native bf16 and is built for the host's vector units by paged_kernel.py.
+// needs no native bf16; layers/attention_kernels.py builds it for the host's vector units.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
