@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the engine's dependencies (only its compiled ops are loaded), and seqpar's own, compiled now
 	# for this host rather than inside the first test or request.
 	$(if $(CPU_KERNELS),$(PIP) install --no-deps $(CPU_KERNELS))
-	$(PY) -m seqpar.layers.attention_kernels
+	$(PY) -c 'from seqpar.layers import attention_kernels as k; k.load(); print("seqpar: attention kernel built in", k.build_dir())'
 	touch $@
 
 demo: install

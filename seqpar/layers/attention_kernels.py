@@ -11,8 +11,8 @@ The own kernel is compiled with -march=native, so one build must never run on an
 its build directory is named by a hash of the source, the torch version and the CPU's flags, so a
 checkout whose machine changed (the same disk on another host) builds afresh instead of reusing a
 binary with instructions the new CPU lacks. bf16 is widened to float32 in the kernel, so hosts
-without native bf16 run it too. `make install` builds it once (`python -m
-seqpar.layers.attention_kernels`); later processes only load it (torch.utils.cpp_extension: ninja
+without native bf16 run it too. `make install` builds it once (`load()`); later processes only
+load it (torch.utils.cpp_extension: ninja
 finds nothing to do, and a file lock keeps ranks that start together from building twice).
 """
 from __future__ import annotations
@@ -188,7 +188,3 @@ def seqpar_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                              meta.seq_lens, meta.block_tables, window or 0, scale)
     return out
 
-
-if __name__ == "__main__":  # make install: build now, not inside the first test or request
-    load()
-    print(f"seqpar: paged attention kernel ready in {build_dir()}")
