@@ -12,8 +12,8 @@ its build directory is named by a hash of the source, the torch version and the 
 checkout whose machine changed (the same disk on another host) builds afresh instead of reusing a
 binary with instructions the new CPU lacks. bf16 is widened to float32 in the kernel, so hosts
 without native bf16 run it too. `make install` builds it once (`load()`); later processes only
-load it (torch.utils.cpp_extension: ninja
-finds nothing to do, and a file lock keeps ranks that start together from building twice).
+load it (torch.utils.cpp_extension: ninja finds nothing to do, and a file lock keeps ranks that
+start together from building twice).
 """
 from __future__ import annotations
 
