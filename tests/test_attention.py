@@ -31,9 +31,9 @@ def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d
     # Some tables hold a spare block past the sequence's end (blocks for chunks to come).
     tables = [[free.pop() for _ in range(k + rng.randint(0, 1))] for k in need]
     lens = [s + n for s, n in shapes]
-    keys = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
-    values = torch.randn(sum(lens), kv_heads, d, generator=gen).to(dtype)
-    q = torch.randn(sum(n for _, n in shapes), heads, d, generator=gen).to(dtype)
+    # Strided views, as the model's split of its qkv projection hands them over.
+    keys, values = torch.randn(sum(lens), 2, kv_heads, d, generator=gen).to(dtype).unbind(1)
+    q = torch.randn(sum(n for _, n in shapes), heads + 1, d, generator=gen).to(dtype)[:, :heads]
     everything = build_metadata([0] * len(shapes), lens, tables, BS, device)  # every token's slot
     step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, BS, device)
     return q, keys, values, everything.slot_mapping, step, num_blocks
