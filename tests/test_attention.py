@@ -26,7 +26,7 @@ def _step(rng: random.Random, gen: torch.Generator, heads: int, kv_heads: int, d
         shapes += [(0, 1), (0, 29), (40, 24), (rng.randint(1, 200), 57), (47, 1)]
         rng.shuffle(shapes)
     need = [-(-(s + n) // bs) for s, n in shapes]
-    num_blocks = sum(need) + 8
+    num_blocks = sum(need) + len(shapes)  # room for a spare block each
     free = rng.sample(range(num_blocks), num_blocks)
     # Some tables hold a spare block past the sequence's end (blocks for chunks to come).
     tables = [[free.pop() for _ in range(k + rng.randint(0, 1))] for k in need]
