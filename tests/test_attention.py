@@ -167,7 +167,7 @@ def _module_check(device, heads, kv_heads, d, window, dtype, shapes=None):
     out = attn(q.to(device), keys[rows], values[rows], SimpleNamespace(attn_metadata=step))
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.view_as(ref).float().cpu(), ref, **tol)
-    return step
+    return step, attn
 
 
 @pytest.mark.parametrize("shapes,decodes", [
@@ -180,8 +180,10 @@ def _module_check(device, heads, kv_heads, d, window, dtype, shapes=None):
 def test_attention_module_paths(shapes, decodes, d, window):
     """Every way the CPU module splits a step (head size 8: seqpar's own kernel for the leading
     decodes, SDPA for the chunks; 64: vLLM's kernel for all) gives the reference's output."""
-    step = _module_check("cpu", 6, 2, d, window, torch.float32, shapes)
+    step, attn = _module_check("cpu", 6, 2, d, window, torch.float32, shapes)
     assert step.num_decodes == decodes
+    vllm = importlib.util.find_spec("vllm") is not None and d in kernels.VLLM_HEAD_SIZES
+    assert (attn._vllm_isa() is not None) == vllm, "the layer did not take vLLM's kernel"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
