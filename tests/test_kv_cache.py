@@ -114,10 +114,12 @@ def test_engine_add_step_abort(tiny):
         assert_matches(llm.generate(PROMPTS[1:2], GREEDY), expected[1:], "after an abort")
 
 
-@pytest.mark.parametrize("heads,kv_heads,window", [(4, 2, None), (6, 1, 5), (3, 3, None)])
-def test_paged_attention_matches_per_sequence_sdpa(heads, kv_heads, window):
+@pytest.mark.parametrize("heads,kv_heads,d,window", [(4, 2, 8, None), (6, 1, 8, 5), (3, 3, 8, None),
+                                                     (4, 2, 64, None), (6, 1, 64, 5)])
+def test_paged_attention_matches_per_sequence_sdpa(heads, kv_heads, d, window):
     """One flat step of decodes and prefill chunks, some with cached context, in scattered blocks:
-    each sequence's output equals plain causal attention over its own keys (sliding window too)."""
+    each sequence's output equals plain causal attention over its own keys (sliding window too).
+    Head size 8 runs seqpar's own kernel, 64 vLLM's (layers/attention_kernels.py)."""
     import random
 
     import torch
@@ -127,20 +129,19 @@ def test_paged_attention_matches_per_sequence_sdpa(heads, kv_heads, window):
     from seqpar.layers.attention import Attention
 
     rng, gen = random.Random(heads), torch.Generator().manual_seed(kv_heads)
-    d, bs, num_blocks = 8, 4, 64
+    bs, num_blocks = 16, 64
     attn = Attention(heads, kv_heads, d, window)
     pool = torch.zeros(2, num_blocks, bs, kv_heads, d)
     attn.k_cache, attn.v_cache = pool.unbind(0)
     # (cached context, new tokens): decodes, a lone-looking uncached prefill, cached chunks.
-    shapes = [(5, 1), (0, 1), (0, 6), (9, 3), (3, 1), (12, 7)]
+    shapes = [(5, 1), (0, 1), (0, 6), (19, 3), (33, 1), (12, 37)]
     free = rng.sample(range(num_blocks), num_blocks)
     tables = [[free.pop() for _ in range(round_up(s + n, bs) // bs)] for s, n in shapes]
     full = [(torch.randn(s + n, heads, d, generator=gen), torch.randn(s + n, kv_heads, d, generator=gen),
              torch.randn(s + n, kv_heads, d, generator=gen)) for s, n in shapes]
     for (s, _), table, (_, k, v) in zip(shapes, tables, full):  # the cached context, as a past step wrote it
-        for p in range(s):
-            attn.k_cache[table[p // bs], p % bs] = k[p]
-            attn.v_cache[table[p // bs], p % bs] = v[p]
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(s)], dtype=torch.int64)
+        attn.write_kv(k[:s], v[:s], slots)
     q = torch.cat([qf[s:] for (s, _), (qf, _, _) in zip(shapes, full)])
     k = torch.cat([kf[s:] for (s, _), (_, kf, _) in zip(shapes, full)])
     v = torch.cat([vf[s:] for (s, _), (_, _, vf) in zip(shapes, full)])

@@ -419,7 +419,11 @@ def test_step_plan_fields():
     assert plan.positions.tolist() == [0, 1, 2, 5, 15, 16, 17, 18]
     assert plan.sample_rows.tolist() == [2, 7]
     # Block 3's slots 0-2; block 0's slot 5; block 7's slot 15, then block 2's slots 0-2.
-    assert plan.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
+    meta = plan.attn_metadata
+    assert meta.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
+    assert meta.query_start_loc.tolist() == [0, 3, 4, 8] and meta.seq_lens.tolist() == [3, 6, 19]
+    assert meta.block_tables.tolist() == [[3, 0], [0, 0], [7, 2]]  # padded with block 0
+    assert (meta.max_query_len, meta.max_seq_len) == (4, 19)
     assert StepPlan(False, plan.token_ids, [0, 5, 15], [3, 1, 4], [True] * 3, tables, 3).padded == 8
 
 

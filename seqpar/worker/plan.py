@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 
 from seqpar.config import round_up
-from seqpar.layers.attention import AttentionMetadata
+from seqpar.layers.attention import AttentionMetadata, build_metadata
 
 
 @dataclass(frozen=True)
@@ -100,21 +100,11 @@ class StepPlan:
             self.device)
 
     @cached_property
-    def slot_mapping(self) -> torch.Tensor:
-        """[T] int64: where each token's key and value go in a layer's pool viewed as
-        [num_blocks * block_size, ...] (block_table[pos // block_size] * block_size + pos % bs)."""
-        bs, slots = self.block_size, []
-        for table, s, n in zip(self.block_tables, self.starts, self.lens):
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
-        return torch.tensor(slots, dtype=torch.int64, device=self.device)
-
-    def attention_metadata(self, window: int | None) -> AttentionMetadata:
-        """The step's attention layouts for a sliding window (None: none), built once per step
-        and shared by every layer."""
-        built = self.__dict__.setdefault("_attention", {})
-        if window not in built:
-            built[window] = AttentionMetadata(self, window)
-        return built[window]
+    def attn_metadata(self) -> AttentionMetadata:
+        """The step's attention layout (slots, query runs, sequence lengths, block tables), built
+        once per step and shared by every layer."""
+        return build_metadata(self.starts, self.lens, self.block_tables, self.block_size,
+                              self.device)
 
     @cached_property
     def _sample_rows(self) -> list[int]:
