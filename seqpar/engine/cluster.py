@@ -26,6 +26,8 @@ SHUTDOWN_TIMEOUT_S = 10.0
 """How long ranks asked to shut down get to exit before they are terminated."""
 FAILURE_WAIT_S = 5.0
 """How long rank 0 waits for a failed rank's report before raising without it."""
+_LAST_WORK: list = []
+"""Under torchrun: the closing barrier's Work (see Cluster.close)."""
 
 
 class Cluster:
@@ -114,7 +116,14 @@ class Cluster:
         if self.torchrun:
             # Every rank calls close(); no rank tears its connections down while another still
             # uses them (gloo aborts the process when a peer vanishes mid-teardown).
-            dist.barrier(group=self.channel.group)
+            work = dist.barrier(group=self.channel.group, async_op=True)
+            work.wait()
+            # The barrier's Work holds the works still in flight when it was queued (the last
+            # call's broadcast, whose tensors Python made). If a gloo thread dropped the last
+            # reference to it, that drop would need the GIL; at interpreter exit it cannot have
+            # it and the process aborts ("terminate called without an active exception"). Kept
+            # here, the last reference goes with this module, on the thread that holds the GIL.
+            _LAST_WORK[:] = [work]
         Cluster._shutdown(self._box)
         torch.set_num_threads(self._threads)
 
