@@ -23,6 +23,7 @@ from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLine
                                   QKVParallelLinear, RowParallelLinear)
 from seqpar.layers.moe import Experts, ReplicatedLinear, Router, SparseMoeBlock
 from seqpar.layers.norm import RMSNorm
+from seqpar.layers.quant import Int8PerChannel, PackedInt4, format_weight_rows, weight_rows
 from seqpar.layers.rotary import RotaryEmbedding
 
 # module kind -> how it runs on an SP step
@@ -40,6 +41,8 @@ SP_ROLES: dict[type, str] = {
     Router: "token-wise, replicated: routes the rows the MoE block gives it",
     Experts: "row-wise: each routed row through its expert",
     ReplicatedLinear: "token-wise, replicated (the shared expert's gate)",
+    PackedInt4: "a linear layer's quantized weight: its local matmul, row-wise",
+    Int8PerChannel: "a linear layer's quantized weight: its local matmul, row-wise",
 }
 
 
@@ -74,7 +77,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
                    enable_expert_parallel: bool = False, **engine_options) -> str:
     """Validate the configuration (raising ValueError naming the number at fault) and describe it.
     engine_options: the other EngineConfig fields (block_size, kv_cache_memory_bytes, ...)."""
-    from seqpar.loader.resolve import resolve_model
+    from seqpar.loader.resolve import gguf_source, resolve_model
     from seqpar.models import MODELS
 
     parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
@@ -83,7 +86,8 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_dir(model_dir)
     engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings,
-                          device=device or "cpu", compile=compile, **engine_options)
+                          device=device or "cpu", compile=compile, gguf_file=gguf_source(model),
+                          **engine_options)
     tp = parallel.tensor_parallel_size
     with torch.device("meta"):
         net = MODELS[cfg.model_type](engine.model, Comm(None, 0, tp), engine.torch_dtype,
@@ -136,9 +140,30 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         lines.append("sequence parallelism: OFF for this model (see above); it runs TP")
     else:
         lines.append("sequence parallelism: supported by every module kind")
+    lines += ["", f"weights    quantization={engine.quantization}, dtype {engine.dtype}; rank 0 "
+                  "of stage 0 (every TP rank holds the same bytes)", *_weight_lines(net, engine)]
     if compile:
         lines += ["", *_compile_lines(parallel, cfg, engine)]
     return "\n".join(lines)
+
+
+def _weight_lines(net: nn.Module, engine: EngineConfig) -> list[str]:
+    """Per kind of weight: its checkpoint type, storage format, kernel and bytes on a rank."""
+    types = {}
+    if engine.gguf_file is not None:
+        from seqpar.loader.gguf import tensor_types
+        types = tensor_types(engine.gguf_file)
+    else:
+        from seqpar.loader.checkpoint import open_checkpoint
+        for file in sorted(engine.model_dir.glob("*.safetensors")):
+            with open_checkpoint(file) as f:
+                types.update({n: f.get_slice(n).get_dtype() for n in f.keys()})
+    sources: dict[str, set[str]] = {}
+    for ckpt_name, kind in types.items():
+        target = net._target(ckpt_name)
+        if target is not None:
+            sources.setdefault(target[0].rsplit(".", 1)[0], set()).add(kind)
+    return format_weight_rows(weight_rows(net, sources, engine.quantization))
 
 
 def _moe_lines(cfg: ModelConfig, tp: int) -> list[str]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dist_helpers import run_ranks
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
+from seqpar.layers.overlap import all_gather_matmul, dense_matmul, matmul_reduce_scatter
 
 HIDDEN, OUT = 16, 12
 
@@ -23,16 +23,16 @@ def _ring_checks(rank: int, n: int, shm: bool) -> dict:
         w = torch.randn(OUT, HIDDEN, generator=gen)
         bias = torch.randn(OUT, generator=gen)
         shard = full.chunk(n)[rank]                          # [padded / n, HIDDEN]
-        ring = all_gather_matmul(comm, shard, w, bias)
+        ring = all_gather_matmul(comm, shard, dense_matmul(w), OUT, bias)
         plain = F.linear(comm.all_gather_tokens(shard), w, bias)
         # matmul -> reduce_scatter: every rank holds different partial inputs [tokens, HIDDEN].
         x = torch.randn(n, tokens, HIDDEN, generator=gen)[rank]
-        ring_rs = matmul_reduce_scatter(comm, x, w, padded)
+        ring_rs = matmul_reduce_scatter(comm, x, dense_matmul(w), padded)
         plain_rs = comm.reduce_scatter_tokens(F.linear(x, w), padded)
         results[tokens] = (ring, plain, ring_rs, plain_rs)
     comm.reset()
-    all_gather_matmul(comm, shard, w)
-    matmul_reduce_scatter(comm, x, w, padded)
+    all_gather_matmul(comm, shard, dense_matmul(w), OUT)
+    matmul_reduce_scatter(comm, x, dense_matmul(w), padded)
     results["stats"] = comm.snapshot()
     results["shapes"] = (shard.shape, x.shape, padded)
     results["transport"] = comm.transport.name
@@ -59,5 +59,5 @@ def test_ring_collective_matmuls(n, shm):
 def test_world_size_one_is_plain_matmul():
     comm = Comm(None, 0, 1)
     x, w = torch.randn(5, HIDDEN), torch.randn(OUT, HIDDEN)
-    torch.testing.assert_close(all_gather_matmul(comm, x, w), F.linear(x, w))
-    torch.testing.assert_close(matmul_reduce_scatter(comm, x, w, 5), F.linear(x, w))
+    torch.testing.assert_close(all_gather_matmul(comm, x, dense_matmul(w), OUT), F.linear(x, w))
+    torch.testing.assert_close(matmul_reduce_scatter(comm, x, dense_matmul(w), 5), F.linear(x, w))

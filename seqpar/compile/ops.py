@@ -71,7 +71,8 @@ def all_gather_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     [S, in] -> [N * S, out]."""
     from seqpar.layers import overlap
 
-    return overlap.all_gather_matmul(comm_of(handle), x, weight, bias)
+    return overlap.all_gather_matmul(comm_of(handle), x, overlap.dense_matmul(weight),
+                                     weight.shape[0], bias)
 
 
 @all_gather_matmul.register_fake
@@ -86,7 +87,7 @@ def matmul_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, padded: int,
     [T, in] -> [padded / N, out]."""
     from seqpar.layers import overlap
 
-    return overlap.matmul_reduce_scatter(comm_of(handle), x, weight, padded)
+    return overlap.matmul_reduce_scatter(comm_of(handle), x, overlap.dense_matmul(weight), padded)
 
 
 @matmul_reduce_scatter.register_fake

@@ -18,7 +18,8 @@ from seqpar.engine.outputs import RequestOutput
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.worker.worker import COLLECTIVES
-from seqpar.loader.resolve import resolve_model
+from seqpar.layers.quant import weight_rows
+from seqpar.loader.resolve import gguf_source, resolve_model
 from seqpar.report import sp_blockers
 
 log = logging.getLogger("seqpar")
@@ -37,7 +38,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, sp_min_tokens: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  device: str | None = None, threads_per_rank: int | None = None,
-                 shm: bool = True, enable_expert_parallel: bool = False):
+                 shm: bool = True, enable_expert_parallel: bool = False,
+                 quantization: str = "auto"):
         self.cluster = None
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
                                   sp_min_tokens, overlap, shm, enable_expert_parallel)
@@ -55,7 +57,8 @@ class LLM:
                                 max_num_batched_tokens, seed, device, threads_per_rank,
                                 block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization,
-                                enable_prefix_caching=enable_prefix_caching, compile=compile)
+                                enable_prefix_caching=enable_prefix_caching, compile=compile,
+                                quantization=quantization, gguf_file=gguf_source(model))
         world = parallel.world_size
         if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
             raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "
@@ -213,6 +216,13 @@ class LLM:
             stats["recv"] = {"calls": rcalls, "bytes": rbytes}
         stats["steps"] = dict(self.engine.steps)
         return stats
+
+    def weight_stats(self) -> list[dict]:
+        """What each kind of weight runs on rank 0 (every TP rank of a stage holds the same
+        bytes; other stages hold their own layers): one dict per (name, checkpoint type, format)
+        with "count", "kernel" and "bytes" (layers/quant.py weight_rows)."""
+        self._check_open()
+        return weight_rows(self.worker.model)
 
     def cache_stats(self) -> dict:
         """The paged KV cache: {"num_blocks", "block_size", "used_blocks" (held by unfinished

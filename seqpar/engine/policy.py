@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.norm import RMSNorm
-from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
+from seqpar.layers.overlap import all_gather_matmul, dense_matmul, matmul_reduce_scatter
 
 log = logging.getLogger("seqpar")
 
@@ -72,8 +72,8 @@ def measure_thresholds(comm: Comm, hidden: int, mlp_per_rank: int, dtype: torch.
             norm(y, shard)
 
         def overlap_layer():
-            h = F.silu(all_gather_matmul(comm, shard, w_in))
-            norm(matmul_reduce_scatter(comm, h, w_out, padded), shard)
+            h = F.silu(all_gather_matmul(comm, shard, dense_matmul(w_in), w_in.shape[0]))
+            norm(matmul_reduce_scatter(comm, h, dense_matmul(w_out), padded), shard)
 
         row = {"tokens": t, "tp_s": median_time(tp_layer, reps),
                "sp_s": median_time(sp_layer, reps)}

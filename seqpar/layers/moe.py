@@ -129,7 +129,10 @@ class Experts(nn.Module):
 
 class SharedExpert(nn.Module):
     """Qwen2-MoE's shared expert, a dense SiLU MLP: split by columns over the TP group (TP), or
-    whole on every rank (EP: built on a single-rank Comm, so its layers load whole tensors)."""
+    whole on every rank (EP: built on a single-rank Comm, so its layers load whole tensors).
+    Its weights stay dense under any quantization: forward slices their columns itself."""
+
+    keep_dense = True
 
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()

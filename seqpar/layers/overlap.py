@@ -17,25 +17,39 @@ Each is counted like its plain collective (one call, the logical payload in byte
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from seqpar.distributed.comm import Comm
 
+Matmul = Callable[..., torch.Tensor]
+"""A layer's local matmul (`ColumnParallelLinear.matmul`): matmul(x [M, in], bias=None,
+out=None) -> [M, out], written into `out` when given."""
 
-def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+
+def dense_matmul(weight: torch.Tensor) -> Matmul:
+    """The local matmul of a bare dense weight [out, in] (the compiled graph's ops hold one)."""
+    def matmul(x, bias=None, out=None):
+        return F.linear(x, weight, bias) if out is None else torch.matmul(x, weight.t(), out=out)
+    return matmul
+
+
+def all_gather_matmul(comm: Comm, x: torch.Tensor, matmul: Matmul, out_features: int,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(all_gather_tokens(x), weight, bias) with the gather hidden behind the matmuls.
+    """matmul(all_gather_tokens(x), bias) with the gather hidden behind the matmuls.
 
-    x: [S, in] this rank's token shard (S = T_pad / N); weight: [out, in] -> [N * S, out].
-    At step i this rank holds the shard of rank (rank - i) mod N, multiplies it into those rows,
-    and meanwhile passes it on to rank + 1 and receives the next one from rank - 1.
+    x: [S, in] this rank's token shard (S = T_pad / N); matmul: [M, in] -> [M, out_features]
+    -> [N * S, out]. At step i this rank holds the shard of rank (rank - i) mod N, multiplies it
+    into those rows, and meanwhile passes it on to rank + 1 and receives the next one from
+    rank - 1.
     """
     n, rank = comm.world_size, comm.rank
     if n == 1:
-        return F.linear(x, weight, bias)
+        return matmul(x, bias)
     s = x.shape[0]
-    out = x.new_empty(n * s, weight.shape[0])
+    out = x.new_empty(n * s, out_features)
     current = x.contiguous()
     for i in range(n):
         pending = None
@@ -43,7 +57,7 @@ def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
             incoming = torch.empty_like(current)
             pending = comm.ring_exchange(current, incoming)
         owner = (rank - i) % n
-        torch.matmul(current, weight.t(), out=out[owner * s:(owner + 1) * s])
+        matmul(current, out=out[owner * s:(owner + 1) * s])
         if pending is not None:
             comm.ring_wait(pending)
             current = incoming
@@ -51,11 +65,12 @@ def all_gather_matmul(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
     return out if bias is None else out + bias
 
 
-def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, matmul: Matmul,
                           padded: int) -> torch.Tensor:
-    """reduce_scatter_tokens(F.linear(x, weight), padded) with the transfers hidden behind matmuls.
+    """reduce_scatter_tokens(matmul(x), padded) with the transfers hidden behind matmuls.
 
-    x: [T, in / N] (T <= padded; rows past T are zero) ; weight: [out, in / N] -> [padded / N, out].
+    x: [T, in / N] (T <= padded; rows past T are zero); matmul: [M, in / N] -> [M, out]
+    -> [padded / N, out].
     At step i this rank computes its partial product for the chunk of rank (rank - i - 1) mod N,
     adds the running sum received from rank - 1 and sends it on to rank + 1; after N - 1 steps the
     sum that arrives is for its own chunk and is complete once its own part is added.
@@ -64,12 +79,12 @@ def matmul_reduce_scatter(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
     if x.shape[0] < padded:
         x = F.pad(x, (0, 0, 0, padded - x.shape[0]))
     if n == 1:
-        return F.linear(x, weight)
+        return matmul(x)
     s = padded // n
     pending = None
     for i in range(n):
         chunk = (rank - i - 1) % n
-        partial = F.linear(x[chunk * s:(chunk + 1) * s], weight)  # [S, out], overlaps the transfer
+        partial = matmul(x[chunk * s:(chunk + 1) * s])  # [S, out], overlaps the transfer
         if pending is not None:
             comm.ring_wait(pending)
             partial += incoming

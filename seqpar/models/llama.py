@@ -21,10 +21,10 @@ from seqpar.distributed.comm import Comm
 from seqpar.layers.attention import Attention
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                  RowParallelLinear, check_shape)
+                                  RowParallelLinear, check_shape, finish_loading)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
-from seqpar.loader.checkpoint import open_safetensors
+from seqpar.loader.checkpoint import open_checkpoint
 
 
 class LlamaAttention(nn.Module):
@@ -78,9 +78,9 @@ class LlamaMLP(nn.Module):
         # Token-wise throughout, so on an SP step pad rows ride along: [T_pad, 2I/N] -> [rows, H].
         if plan.sp and plan.overlap:
             return self.down_proj(self._act(x, plan), plan)
-        # The product (a view of gate_up) is freed when F.linear returns, before the reduction
+        # The product (a view of gate_up) is freed when the matmul returns, before the reduction
         # allocates its buffers: the MLP's peak is gate_up + the down output, not more.
-        return self.down_proj.reduce(F.linear(self._act(x, plan), self.down_proj.weight), plan)
+        return self.down_proj.reduce(self.down_proj.matmul(self._act(x, plan)), plan)
 
     def _act(self, x: torch.Tensor, plan) -> torch.Tensor:
         """silu(gate) * up written over gate: [rows, H] -> [T', I/N], a view into gate_up
@@ -195,13 +195,17 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(x)
         return None if logits is None else logits.float()
 
-    def load_weights(self, model_dir: Path) -> None:
-        """Read this rank's shard of every parameter from the checkpoint's safetensors files."""
+    def load_weights(self, model_dir: Path, quantization: str = "none",
+                     gguf_file: Path | None = None) -> None:
+        """Read this rank's shard of every parameter from the checkpoint's safetensors files, or
+        under quantization "gguf" from the GGUF file itself; then each linear layer takes its
+        final form (layers/quant.py: dense, the GGUF's blocks, or quantized "int8" / "int4")."""
         params = dict(self.named_parameters(remove_duplicate=False))
         expected = {(name, shard) for name, shard in self._expected_shards(params)}
         loaded = set()
-        for file in sorted(Path(model_dir).glob("*.safetensors")):
-            with open_safetensors(file) as f:
+        files = [gguf_file] if quantization == "gguf" else sorted(Path(model_dir).glob("*.safetensors"))
+        for file in files:
+            with open_checkpoint(file) as f:
                 for ckpt_name in f.keys():
                     target = self._target(ckpt_name)
                     if target is None:
@@ -222,6 +226,7 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. "
                              f"{', '.join(missing[:5])}")
+        finish_loading(self, quantization)
 
     def _target(self, ckpt_name: str):
         """(our parameter, shard id) for a checkpoint tensor, or None when this stage skips it."""
