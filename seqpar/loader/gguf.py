@@ -281,7 +281,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _save_tokenizer(gguf_path, tmp, _meta(reader, "tokenizer.chat_template", None))
+        if reader.get_field("tokenizer.ggml.model") is not None:  # else prompts are token ids
+            _save_tokenizer(gguf_path, tmp, _meta(reader, "tokenizer.chat_template", None))
         try:
             os.rename(tmp, out_dir)
         except OSError:
