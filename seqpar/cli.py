@@ -25,8 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's; on a CPU without "
                         "native bf16, 16-bit checkpoints run in float32)")
-    p.add_argument("--quantization", "-q", default="auto",
-                   choices=["auto", "gguf", "int8", "int4", "none"],
+    from seqpar.config import QUANT_MODES
+
+    p.add_argument("--quantization", "-q", default="auto", choices=QUANT_MODES,
                    help="weights: auto (a quantized GGUF keeps its types where the kernels are "
                         "fast: CPU, bfloat16; else none), gguf (keep them regardless), int8 "
                         "(per output channel) / int4 (groups of 32) quantized at load, none "

@@ -444,6 +444,7 @@ class EngineConfig:
     """Blocks in every rank's pool: from the budget here, or (CUDA default) set by the ranks."""
 
     def __post_init__(self):
+        asked = self.dtype
         self.dtype = resolve_dtype(self.dtype, self.model.checkpoint_dtype, self.device)
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -458,6 +459,12 @@ class EngineConfig:
                              f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
         self.quantization = resolve_quantization(self)
+        if (asked == "auto" and self.quantization in ("int8", "int4") and self.dtype == "float32"
+                and self.device.startswith("cpu") and cpu_has_native_bf16()):
+            # The packed kernels are fast in bfloat16 only: auto picks it for them.
+            _say_once("dtype-auto-quant", f"seqpar: dtype auto with quantization="
+                      f"{self.quantization!r}: activations in bfloat16, where the kernels are fast")
+            self.dtype = "bfloat16"
         if self.compile and self.model.is_moe:  # the compiled forward has no MoE block yet
             raise ValueError(f"compile=True does not support mixture-of-experts models "
                              f"({self.model.model_type}, {self.model.num_experts} experts); "

@@ -18,7 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from dist_helpers import run_ranks
 from models import build
 from seqpar import LLM, SamplingParams
-from seqpar.config import round_up
+from seqpar.config import cpu_has_native_bf16, round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
@@ -179,6 +179,9 @@ def test_whole_model_logprobs_near_the_dense_model(tmp_path, mode, worst, mean):
         with LLM(str(model), quantization=q, dtype=dtype, max_model_len=64,
                  kv_cache_memory_bytes=1 << 20) as llm:
             runs[q] = llm.generate(prompts, params)
+            formats = {r["name"]: r["format"] for r in llm.weight_stats()}
+    assert all(formats[p] == mode for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert formats["embed_tokens"] == formats["lm_head"] == "dense"
     diffs = _compare_logprobs(runs["none"], runs[mode])
     assert len(diffs) >= 3 * 5, len(diffs)  # at least the first step of every prompt
     assert max(diffs) < worst and np.mean(diffs) < mean, (max(diffs), np.mean(diffs))
@@ -331,3 +334,20 @@ def test_smollm2_greedy_tokens_match_llama_cpp():
         assert gap < NEAR_TIE and ref[n] in ours and ours[got[n]] - ours[ref[n]] < NEAR_TIE, (
             case["prompt"], n, gap, ours)
     assert whole >= len(outs) // 2, whole  # measured: 3 of 6 whole, 32 tokens or EOS
+
+
+def test_check_cli_takes_quantization(tmp_path, capsys):
+    """`seqpar check --quantization`: the refusal before any rank, and the weights per layer."""
+    from seqpar.cli import main
+
+    model = str(build("llama-gqa", tmp_path, hidden_size=96, intermediate_size=128))
+    assert main(["check", "--model", model, "-tp", "2", "--quantization", "int4"]) == 2
+    assert "cuts the quantization groups of o_proj" in capsys.readouterr().err
+    assert main(["check", "--model", model, "--quantization", "int8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # dtype auto on a float32 checkpoint: bfloat16 activations for the int8 kernel, on a CPU with
+    # native bf16 (the kernels' fast dtype)
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert f"weights    quantization=int8, dtype {dtype}" in " ".join(lines)
+    qkv = next(line.split() for line in lines if line.startswith("qkv_proj "))
+    assert qkv[:4] == ["qkv_proj", "2", "F32", "int8"] and qkv[-1] == "torch._weight_int8pack_mm"

@@ -13,10 +13,11 @@ activations staying in the compute dtype:
 - Int8PerChannel: torch's int8 weight-only kernel (`_weight_int8pack_mm`), one scale per output
   feature: quantization="int8".
 
-Measured on the AVX-512 (avx512_bf16, no AMX) host with torch 2.13 (NOTES.md / the report): both
-kernels are vectorized for bfloat16 activations only (float32 runs 30-100x slower than dense
-float32), so config.py keeps them to bfloat16. They beat dense bf16 F.linear up to about 16 rows
-and lose 2-4x at 256-2048 rows; no dense copy is kept, so every row count runs the packed kernel.
+Measured on the AVX-512 (avx512_bf16, no AMX) host with torch 2.13, 2 threads, SmolLM2's shapes:
+both kernels are vectorized for bfloat16 activations only (float32 runs 30-100x slower than dense
+float32), so config.py's auto keeps them to bfloat16. They beat dense bf16 F.linear 2-10x at 1-4
+rows, tie at about 16 and lose 2-4x at 256-2048 rows; no dense copy is kept (it would undo the
+memory saving), so every row count runs the packed kernel.
 """
 from __future__ import annotations
 
@@ -151,7 +152,9 @@ def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
     rows: dict[tuple, dict] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        linear = hasattr(module, "qweight")
+        if isinstance(module, (PackedInt4, Int8PerChannel)):
+            continue  # counted with the layer that holds it
+        linear = hasattr(module, "finish_loading")
         params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in module.parameters(recurse=False))
         if not linear and next(module.parameters(recurse=False), None) is None:
