@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers.overlap import all_gather_matmul, matmul_reduce_scatter
-from seqpar.layers.quant import GROUP, Int8PerChannel, PackedInt4, merge_rows, requantize
+from seqpar.layers.quant import (GROUP, Int8PerChannel, PackedInt4, merge_rows, requantize,
+                                 storage_format)
 
 
 class _ParallelLinear(nn.Module):
@@ -50,6 +51,10 @@ class _ParallelLinear(nn.Module):
     def storage(self) -> str:
         """How the weight is held: "dense", or a quantized format (layers/quant.py KERNELS)."""
         return "dense" if self.qweight is None else self.qweight.format
+
+    def planned_storage(self, quantization: str, types: set[str]) -> str:
+        """The format finish_loading will give a weight loaded from checkpoint types `types`."""
+        return storage_format(quantization, types)
 
     @property
     def out_features(self) -> int:
@@ -115,13 +120,13 @@ def _type_name(tensor_slice) -> str:
 
 
 def finish_loading(model: nn.Module, quantization: str) -> None:
-    """After a model's weights are loaded: every parallel linear layer takes its final form
-    (_ParallelLinear.finish_loading), except inside blocks that multiply by their layers'
-    weights themselves and say so with `keep_dense = True` (MoE's shared expert)."""
+    """After a model's weights are loaded: every module with a `finish_loading` (the parallel
+    linear layers, the LM head) takes its final form, except inside blocks that multiply by their
+    layers' weights themselves and say so with `keep_dense = True` (MoE's shared expert)."""
     dense = {id(m) for block in model.modules() if getattr(block, "keep_dense", False)
              for m in block.modules()}
     for module in model.modules():
-        if isinstance(module, _ParallelLinear) and id(module) not in dense:
+        if hasattr(module, "finish_loading") and id(module) not in dense:
             module.finish_loading(quantization)
 
 

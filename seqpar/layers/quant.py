@@ -8,8 +8,8 @@ activations staying in the compute dtype:
   `_weight_int4pack_mm_for_cpu`): 4-bit q with w = (q - 8) * scale + zero per group of GROUP
   input features. GGUF's 4-bit types map onto it exactly (Q4_1: scale d, zero m + 8 d), and so
   does quantization="int4". Weights of 5 to 8 bits (Q5_K, Q8_0, ...) are split into two 4-bit
-  planes, q = lo + 16 hi, laid side by side along the input: y = [x, x] @ [W_lo, W_hi]^T is one
-  kernel call on twice the input features, the same values exactly.
+  planes, q - 2^(bits-1) = lo + 16 hi, laid side by side along the input: y = [x, x] @
+  [W_lo, W_hi]^T is one kernel call on twice the input features, the same values exactly.
 - Int8PerChannel: torch's int8 weight-only kernel (`_weight_int8pack_mm`), one scale per output
   feature: quantization="int8".
 
@@ -71,10 +71,16 @@ class PackedInt4(nn.Module):
         scale, zero = torch.from_numpy(a.scale), torch.from_numpy(a.min)  # [N, K / GROUP]
         if self.planes == 1:  # w = scale q + min = (q - 8) scale + (min + 8 scale)
             scales, zeros = scale, zero + 8 * scale
-        else:  # q = lo + 16 hi: (lo - 8) s + (min + 8 s) and (hi - 8) 16 s + 128 s
-            q = torch.cat([q & 15, q >> 4], dim=1)  # [N, 2K]
+        else:
+            # Centred first, q - c = lo + 16 hi (c = 2^(bits-1), lo in 0..15, hi signed), so the
+            # zeros stay small: they are rounded to the compute dtype, and an error there moves
+            # a whole group of weights the same way. w = s lo + 16 s hi + (min + c s):
+            # plane lo: (lo - 8) s + (min + c s + 8 s); plane hi: (hi + 8 - 8) 16 s + 0.
+            centred = q - 2 ** (a.bits - 1)
+            q = torch.cat([centred & 15, (centred >> 4) + 8], dim=1)  # [N, 2K]
             scales = torch.cat([scale, 16 * scale], dim=1)
-            zeros = torch.cat([zero + 8 * scale, 128 * scale], dim=1)
+            zeros = torch.cat([zero + (2 ** (a.bits - 1) + 8) * scale, torch.zeros_like(scale)],
+                              dim=1)
         pad = -n % _N_ALIGN  # zero rows past `out`: their outputs are cut off in forward
         q = F.pad(q, (0, 0, 0, pad), value=8)
         sz = F.pad(torch.stack([scales, zeros], dim=-1), (0, 0, 0, 0, 0, pad))
@@ -144,43 +150,51 @@ def storage_bytes(fmt: str, out_features: int, in_features: int, dtype: torch.dt
 def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
                 mode: str | None = None) -> list[dict]:
     """What each kind of weight of a model shard runs, one row per (name, type, format): the
-    projection or module name, how many layers, the checkpoint type(s), the storage format, the
-    kernel and the bytes on this rank (a tensor shared by two modules, tied embeddings, counts
-    once). From a loaded model (sources None: each layer says what it holds), or predicted for a
-    model built on the meta device from sources (module name -> checkpoint types) and the
-    resolved quantization mode."""
+    module name, how many there are, the checkpoint type(s), the storage format, the kernel and
+    the bytes on this rank (a tensor shared by two modules, tied embeddings, counts once). From a
+    loaded model (sources None), or predicted for a model built on the meta device from sources
+    (module name -> checkpoint types) and the resolved quantization mode. A module that
+    multiplies by a quantized weight says how through `storage` / `planned_storage(mode, types)`
+    and `source_types` (the parallel linear layers, the LM head)."""
     rows: dict[tuple, dict] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, (PackedInt4, Int8PerChannel)):
             continue  # counted with the layer that holds it
-        linear = hasattr(module, "finish_loading")
-        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in module.parameters(recurse=False))
-        if not linear and next(module.parameters(recurse=False), None) is None:
+        own = list(module.parameters(recurse=False))
+        params = [p for p in own if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        matmul = hasattr(module, "planned_storage")
+        if not own and not matmul:
             continue
-        types = (sources or {}).get(name, set())
-        if linear and sources is None:
+        dtype = f" ({str(own[0].dtype).replace('torch.', '')})" if own else ""
+        if not matmul:
+            fmt, types = ("dense" if params else "tied"), (sources or {}).get(name, set())
+            kernel, nbytes = type(module).__name__ + dtype, sum(_nbytes(p) for p in params)
+        elif sources is None:
             fmt, types = module.storage, module.source_types
-            nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        elif linear:
-            fmt = storage_format(mode, types)
-            out_f, in_f = module.weight.shape
-            nbytes = storage_bytes(fmt, out_f, in_f, module.weight.dtype) + sum(
-                p.numel() * p.element_size() for p in params if p is not module.weight)
+            nbytes = sum(_nbytes(p) for p in params) + (
+                0 if module.qweight is None else sum(_nbytes(b) for b in module.qweight.buffers()))
         else:
-            fmt = "dense" if params else "tied"
-            nbytes = sum(p.numel() * p.element_size() for p in params)
-        dtype = next(iter(module.parameters(recurse=False)), None)
-        dtype = "" if dtype is None else f" ({str(dtype.dtype).replace('torch.', '')})"
-        kernel = (KERNELS[fmt] + (dtype if fmt == "dense" else "")) if linear else \
-            type(module).__name__ + dtype
+            types = sources.get(name, set())
+            fmt = module.planned_storage(mode, types)
+            out_f, in_f = module.weight.shape
+            extra = storage_bytes(fmt, out_f, in_f, module.weight.dtype) if fmt != "dense" else 0
+            nbytes = extra + sum(_nbytes(p) for p in params
+                                 if fmt == "dense" or p is not module.weight or
+                                 getattr(module, "keeps_dense_weight", False))
+        if matmul:
+            kernel = KERNELS[fmt] + (dtype if fmt == "dense" else "")
         key = (name.split(".")[-1] or "model", "+".join(sorted(types)) or "-", fmt, kernel)
         row = rows.setdefault(key, {"name": key[0], "type": key[1], "format": fmt,
                                     "kernel": kernel, "count": 0, "bytes": 0})
         row["count"] += 1
         row["bytes"] += nbytes
     return list(rows.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def format_weight_rows(rows: list[dict]) -> list[str]:
