@@ -78,7 +78,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if quantization == "none":
             return
         w = self.weight
-        blocks = getattr(w, "gguf_blocks", None) if quantization == "gguf" else None
+        blocks = w.__dict__.get("gguf_blocks") if quantization == "gguf" else None
         if blocks is None:
             blocks = requantize(w, 8)
         elif blocks.q.shape[0] < w.shape[0]:  # the padded vocab rows: zero weights

@@ -128,6 +128,8 @@ def finish_loading(model: nn.Module, quantization: str) -> None:
     for module in model.modules():
         if hasattr(module, "finish_loading") and id(module) not in dense:
             module.finish_loading(quantization)
+    for param in model.parameters():  # the decoded blocks an embedding kept for its LM head
+        param.__dict__.pop("gguf_blocks", None)
 
 
 def check_shape(tensor_slice, expected: tuple) -> None:
