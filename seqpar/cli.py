@@ -27,6 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: the checkpoint's; on a CPU without "
                         "native bf16, 16-bit checkpoints run in float32)")
+    from seqpar.config import QUANT_MODES
+
+    p.add_argument("--quantization", "-q", default="auto", choices=QUANT_MODES,
+                   help="weights: auto (a quantized GGUF keeps its types where the kernels are "
+                        "fast: CPU, bfloat16; else none), gguf (keep them regardless), int8 "
+                        "(per output channel) / int4 (groups of 32) quantized at load, none "
+                        "(dense in --dtype)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output per sequence (default: the model's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -52,7 +59,8 @@ def _llm_kwargs(args) -> dict:
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_expert_parallel=args.enable_expert_parallel)
+                enable_expert_parallel=args.enable_expert_parallel,
+                quantization=args.quantization)
 
 
 def cmd_generate(args) -> int:
@@ -71,7 +79,8 @@ def cmd_generate(args) -> int:
                 print(f"--- {prompt}")
             print(out.text.strip() if args.chat else prompt + out.text)
         if args.stats:
-            print(json.dumps({"comm": llm.comm_stats(), "cache": llm.cache_stats()}, indent=2))
+            print(json.dumps({"comm": llm.comm_stats(), "cache": llm.cache_stats(),
+                              "weights": llm.weight_stats()}, indent=2))
     return 0
 
 
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--stats", action="store_true",
-                     help="print comm_stats() and cache_stats() as JSON")
+                     help="print comm_stats(), cache_stats() and weight_stats() as JSON")
     gen.add_argument("--no-shm", dest="shm", action="store_false",
                      help="TP collectives through gloo even when the ranks share a host")
     gen.set_defaults(func=cmd_generate)

@@ -315,6 +315,95 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: str) -> str:
     return chosen
 
 
+QUANT_MODES = ("auto", "gguf", "int8", "int4", "none")
+QUANT_GROUP = 32
+"""Input features per scale of the int4 formats (layers/quant.py GROUP): GGUF's group, and
+quantization="int4"'s default. 32 divides SmolLM2's hidden size 576 and its shares at tp 1-3;
+64 and 128 do not."""
+_said_quant: set[str] = set()
+
+
+def _say_once(key: str, message: str, level=logging.INFO) -> None:
+    if key not in _said_quant:
+        _said_quant.add(key)
+        log.log(level, message)
+
+
+def resolve_quantization(cfg: "EngineConfig") -> str:
+    """quantization -> "gguf", "int8", "int4" or "none", or a ValueError naming what does not fit
+    (before any rank starts).
+
+    auto: a GGUF file's quantized tensors stay quantized where torch's packed kernels are fast
+    (CPU, bfloat16 activations, eager), else everything is dequantized (said once, with why);
+    a 16/32-bit checkpoint runs dense. gguf / int8 / int4: as asked (int8 / int4 quantize the
+    dense checkpoint at load; for a GGUF file, its dequantized weights)."""
+    mode, tp = cfg.quantization, cfg.parallel.tensor_parallel_size
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization {mode!r} is not supported; use one of {list(QUANT_MODES)}")
+    types: dict[str, str] = {}
+    if cfg.gguf_file is not None:
+        from seqpar.loader.ggml_blocks import KERNEL_TYPES
+        from seqpar.loader.gguf import tensor_types
+        types = tensor_types(cfg.gguf_file)
+        kept = {n: t for n, t in types.items() if t in KERNEL_TYPES}
+    if mode == "gguf" and cfg.gguf_file is None:
+        raise ValueError(f"quantization='gguf' needs a .gguf model; {cfg.model_dir} is an HF "
+                         "directory (use int8, int4 or none)")
+    if mode == "auto":
+        if cfg.gguf_file is None or not kept:
+            return "none"
+        why = ("device " + cfg.device if not cfg.device.startswith("cpu") else
+               "compile=True" if cfg.compile else
+               f"dtype {cfg.dtype}" if cfg.dtype != "bfloat16" else None)
+        if why:
+            _say_once(f"auto-{why}", f"seqpar: quantization auto: {why} has no packed-weight "
+                      f"kernels here (CPU bfloat16, eager); {cfg.gguf_file.name} runs dequantized")
+            return "none"
+        mode = "gguf"
+    if mode == "none":
+        return mode
+    if not cfg.device.startswith("cpu"):
+        raise ValueError(f"quantization={mode!r} runs torch's CPU kernels; device {cfg.device} "
+                         "needs quantization='none'")
+    if cfg.compile:
+        raise ValueError(f"compile=True runs dense weights only; quantization={mode!r} runs eager")
+    if cfg.dtype != "bfloat16":
+        _say_once(f"dtype-{cfg.dtype}", f"seqpar: quantization={mode!r} with dtype {cfg.dtype}: "
+                  "torch's int8 / int4 CPU kernels are vectorized for bfloat16 only (float32 "
+                  "measured 30-100x slower than dense); dtype='bfloat16' runs them fast",
+                  logging.WARNING)
+    m = cfg.model
+    if mode == "gguf":
+        others = sorted({t for t in types.values() if t not in KERNEL_TYPES and t not in
+                         ("F32", "F16", "BF16")})
+        for t in others:
+            names = [n for n, x in types.items() if x == t]
+            _say_once(f"type-{t}", f"seqpar: GGUF type {t} has no kernel in seqpar: {len(names)} "
+                      f"tensor(s) (e.g. {names[0]}) are dequantized to {cfg.dtype}",
+                      logging.WARNING)
+        grouped = {kind for kind in ("o_proj", "down_proj")
+                   if any(n.endswith(f"{kind}.weight") for n in kept)}
+    else:
+        grouped = {"o_proj", "down_proj"} if mode == "int4" else set()
+        if mode == "int4" and m.hidden_size % QUANT_GROUP:
+            raise ValueError(f"quantization='int4': hidden_size {m.hidden_size} is not a "
+                             f"multiple of the group size {QUANT_GROUP}")
+    # Row-parallel layers split their input features: each rank's share must hold whole groups.
+    dense_mlp = len(m.moe_layers) < m.num_layers
+    widths = {"o_proj": m.num_heads * m.head_dim, "down_proj": m.intermediate_size}
+    for kind in sorted(grouped):
+        if kind == "down_proj" and not dense_mlp:
+            continue
+        k = widths[kind]
+        if k % (tp * QUANT_GROUP):
+            raise ValueError(
+                f"tensor_parallel_size={tp} cuts the quantization groups of {kind}: its {k} "
+                f"input features / {tp} ranks = {k / tp:g} per rank, not a multiple of the group "
+                f"size {QUANT_GROUP}; use a tensor_parallel_size whose share is, or "
+                f"quantization='int8' / 'none'")
+    return mode
+
+
 @dataclass
 class EngineConfig:
     """Everything one LLM instance needs, validated together."""
@@ -346,10 +435,16 @@ class EngineConfig:
     """Reuse the KV blocks of prompt prefixes already computed (hash of parent + tokens)."""
     compile: bool = False
     """Run every step through torch.compile and the SP graph pass (seqpar/compile/)."""
+    quantization: str = "auto"
+    """Weight storage (layers/quant.py): auto | gguf | int8 | int4 | none; resolved in
+    __post_init__ to gguf, int8, int4 or none (resolve_quantization)."""
+    gguf_file: Path | None = None
+    """The GGUF file model_dir was converted from, if any: quantization "gguf" reads it."""
     num_blocks: int | None = field(default=None, init=False)
     """Blocks in every rank's pool: from the budget here, or (CUDA default) set by the ranks."""
 
     def __post_init__(self):
+        asked = self.dtype
         self.dtype = resolve_dtype(self.dtype, self.model.checkpoint_dtype, self.device)
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -363,6 +458,13 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
+        self.quantization = resolve_quantization(self)
+        if (asked == "auto" and self.quantization in ("int8", "int4") and self.dtype == "float32"
+                and self.device.startswith("cpu") and cpu_has_native_bf16()):
+            # The packed kernels are fast in bfloat16 only: auto picks it for them.
+            _say_once("dtype-auto-quant", f"seqpar: dtype auto with quantization="
+                      f"{self.quantization!r}: activations in bfloat16, where the kernels are fast")
+            self.dtype = "bfloat16"
         if self.compile and self.model.is_moe:  # the compiled forward has no MoE block yet
             raise ValueError(f"compile=True does not support mixture-of-experts models "
                              f"({self.model.model_type}, {self.model.num_experts} experts); "

@@ -24,6 +24,7 @@ from seqpar.compile.runner import check_single_stage
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
+from seqpar.layers.quant import format_weight_rows, weight_rows
 
 
 def sp_blockers(model: nn.Module) -> list[str]:
@@ -95,7 +96,7 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
                    enable_expert_parallel: bool = False, **engine_options) -> str:
     """Validate the configuration (raising ValueError naming the number at fault) and describe it.
     engine_options: the other EngineConfig fields (block_size, kv_cache_memory_bytes, ...)."""
-    from seqpar.loader.resolve import resolve_model
+    from seqpar.loader.resolve import gguf_source, resolve_model
     from seqpar.models import MODELS
 
     parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, sequence_parallel,
@@ -104,7 +105,8 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_dir(model_dir)
     engine = EngineConfig(model_dir, cfg, parallel, dtype, max_model_len or cfg.max_position_embeddings,
-                          device=device or "cpu", compile=compile, **engine_options)
+                          device=device or "cpu", compile=compile, gguf_file=gguf_source(model),
+                          **engine_options)
     tp = parallel.tensor_parallel_size
     with torch.device("meta"):
         net = MODELS[cfg.model_type](engine.model, Comm(None, 0, tp), engine.torch_dtype,
@@ -158,9 +160,30 @@ def support_report(model: str, tensor_parallel_size: int = 1, pipeline_parallel_
         lines.append("sequence parallelism: OFF for this model (see above); it runs TP")
     else:
         lines.append("sequence parallelism: supported by every module kind")
+    lines += ["", f"weights    quantization={engine.quantization}, dtype {engine.dtype}; rank 0 "
+                  "of stage 0 (every TP rank holds the same bytes)", *_weight_lines(net, engine)]
     if compile:
         lines += ["", *_compile_lines(parallel, cfg, engine)]
     return "\n".join(lines)
+
+
+def _weight_lines(net: nn.Module, engine: EngineConfig) -> list[str]:
+    """Per kind of weight: its checkpoint type, storage format, kernel and bytes on a rank."""
+    types = {}
+    if engine.gguf_file is not None:
+        from seqpar.loader.gguf import tensor_types
+        types = tensor_types(engine.gguf_file)
+    else:
+        from seqpar.loader.checkpoint import open_checkpoint
+        for file in sorted(engine.model_dir.glob("*.safetensors")):
+            with open_checkpoint(file) as f:
+                types.update({n: f.get_slice(n).get_dtype() for n in f.keys()})
+    sources: dict[str, set[str]] = {}
+    for ckpt_name, kind in types.items():
+        target = net._target(ckpt_name)
+        if target is not None:
+            sources.setdefault(target[0].rsplit(".", 1)[0], set()).add(kind)
+    return format_weight_rows(weight_rows(net, sources, engine.quantization))
 
 
 def _moe_lines(cfg: ModelConfig, tp: int) -> list[str]:

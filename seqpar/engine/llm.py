@@ -11,6 +11,7 @@ from seqpar.engine.args import EngineArgs
 from seqpar.engine.outputs import OutputCollector, RequestOutput
 from seqpar.engine.policy import SPPolicy
 from seqpar.engine.tokenizer import chat_prompt_ids, encode
+from seqpar.layers.quant import weight_rows
 from seqpar.sampling_params import SamplingParams
 from seqpar.worker.worker import TIMED_COLLECTIVES
 
@@ -149,6 +150,13 @@ class LLM:
         """Calls and bytes per communication op, and step counts (Engine.comm_stats)."""
         self._check_open()
         return self.engine.comm_stats()
+
+    def weight_stats(self) -> list[dict]:
+        """What each kind of weight runs on rank 0 (every TP rank of a stage holds the same
+        bytes; other stages hold their own layers): one dict per (name, checkpoint type, format)
+        with "count", "kernel" and "bytes" (layers/quant.py weight_rows)."""
+        self._check_open()
+        return weight_rows(self.worker.model)
 
     def cache_stats(self) -> dict:
         """The paged KV cache: {"num_blocks", "block_size", "used_blocks" (held by unfinished

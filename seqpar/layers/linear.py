@@ -7,7 +7,14 @@ the step's (layers/sp.py's transitions read it from the plan at forward time), n
 construction. Every local product goes through the layer's `matmul`.
 
 Each parameter carries a `weight_loader(param, tensor_slice, shard_id)` that reads only this
-rank's rows or columns from a lazily-sliced checkpoint tensor (safetensors `get_slice`).
+rank's rows or columns from a lazily-sliced checkpoint tensor (safetensors `get_slice`, or a GGUF
+tensor: loader/gguf.py).
+
+Storage and the local matmul (layers/quant.py): every local matmul goes through `matmul(x)`, the
+layers' own forward, the collective matmuls of overlap.py and callers that reduce by themselves
+alike; nothing else multiplies by `.weight`. The weight is dense (`weight`, F.linear) or, after
+`finish_loading`, quantized (`qweight`: a GGUF tensor's blocks kept as they are, or a dense shard
+quantized to int8 / int4), when `weight` becomes None.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import torch.nn.functional as F
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
+from seqpar.layers.quant import (GROUP, Int8PerChannel, PackedInt4, merge_rows, requantize,
+                                 storage_format)
 
 
 class _ParallelLinear(nn.Module):
@@ -35,14 +44,91 @@ class _ParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.bias = None
+        self.qweight: nn.Module | None = None
+        """The quantized weight once finish_loading made one (then `weight` is None)."""
+        self._parts: list = []  # (first local row, Affine) of GGUF shards, until finish_loading
+        self.source_types: set[str] = set()
+        """The checkpoint types the weight was loaded from ("Q4_1", "BF16", ...)."""
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's local product, no bias, no collective: x [R, in] -> [R, out] (local
-        features), written into `out` when given (rows of a ring collective matmul's output)."""
-        return F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
+    @property
+    def storage(self) -> str:
+        """How the weight is held: "dense", or a quantized format (layers/quant.py KERNELS)."""
+        return "dense" if self.qweight is None else self.qweight.format
+
+    def planned_storage(self, quantization: str, types: set[str]) -> str:
+        """The format finish_loading will give a weight loaded from checkpoint types `types`."""
+        return storage_format(quantization, types)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, in] @ this rank's W^T (+ bias) -> [M, out]. out: an [M, out] view to write
+        into (without bias)."""
+        if self.qweight is None:
+            if out is None:
+                return F.linear(x, self.weight, bias)
+            return torch.matmul(x, self.weight.t(), out=out)
+        y = self.qweight(x)
+        if bias is not None:
+            y = y + bias
+        return y if out is None else out.copy_(y)
 
     def weight_loader(self, param: nn.Parameter, tensor_slice, shard_id=None) -> None:
         raise NotImplementedError
+
+    def _load(self, param: nn.Parameter, tensor_slice, dst_start: int, rows: slice = slice(None),
+              cols: slice = slice(None)) -> None:
+        """Checkpoint tensor [rows, cols] -> param's rows from dst_start. A GGUF tensor of a type
+        with a kernel keeps its blocks (decoded to integers) until finish_loading."""
+        quantized = getattr(tensor_slice, "quantized", None)
+        if param is self.weight:
+            self.source_types.add(_type_name(tensor_slice))
+        if param is self.weight and quantized is not None:
+            self._parts.append((dst_start, quantized(rows, cols)))
+            return
+        part = tensor_slice[rows] if cols == slice(None) else tensor_slice[rows, cols]
+        param.data[dst_start:dst_start + part.shape[0]].copy_(part)
+
+    def finish_loading(self, quantization: str) -> None:
+        """Give the loaded weight its final form: GGUF shards -> one PackedInt4 (all dense if any
+        part came dense: a fused layer of mixed types); a dense weight -> Int8PerChannel or
+        PackedInt4 under quantization "int8" / "int4"; else it stays dense."""
+        parts, self._parts = self._parts, []
+        w = self.weight
+        if parts and sum(a.q.shape[0] for _, a in parts) < w.shape[0]:
+            for start, a in parts:
+                w.data[start:start + a.q.shape[0]].copy_(torch.from_numpy(a.values()))
+            parts = []
+        if parts:
+            self.qweight = PackedInt4(merge_rows(parts), w.dtype, w.device)
+        elif quantization == "int8":
+            self.qweight = Int8PerChannel(w, w.dtype)
+        elif quantization == "int4":
+            self.qweight = PackedInt4(requantize(w, 4, GROUP), w.dtype, w.device)
+        else:
+            return
+        self.weight = None
+
+
+def _type_name(tensor_slice) -> str:
+    """A checkpoint tensor's type: GGUF's ("Q4_1"), safetensors' ("BF16"), or a tensor's dtype."""
+    if isinstance(tensor_slice, torch.Tensor):
+        return str(tensor_slice.dtype).replace("torch.", "")
+    if hasattr(tensor_slice, "get_dtype"):  # safetensors
+        return tensor_slice.get_dtype()
+    return tensor_slice.type  # loader/gguf.py GGUFTensor
+
+
+def finish_loading(model: nn.Module, quantization: str) -> None:
+    """After a model's weights are loaded: every module with a `finish_loading` (the parallel
+    linear layers, the LM head) takes its final form, except inside blocks that multiply by their
+    layers' weights themselves and say so with `keep_dense = True` (MoE's shared expert)."""
+    dense = {id(m) for block in model.modules() if getattr(block, "keep_dense", False)
+             for m in block.modules()}
+    for module in model.modules():
+        if hasattr(module, "finish_loading") and id(module) not in dense:
+            module.finish_loading(quantization)
+    for param in model.parameters():  # the decoded blocks an embedding kept for its LM head
+        param.__dict__.pop("gguf_blocks", None)
 
 
 def check_shape(tensor_slice, expected: tuple) -> None:
@@ -69,7 +155,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def _load_rows(self, param: nn.Parameter, tensor_slice, dst_start: int, src_start: int,
                    rows: int) -> None:
-        param.data[dst_start:dst_start + rows].copy_(tensor_slice[src_start:src_start + rows])
+        self._load(param, tensor_slice, dst_start, rows=slice(src_start, src_start + rows))
 
     def weight_loader(self, param, tensor_slice, shard_id=None) -> None:
         rows = param.shape[0]
@@ -164,4 +250,4 @@ class RowParallelLinear(_ParallelLinear):
         cols = param.shape[1]
         check_shape(tensor_slice, (param.shape[0], cols * self.comm.world_size))
         start = self.comm.rank * cols
-        param.data.copy_(tensor_slice[:, start:start + cols])
+        self._load(param, tensor_slice, 0, cols=slice(start, start + cols))

@@ -137,9 +137,11 @@ class Experts(nn.Module):
 class SharedExpert(nn.Module):
     """Qwen2-MoE's shared expert, a dense SiLU MLP: split by columns over the TP group (TP), or
     whole on every rank (EP: built on a single-rank Comm, so its layers load whole tensors).
-    Its linear layers only hold the weights: its forward runs no collective."""
+    Its linear layers only hold the weights: its forward runs no collective. They stay dense
+    under any quantization: forward slices their columns itself."""
 
     sp_role = sp.TOKEN_WISE
+    keep_dense = True
 
     def __init__(self, cfg: ModelConfig, comm: Comm, dtype: torch.dtype):
         super().__init__()

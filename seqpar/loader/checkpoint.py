@@ -17,6 +17,15 @@ def open_safetensors(path: str | Path):
                          f"({e})") from None
 
 
+def open_checkpoint(path: str | Path):
+    """A checkpoint file as a context manager with keys() and get_slice(name): safe_open for
+    safetensors, loader/gguf.py's GGUFCheckpoint (HF names, read in place) for a .gguf file."""
+    if Path(path).suffix == ".gguf":
+        from seqpar.loader.gguf import GGUFCheckpoint  # the gguf library: only for GGUF files
+        return GGUFCheckpoint(Path(path))
+    return open_safetensors(path)
+
+
 def check_safetensors(model_dir: Path) -> None:
     """Open every *.safetensors file of model_dir once, so a bad one fails before any rank starts."""
     for file in sorted(Path(model_dir).glob("*.safetensors")):

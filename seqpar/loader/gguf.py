@@ -1,8 +1,13 @@
-"""Convert a llama-architecture GGUF file into an HF-style directory, once.
+"""llama-architecture GGUF files: converted once to an HF-style directory, and read directly.
 
-seqpar loads weights as safetensors slices, each rank reading only its shard. GGUF stores
-quantized blocks that cannot be sliced along arbitrary rows, so the file is dequantized to
-float32 a single time and cached as `model.safetensors` + `config.json` + tokenizer files.
+convert_gguf dequantizes the file to float32 a single time and caches it as `model.safetensors` +
+`config.json` + tokenizer files: the config and tokenizer every run needs, and the weights of
+quantization="none" / "int8" / "int4" (and of the benchmark's peers, which read HF directories).
+
+GGUFCheckpoint reads the file itself, memory-mapped, for quantization="auto" / "gguf": each rank
+reads only the blocks of its shard (rows of a column-parallel weight, whole blocks of columns of
+a row-parallel one), under HF names and in HF row order, and a tensor of a type with a kernel
+(ggml_blocks.KERNEL_TYPES) hands its blocks over decoded to integers, never dequantized.
 """
 
 import json
@@ -14,8 +19,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 from tqdm import tqdm
+
+from seqpar.loader.ggml_blocks import FLOAT_TYPES, KERNEL_TYPES, Affine, block_size, decode
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -64,6 +72,93 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     # GGUF [n_heads, half, 2, hidden]: rows i and i + half of a head sit next to each other
     # -> HF [n_heads, 2, half, hidden]: each half of a head is contiguous
     return w.reshape(n_heads, half, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFTensor:
+    """One GGUF tensor under its HF name, sliced like a safetensors slice: `t[rows]` or
+    `t[rows, cols]` -> float32 torch tensor of just those rows and columns (dequantized), and,
+    for a type with a kernel, `t.quantized(rows, cols)` -> an Affine of the same part (None
+    otherwise). Rows are HF rows: attn_q / attn_k rows are unpermuted per head, so a slice of
+    them must hold whole heads."""
+
+    def __init__(self, tensor, head_dim: int | None):
+        self.type = tensor.tensor_type.name
+        self._data = tensor.data  # [rows, bytes per row] uint8 (quantized) or [rows, cols] memmap
+        self._shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists [in, out]
+        self._head_dim = head_dim  # attn_q / attn_k: rows come in llama.cpp's rotary order
+        self.quantized = self._quantized if self.type in KERNEL_TYPES else None
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def _rows(self, rows: slice) -> range:
+        rows = range(*rows.indices(self._shape[0]))
+        if self._head_dim and (rows.start % self._head_dim or len(rows) % self._head_dim):
+            raise ValueError(f"rows {rows.start}-{rows.stop} of a rotary projection cut a head "
+                             f"of {self._head_dim} rows")
+        return rows
+
+    def _hf_order(self, a: np.ndarray) -> np.ndarray:
+        return a if self._head_dim is None else _unpermute(a, a.shape[0] // self._head_dim)
+
+    def _quantized(self, rows: slice, cols: slice) -> Affine:
+        rows = self._rows(rows)
+        start, stop, _ = cols.indices(self._shape[-1])
+        # Decode the whole blocks covering the columns, then keep the columns asked for.
+        per_block = block_size(self.type)
+        first, last = start // per_block, -(-stop // per_block)
+        nbytes = self._data.shape[1] // (self._shape[-1] // per_block)
+        a = decode(self._data[rows.start:rows.stop, first * nbytes:last * nbytes], self.type)
+        lo, hi = start - first * per_block, stop - first * per_block
+        if lo % a.group or hi % a.group:
+            raise ValueError(f"columns {start}-{stop} cut a quantization group of {a.group}")
+        return Affine(*(self._hf_order(np.ascontiguousarray(x)) for x in
+                        (a.q[:, lo:hi], a.scale[:, lo // a.group:hi // a.group],
+                         a.min[:, lo // a.group:hi // a.group])), bits=a.bits, group=a.group)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if len(self._shape) == 1:
+            return torch.from_numpy(np.array(self._data[rows], dtype=np.float32))
+        if self.quantized is not None:
+            return torch.from_numpy(self.quantized(rows, cols).values())
+        rows = self._rows(rows)
+        part = self._data[rows.start:rows.stop]
+        if self.type not in FLOAT_TYPES:  # whole rows: any type's blocks lie within a row
+            part = gguf.quants.dequantize(part, gguf.GGMLQuantizationType[self.type])
+        return torch.from_numpy(self._hf_order(np.array(part[:, cols], dtype=np.float32)))
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened like safetensors' safe_open: keys() (HF names) and get_slice(name)."""
+
+    def __init__(self, path: Path):
+        reader = _read_gguf(Path(path))
+        arch = _meta(reader, "general.architecture")
+        heads = int(_meta(reader, f"{arch}.attention.head_count"))
+        hidden = int(_meta(reader, f"{arch}.embedding_length"))
+        head_dim = int(_meta(reader, f"{arch}.attention.key_length", hidden // heads))
+        self._tensors = {}
+        for t in reader.tensors:
+            rotary = t.name.endswith((".attn_q.weight", ".attn_k.weight"))
+            self._tensors[_hf_name(t.name)] = GGUFTensor(t, head_dim if rotary else None)
+
+    def keys(self):
+        return self._tensors.keys()
+
+    def get_slice(self, name: str) -> GGUFTensor:
+        return self._tensors[name]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tensors = {}  # the reader's memory maps close with their last reference
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """HF tensor name -> GGUF type name ("Q4_1", "F32", ...), from the file's index only."""
+    return {_hf_name(t.name): t.tensor_type.name for t in _read_gguf(Path(path)).tensors}
 
 
 _REQUIRED = object()
@@ -186,7 +281,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _save_tokenizer(gguf_path, tmp, _meta(reader, "tokenizer.chat_template", None))
+        if reader.get_field("tokenizer.ggml.model") is not None:  # else prompts are token ids
+            _save_tokenizer(gguf_path, tmp, _meta(reader, "tokenizer.chat_template", None))
         try:
             os.rename(tmp, out_dir)
         except OSError:

@@ -23,10 +23,10 @@ from seqpar.layers import sp
 from seqpar.layers.attention import Attention
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                  RowParallelLinear, check_shape)
+                                  RowParallelLinear, check_shape, finish_loading)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
-from seqpar.loader.checkpoint import open_safetensors
+from seqpar.loader.checkpoint import open_checkpoint
 
 
 class LlamaAttention(nn.Module):
@@ -196,13 +196,17 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(sp.sampled_rows(self.comm, plan, h, residual, self.model.norm))
         return None if logits is None else logits.float()
 
-    def load_weights(self, model_dir: Path) -> None:
-        """Read this rank's shard of every parameter from the checkpoint's safetensors files."""
+    def load_weights(self, model_dir: Path, quantization: str = "none",
+                     gguf_file: Path | None = None) -> None:
+        """Read this rank's shard of every parameter from the checkpoint's safetensors files, or
+        under quantization "gguf" from the GGUF file itself; then each linear layer takes its
+        final form (layers/quant.py: dense, the GGUF's blocks, or quantized "int8" / "int4")."""
         params = dict(self.named_parameters(remove_duplicate=False))
         expected = {(name, shard) for name, shard in self._expected_shards(params)}
         loaded = set()
-        for file in sorted(Path(model_dir).glob("*.safetensors")):
-            with open_safetensors(file) as f:
+        files = [gguf_file] if quantization == "gguf" else sorted(Path(model_dir).glob("*.safetensors"))
+        for file in files:
+            with open_checkpoint(file) as f:
                 for ckpt_name in f.keys():
                     target = self._target(ckpt_name)
                     if target is None:
@@ -223,6 +227,7 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. "
                              f"{', '.join(missing[:5])}")
+        finish_loading(self, quantization)
 
     def _target(self, ckpt_name: str):
         """(our parameter, shard id) for a checkpoint tensor, or None when this stage skips it."""

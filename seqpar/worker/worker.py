@@ -90,7 +90,7 @@ class Worker:
         with torch.device(self.device):
             self.model = MODELS[cfg.model.model_type](cfg.model, self.comm, dtype, cfg.max_model_len,
                                                       self.layers)
-        self.model.load_weights(cfg.model_dir)
+        self.model.load_weights(cfg.model_dir, cfg.quantization, cfg.gguf_file)
         self.model.eval()
         self.sampler = Sampler() if topo.rank == topo.sampler_source else None
         self.compiled = None

@@ -1,0 +1,212 @@
+"""Quantized weight-only storage for a linear layer's local shard, and its matmul.
+
+A linear layer holds this rank's shard of W [out, in] either dense (an nn.Parameter in the compute
+dtype, F.linear) or as one of two formats that torch's own CPU kernels multiply directly,
+activations staying in the compute dtype:
+
+- PackedInt4: torch's int4 weight-only kernel (`_convert_weight_to_int4pack_for_cpu`,
+  `_weight_int4pack_mm_for_cpu`): 4-bit q with w = (q - 8) * scale + zero per group of GROUP
+  input features. GGUF's 4-bit types map onto it exactly (Q4_1: scale d, zero m + 8 d), and so
+  does quantization="int4". Weights of 5 to 8 bits (Q5_K, Q8_0, ...) are split into two 4-bit
+  planes, q - 2^(bits-1) = lo + 16 hi, laid side by side along the input: y = [x, x] @
+  [W_lo, W_hi]^T is one kernel call on twice the input features, the same values exactly.
+- Int8PerChannel: torch's int8 weight-only kernel (`_weight_int8pack_mm`), one scale per output
+  feature: quantization="int8".
+
+Measured on the AVX-512 (avx512_bf16, no AMX) host with torch 2.13, 2 threads, SmolLM2's shapes:
+both kernels are vectorized for bfloat16 activations only (float32 runs 30-100x slower than dense
+float32), so config.py's auto keeps them to bfloat16. They beat dense bf16 F.linear 2-10x at 1-4
+rows, tie at about 16 and lose 2-4x at 256-2048 rows; no dense copy is kept (it would undo the
+memory saving), so every row count runs the packed kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqpar.config import QUANT_GROUP as GROUP
+from seqpar.layers import sp
+from seqpar.loader.ggml_blocks import Affine
+
+_N_ALIGN = 16  # torch's int4 packing needs the output features in multiples of 16
+
+
+def requantize(w: torch.Tensor, bits: int, group: int = GROUP) -> Affine:
+    """Asymmetric min-max quantization of w [N, K] to `bits` bits per group of `group` input
+    features: scale = (max - min) / (2^bits - 1), q = round((w - min) / scale). Each value moves
+    by at most scale / 2."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / (2 ** bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 2 ** bits - 1)
+    return Affine(q.reshape(n, k).to(torch.uint8).numpy(), scale.numpy(), lo.numpy(), bits, group)
+
+
+def merge_rows(parts: list[tuple[int, Affine]]) -> Affine:
+    """Row blocks of one weight -> one Affine, in row order: (first row, Affine) each, e.g. a
+    fused layer's q, k and v shards. Parts of other bit widths share the widest (q < 2^bits
+    either way, so the values stay exact); a 16-wide group (Q6_K) is requantized first."""
+    parts = [(start, a if a.group == GROUP else requantize(torch.from_numpy(a.values()), 8))
+             for start, a in sorted(parts, key=lambda p: p[0])]
+    joined = [np.concatenate([getattr(a, f) for _, a in parts]) for f in ("q", "scale", "min")]
+    return Affine(*joined, bits=max(a.bits for _, a in parts), group=GROUP)
+
+
+class PackedInt4(nn.Module):
+    """W [out, in] in torch's packed int4 layout; forward: [M, in] -> [M, out].
+
+    planes 1: packed [out_pad, in / 2] uint8, scales_and_zeros [in / GROUP, out_pad, 2].
+    planes 2: the same over 2 * in features (the low plane, then the high one)."""
+
+    sp_role = sp.TOKEN_WISE  # a linear layer's weight: its local matmul, row by row
+
+    def __init__(self, a: Affine, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        assert a.group == GROUP, a.group  # merge_rows requantizes other groups
+        n, k = a.q.shape
+        self.out_features, self.in_features = n, k
+        self.planes = 1 if a.bits <= 4 else 2
+        q = torch.from_numpy(a.q.astype(np.int32))
+        scale, zero = torch.from_numpy(a.scale), torch.from_numpy(a.min)  # [N, K / GROUP]
+        if self.planes == 1:  # w = scale q + min = (q - 8) scale + (min + 8 scale)
+            scales, zeros = scale, zero + 8 * scale
+        else:
+            # Centred first, q - c = lo + 16 hi (c = 2^(bits-1), lo in 0..15, hi signed), so the
+            # zeros stay small: they are rounded to the compute dtype, and an error there moves
+            # a whole group of weights the same way. w = s lo + 16 s hi + (min + c s):
+            # plane lo: (lo - 8) s + (min + c s + 8 s); plane hi: (hi + 8 - 8) 16 s + 0.
+            centred = q - 2 ** (a.bits - 1)
+            q = torch.cat([centred & 15, (centred >> 4) + 8], dim=1)  # [N, 2K]
+            scales = torch.cat([scale, 16 * scale], dim=1)
+            zeros = torch.cat([zero + (2 ** (a.bits - 1) + 8) * scale, torch.zeros_like(scale)],
+                              dim=1)
+        pad = -n % _N_ALIGN  # zero rows past `out`: their outputs are cut off in forward
+        q = F.pad(q, (0, 0, 0, pad), value=8)
+        sz = F.pad(torch.stack([scales, zeros], dim=-1), (0, 0, 0, 0, 0, pad))
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1).to(device))
+        self.register_buffer("scales_and_zeros",
+                             sz.transpose(0, 1).contiguous().to(device, dtype))  # [G, N_pad, 2]
+
+    @property
+    def format(self) -> str:
+        return "int4" if self.planes == 1 else "int4x2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()  # the kernel reads x densely (a chunk of gate_up is strided)
+        if self.planes == 2:
+            x = torch.cat([x, x], dim=1)  # [M, 2K]: each plane sees the same activations
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+        return y if y.shape[1] == self.out_features else y[:, :self.out_features]
+
+
+class Int8PerChannel(nn.Module):
+    """W [out, in] as int8 with one scale per output feature (symmetric, max |w| / 127)."""
+
+    sp_role = sp.TOKEN_WISE  # a linear layer's weight: its local matmul, row by row
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        w = w.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N]
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scales", scale.to(dtype))
+
+    format = "int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+
+
+KERNELS = {"dense": "F.linear", "int4": "torch._weight_int4pack_mm_for_cpu",
+           "int4x2": "torch._weight_int4pack_mm_for_cpu on [x, x]",
+           "int8": "torch._weight_int8pack_mm"}
+"""Storage format -> the kernel that multiplies it (every row count: see the module docstring)."""
+
+
+def storage_format(mode: str, types: set[str]) -> str:
+    """The format a linear layer's weight takes: mode is the resolved quantization, types the
+    checkpoint types of its parts ("Q4_1", "Q6_K", "F32", ...). Mirrors finish_loading."""
+    from seqpar.loader.ggml_blocks import KERNEL_TYPES, bits_of
+    if mode == "gguf":
+        if not types <= KERNEL_TYPES:
+            return "dense"  # a part without a kernel (or a float part): the layer runs dense
+        return "int4" if max(bits_of(t) for t in types) <= 4 else "int4x2"
+    return {"int8": "int8", "int4": "int4"}.get(mode, "dense")
+
+
+def storage_bytes(fmt: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """Bytes one rank holds for a [out, in] weight shard in format `fmt` (what the live buffers
+    take: tests check the two agree)."""
+    size = dtype.itemsize
+    if fmt == "dense":
+        return out_features * in_features * size
+    if fmt == "int8":
+        return out_features * in_features + out_features * size
+    k = in_features * (2 if fmt == "int4x2" else 1)
+    n = out_features + -out_features % _N_ALIGN
+    return n * k // 2 + (k // GROUP) * n * 2 * size
+
+
+def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
+                mode: str | None = None) -> list[dict]:
+    """What each kind of weight of a model shard runs, one row per (name, type, format): the
+    module name, how many there are, the checkpoint type(s), the storage format, the kernel and
+    the bytes on this rank (a tensor shared by two modules, tied embeddings, counts once). From a
+    loaded model (sources None), or predicted for a model built on the meta device from sources
+    (module name -> checkpoint types) and the resolved quantization mode. A module that
+    multiplies by a quantized weight says how through `storage` / `planned_storage(mode, types)`
+    and `source_types` (the parallel linear layers, the LM head)."""
+    rows: dict[tuple, dict] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (PackedInt4, Int8PerChannel)):
+            continue  # counted with the layer that holds it
+        own = list(module.parameters(recurse=False))
+        params = [p for p in own if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        matmul = hasattr(module, "planned_storage")
+        if not own and not matmul:
+            continue
+        dtype = f" ({str(own[0].dtype).replace('torch.', '')})" if own else ""
+        if not matmul:
+            fmt, types = ("dense" if params else "tied"), (sources or {}).get(name, set())
+            kernel, nbytes = type(module).__name__ + dtype, sum(_nbytes(p) for p in params)
+        elif sources is None:
+            fmt, types = module.storage, module.source_types
+            nbytes = sum(_nbytes(p) for p in params) + (
+                0 if module.qweight is None else sum(_nbytes(b) for b in module.qweight.buffers()))
+        else:
+            types = sources.get(name, set())
+            fmt = module.planned_storage(mode, types)
+            out_f, in_f = module.weight.shape
+            extra = storage_bytes(fmt, out_f, in_f, module.weight.dtype) if fmt != "dense" else 0
+            nbytes = extra + sum(_nbytes(p) for p in params
+                                 if fmt == "dense" or p is not module.weight or
+                                 getattr(module, "keeps_dense_weight", False))
+        if matmul:
+            kernel = KERNELS[fmt] + (dtype if fmt == "dense" else "")
+        key = (name.split(".")[-1] or "model", "+".join(sorted(types)) or "-", fmt, kernel)
+        row = rows.setdefault(key, {"name": key[0], "type": key[1], "format": fmt,
+                                    "kernel": kernel, "count": 0, "bytes": 0})
+        row["count"] += 1
+        row["bytes"] += nbytes
+    return list(rows.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def format_weight_rows(rows: list[dict]) -> list[str]:
+    total = sum(r["bytes"] for r in rows)
+    lines = [f"{'weight':<24} {'count':>5}  {'type':<9} {'format':<6} {'MiB/rank':>8}  kernel"]
+    for r in rows:
+        lines.append(f"{r['name']:<24} {r['count']:>5}  {r['type']:<9} {r['format']:<6} "
+                     f"{r['bytes'] / 2**20:>8.2f}  {r['kernel']}")
+    lines.append(f"{'total':<24} {'':>5}  {'':<9} {'':<6} {total / 2**20:>8.2f}")
+    return lines
