@@ -29,8 +29,9 @@ class Sampler:
         self._released: list[int] = []
 
     def add(self, key: int, params, prompt_ids: list[int]) -> None:
+        logprobs = -1 if params.logprobs is None else params.logprobs
         self.specs[key] = SampleSpec(key, params.seed, params.temperature, params.top_p,
-                                     params.top_k, -1 if params.logprobs is None else params.logprobs)
+                                     params.top_k, logprobs)
 
     def remove(self, key: int) -> None:
         del self.specs[key]
