@@ -107,13 +107,15 @@ class Sampler:
             if max(asked):
                 top_values, top_ids = all_logprobs.topk(max(asked), dim=-1)
         masked = self._mask_grammar(logits, reqs)
-        tokens = masked.argmax(dim=-1)  # [R]: the greedy rows' tokens, and the default
         rows = [i for i, p in enumerate(params) if p.temperature != 0]
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+        tokens = torch.empty(len(keys), dtype=torch.int64, device=logits.device)  # [R]
+        if greedy:
+            _put(tokens, greedy, _take(masked, greedy).argmax(dim=-1))
         if rows:
-            sub = rows if len(rows) < len(keys) else slice(None)
-            probs = _filtered_probs(masked[sub], [params[i] for i in rows])  # [S, V]
+            probs = _filtered_probs(_take(masked, rows), [params[i] for i in rows])  # [S, V]
             u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows])
-            tokens[sub] = _inverse_cdf(probs, u.to(probs.device))
+            _put(tokens, rows, _inverse_cdf(probs, u.to(probs.device)))
         for r, token in zip(reqs, tokens.tolist() if any(r.matcher for r in reqs) else []):
             if r.matcher is not None:
                 r.matcher.accept(token)
@@ -174,9 +176,9 @@ class Sampler:
         rows = [j for j, r in enumerate(row_reqs) if r.params.temperature != 0]
         probs = None
         if rows:
-            sub = rows if len(rows) < len(row_reqs) else slice(None)
             probs = torch.zeros_like(masked)
-            probs[sub] = _filtered_probs(masked[sub], [row_reqs[j].params for j in rows])
+            _put(probs, rows, _filtered_probs(_take(masked, rows), [row_reqs[j].params
+                                                                     for j in rows]))
         out = []
         for i, (r, d, s) in enumerate(zip(reqs, drafts, starts)):  # decisions are per sequence
             if r.params.temperature == 0:
@@ -318,6 +320,19 @@ def _reject(p: torch.Tensor, draft: list[int], q: torch.Tensor | None,
     return draft + [int(_inverse_cdf(p[k][None], torch.tensor([u[k]], device=p.device)))]
 
 
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x's rows `rows` (ascending): x itself when they are all of them, else a copy."""
+    if len(rows) == x.shape[0]:
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
+
+
+def _put(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
+    """x[rows] = values, in place (nothing to do when values is x itself)."""
+    if values is not x:
+        x.index_copy_(0, torch.tensor(rows, device=x.device), values)
+
+
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [S, V] of sampled rows -> [S, V] float32 probabilities after temperature, top-k and
     top-p. Both filters keep the tokens at or above a threshold logit, so ties are kept together:
@@ -326,40 +341,41 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     top_p (the most likely token always stays)."""
     S, V = logits.shape
     dev = logits.device
-    x = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    x = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]  # a copy
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     rows = [i for i, p in enumerate(params) if top_k[i] < V or p.top_p < 1]
     if not rows:
         return x.softmax(dim=-1)
-    xs = x[rows]  # [F, V], the rows that filter
+    xs = _take(x, rows)  # [F, V], the rows that filter (x itself when all do)
     ks = [top_k[i] for i in rows]
     if min(ks) < V:
-        kth = xs.topk(max(k for k in ks if k < V), dim=-1).values  # [F, kmax], descending
-        kth = kth.gather(1, torch.tensor([[min(k, kth.shape[1]) - 1] for k in ks], device=dev))
-        xs = xs.masked_fill((xs < kth) & torch.tensor([[k < V] for k in ks], device=dev),
-                            float("-inf"))
+        top = xs.topk(max(k for k in ks if k < V), dim=-1).values  # [F, kmax], descending
+        kth = top.gather(1, torch.tensor([[min(k, top.shape[1]) - 1] for k in ks], device=dev))
+        kth.masked_fill_(torch.tensor([[k == V] for k in ks], device=dev), float("-inf"))
+        xs.masked_fill_(xs < kth, float("-inf"))
     nucleus = [j for j, i in enumerate(rows) if params[i].top_p < 1]  # rows of xs with top-p
     if nucleus:
-        xp = xs[nucleus]
+        xp = _take(xs, nucleus)
         top_p = torch.tensor([[params[rows[j]].top_p] for j in nucleus], device=dev)  # [P, 1]
-        xs[nucleus] = xp.masked_fill(xp < _top_p_threshold(xp, top_p), float("-inf"))
-    x[rows] = xs
+        xp.masked_fill_(xp < _top_p_threshold(xp, top_p), float("-inf"))
+        _put(xs, nucleus, xp)
+    _put(x, rows, xs)
     return x.softmax(dim=-1)
 
 
 def _top_p_threshold(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """x [F, V] logits (-inf: filtered out), top_p [F, 1] -> [F, 1] the lowest logit top-p keeps.
 
-    The nucleus of a real model's row is usually small: look for the cut among the c most
-    likely tokens (a topk), widen c eightfold for the rows whose cut lies beyond, and sort the
-    whole row only when c reaches V."""
+    The nucleus of a real model's row is usually small: look for the cut among the 64 most likely
+    tokens (a topk), then among 512 for the rows whose cut lies beyond, and sort the whole row
+    only for the rows whose cut lies beyond that (a topk of thousands costs more than a sort)."""
     F, V = x.shape
     norm = torch.logsumexp(x, dim=-1, keepdim=True)  # [F, 1] over the whole row
     threshold = torch.empty(F, 1, dtype=x.dtype, device=x.device)
     todo = torch.arange(F, device=x.device)
     c = min(V, 64)
     while True:
-        xt = x[todo]
+        xt = x if todo.numel() == F else x.index_select(0, todo)
         top = xt.topk(c, dim=-1).values if c < V else xt.sort(dim=-1, descending=True).values
         probs = (top - norm[todo]).exp()  # [F', c] descending
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead in this order
@@ -371,7 +387,7 @@ def _top_p_threshold(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         todo = todo[~done]
         if todo.numel() == 0:
             return threshold
-        c = min(V, c * 8)
+        c = c * 8 if c * 8 <= 512 else V
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
