@@ -61,7 +61,8 @@ def test_sample_matches_per_row_reference():
         for attempt in range(20):  # redraw a top_p too close to a mass boundary of this row
             p = random_params(rng, seed=1000 + key)
             try:
-                reference_probs(logits[key], p) if p.temperature else None
+                if p.temperature:
+                    reference_probs(logits[key], p)
                 break
             except AssertionError:
                 continue
@@ -148,7 +149,8 @@ def test_batch_independence():
     solo, mixed = [], []
     for step in range(steps):
         solo.append(int(alone.sample(own[step:step + 1], [7]).tokens))
-        others = [100 + int(k) for k in rng.choice(20, size=int(rng.integers(1, 20)), replace=False)]
+        picked = rng.choice(20, size=int(rng.integers(1, 20)), replace=False)
+        others = [100 + int(k) for k in picked]
         at = int(rng.integers(len(others) + 1))
         keys = others[:at] + [7] + others[at:]
         logits = torch.randn(len(keys), V)

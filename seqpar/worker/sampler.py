@@ -44,7 +44,8 @@ class Sampler:
 
     Rows are handled together: a step's greedy rows take one argmax; its sampled rows are divided
     by their temperatures, filtered by top-k and top-p (topk calls on the rows that filter, a
-    sort only for rows whose top-p nucleus is wide, nothing when no row filters) and softmaxed as one [R, V] tensor.
+    sort only for rows whose top-p nucleus is wide, nothing when no row filters) and softmaxed
+    as one [S, V] tensor.
 
     Reproducible draws. Each request owns a CPU torch.Generator seeded once, at `add`, from its
     seed (an unseeded request: engine seed x SEED_MIX + key). Per sampled row the sampler draws
@@ -116,9 +117,10 @@ class Sampler:
             probs = _filtered_probs(_take(masked, rows), [params[i] for i in rows])  # [S, V]
             u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows])
             _put(tokens, rows, _inverse_cdf(probs, u.to(probs.device)))
-        for r, token in zip(reqs, tokens.tolist() if any(r.matcher for r in reqs) else []):
-            if r.matcher is not None:
-                r.matcher.accept(token)
+        if masked is not logits:  # some rows follow a grammar: advance their matchers
+            for r, token in zip(reqs, tokens.tolist()):
+                if r.matcher is not None:
+                    r.matcher.accept(token)
         if asked:
             logprobs = all_logprobs.gather(1, tokens[:, None])[:, 0]
         return SamplerOutput(tokens, logprobs, top_ids, top_values)
