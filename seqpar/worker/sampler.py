@@ -389,7 +389,7 @@ def _top_p_threshold(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         todo = todo[~done]
         if todo.numel() == 0:
             return threshold
-        c = c * 8 if c * 8 <= 512 else V
+        c = min(V, c * 8) if c * 8 <= 512 else V
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
