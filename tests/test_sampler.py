@@ -230,6 +230,17 @@ def test_verify_greedy_accepts_the_matching_prefix():
         sampler.verify(logits[:-1], list(range(5)), drafts)
 
 
+def test_verify_without_drafts_draws_as_sample():
+    """A sequence with no drafts (speculation backed off) gets the token sample() would draw."""
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(9))
+    params = SamplingParams(temperature=0.9, top_k=10, top_p=0.9, seed=4)
+    a, b = Sampler(), Sampler()
+    a.add(0, params)
+    b.add(0, params)
+    drawn = [a.sample(row[None], [0]).tokens.tolist() for row in logits]
+    assert drawn == [b.verify(row[None], [0], [[]])[0] for row in logits]
+
+
 def run_rejection(p_logits: torch.Tensor, params: SamplingParams, q: torch.Tensor | None,
                   trials: int) -> list[list[int]]:
     """`trials` verifications of k = rows - 1 drafts against the same target rows; drafts drawn

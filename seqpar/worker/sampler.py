@@ -300,7 +300,7 @@ def _reject(p: torch.Tensor, draft: list[int], q: torch.Tensor | None,
     """Rejection sampling of one sequence: p [k + 1, V] target probabilities, q [k, V] draft
     probabilities (None: one-hot on the drafts) -> accepted drafts + the correction / bonus."""
     k = len(draft)
-    u = torch.rand(k + 1, generator=generator, dtype=torch.float64).tolist()
+    u = torch.rand(k + 1, generator=generator).tolist()  # float32, as sample() draws
     if k:
         index = torch.tensor(draft, device=p.device)[:, None]
         p_x = p[:k].gather(1, index)[:, 0].tolist()  # [k] target probability of each draft
