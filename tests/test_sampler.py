@@ -399,3 +399,38 @@ def test_prompt_logprobs():
     with pytest.raises(ValueError, match="no prompt_logprobs"):
         sampler.add(6, SamplingParams(), prompt_ids=prompt)
         sampler.prompt_logprobs(logits, 6, 0)
+
+
+def test_grammar_hook_with_xgrammar_matchers(tiny_root):
+    """Real matchers (seqpar/structured_output.py on xgrammar), random logits: greedy and
+    sampled requests sharing steps write text matching their regex, then EOS."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from seqpar.structured_output import GrammarCompiler
+    from tokenized import build_with_bytelevel_tokenizer
+
+    regex = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
+    eos, vocab = 2, 1001
+    tokenizer = AutoTokenizer.from_pretrained(build_with_bytelevel_tokenizer("llama-gqa",
+                                                                             tiny_root))
+    compiler = GrammarCompiler(tokenizer, vocab, {eos})
+    sampler = Sampler(grammar=lambda key, params: compiler.matcher(params.structured_outputs))
+    spec = StructuredOutputsParams(regex=regex)
+    for key, temperature in enumerate([0.0, 1.0, 1.0]):
+        sampler.add(key, SamplingParams(temperature=temperature, seed=key, structured_outputs=spec))
+    sampler.add(3, SamplingParams(temperature=1.0, seed=3))  # no grammar, same steps
+    gen = torch.Generator().manual_seed(0)
+    outputs = {key: [] for key in range(4)}
+    live = [0, 1, 2, 3]
+    for _ in range(40):
+        out = sampler.sample(torch.randn(len(live), vocab, generator=gen) * 3, live)
+        for key, token in zip(live, out.tokens.tolist()):
+            outputs[key].append(token)
+        live = [k for k in live if outputs[k][-1] != eos and (k != 3 or len(outputs[k]) < 5)]
+        if live == [3] or not live:
+            break
+    for key in range(3):
+        assert outputs[key][-1] == eos, outputs[key]
+        assert re.fullmatch(regex, tokenizer.decode(outputs[key][:-1])), outputs[key]
