@@ -27,11 +27,6 @@ from seqpar.worker.worker import unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 
-SEED_MIX = 1_000_003
-"""Default per-request seed: LLM seed x SEED_MIX + the request's number (a prime, so distinct
-(seed, number) pairs rarely collide)."""
-
-
 class Engine:
     def __init__(self, cfg: EngineConfig, cluster: Cluster, policy: SPPolicy, tokenizer,
                  eos_ids: set[int]):
@@ -88,8 +83,7 @@ class Engine:
         self.check_prompt(ids)
         self.check_params(params)
         key, self._keys = self._keys, self._keys + 1
-        seed = params.seed if params.seed is not None else self.cfg.seed * SEED_MIX + key
-        seq = Sequence(request_id, key, ids, params, seed, prompt)
+        seq = Sequence(request_id, key, ids, params, prompt)
         self.requests[request_id] = seq
         self.output.add_request(seq)
         self.stats["prompt_tokens"] += len(ids)

@@ -10,11 +10,11 @@ from seqpar.sampling_params import SamplingParams
 class Sequence:
     request_id: str
     key: int
-    """The engine's number for it: names its generator on the sampler rank."""
+    """The engine's number for it: names it on the ranks (batch state, sampler; an unseeded
+    request's seed derives from it there)."""
     token_ids: list[int]
     """The prompt, then every generated token (appended as they come)."""
     params: SamplingParams
-    seed: int
     prompt: str | None = None
     computed: int = 0
     """Tokens whose keys and values are in the KV cache."""

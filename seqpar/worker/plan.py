@@ -14,7 +14,7 @@ encoded as one int64 tensor (`StepDelta.encode`, the control channel's payload):
     scheduled [n_scheduled x 5] key, num_tokens, num_logit_rows, new blocks, new token ids;
               then the new block ids and new token ids, request after request
     params    [byte count, pickled list of the new requests' SamplingParams, 8-byte words]
-              (only when n_new > 0; the seed resolved, so every rank sees the same one)
+              (only when n_new > 0)
 
 Applied in that order: drops, new requests, then each scheduled request appends its new blocks
 and token ids (the tokens rank 0 has and the ranks do not: decoded or draft tokens) and runs
@@ -35,7 +35,7 @@ metadata and which rank owns which logit row all derive from it the same way on 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, field, replace as dataclass_replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -52,20 +52,6 @@ def key_digest(key: int, computed: int) -> int:
     free, so both sides keep it up to date per change)."""
     return ((key + 1) * 0x9E3779B97F4A7C15 + (computed + 1) * 0xC2B2AE3D27D4EB4F
             + key * computed) % CHECKSUM_MOD
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """How the pre-rework sampler draws one row (worker/sampler.py; the sampler rank builds these
-    from the SamplingParams it holds, they are not sent)."""
-
-    key: int
-    seed: int
-    temperature: float
-    top_p: float
-    top_k: int
-    logprobs: int
-    """Top log-probabilities to return; -1: none."""
 
 
 class ChecksumMismatch(RuntimeError):
@@ -85,7 +71,7 @@ class NewRequest:
     """Tokens already in the KV cache (a prefix-cache hit), where its first step starts."""
     block_ids: list[int]
     params: object
-    """Its SamplingParams, the seed resolved."""
+    """Its SamplingParams (unseeded: the sampler seeds it from the engine's seed and the key)."""
 
 
 @dataclass
@@ -215,11 +201,8 @@ class StepWriter:
             key, end = seq.key, seq.scheduled + n
             held = self.held.get(key)
             if held is None:
-                params = seq.params
-                if params.seed != seq.seed:
-                    params = dataclass_replace(params, seed=seq.seed)
                 delta.new.append(NewRequest(key, list(seq.token_ids), seq.num_prompt_tokens,
-                                            seq.scheduled, list(seq.block_table), params))
+                                            seq.scheduled, list(seq.block_table), seq.params))
                 held = self.held[key] = _Held(seq.num_tokens, len(seq.block_table), seq.scheduled)
                 self.sent.add(key)
                 self.checksum = (self.checksum + key_digest(key, held.computed)) % CHECKSUM_MOD

@@ -26,7 +26,7 @@ from seqpar.worker.memory import PeakMemory, keep_freed_memory
 from seqpar.worker.batch import BatchState
 from seqpar.worker.plan import StepDelta, StepPlan
 from seqpar.engine.policy import measure_thresholds
-from seqpar.worker.sampler_api import Sampler, SamplerOutput
+from seqpar.worker.sampler import Sampler, SamplerOutput
 from seqpar.layers.attention import Attention
 from seqpar.models import MODELS
 
@@ -93,7 +93,7 @@ class Worker:
                                                       self.layers)
         self.model.load_weights(cfg.model_dir, cfg.quantization, cfg.gguf_file)
         self.model.eval()
-        self.sampler = Sampler() if topo.rank == topo.sampler_source else None
+        self.sampler = Sampler(cfg.seed) if topo.rank == topo.sampler_source else None
         self.sampler_keys: set[int] = set()
         """Keys the sampler holds state for (kept over a preemption, dropped when released)."""
         self.batch = BatchState(cfg.max_num_seqs, round_up(cfg.max_model_len, cfg.block_size)
@@ -336,11 +336,12 @@ def pack_sampled(out: SamplerOutput | None, rows: int, k: int) -> torch.Tensor:
     if out is None:
         return packed
     packed[:, 0] = out.tokens.cpu().double()
-    packed[:, 1] = out.logprobs.cpu().double()
+    if out.logprobs is not None:
+        packed[:, 1] = out.logprobs.cpu().double()
     if k and out.top_ids is not None:
         have = min(k, out.top_ids.shape[1])
         packed[:, 2:2 + have] = out.top_ids[:, :have].cpu().double()
-        packed[:, 2 + k:2 + k + have] = out.top_values[:, :have].cpu().double()
+        packed[:, 2 + k:2 + k + have] = out.top_logprobs[:, :have].cpu().double()
     return packed
 
 
