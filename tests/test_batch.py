@@ -27,16 +27,16 @@ def _seq(key: int, n: int, rng: random.Random) -> Sequence:
                     SamplingParams(temperature=0.0))
 
 
-def _schedule(rng, seqs, free_blocks):
-    """A random step over seqs: a chunk (or one decode token) for some, blocks handed out as
-    needed; returns (chosen, counts)."""
+def _schedule(rng, seqs, free_blocks, decode=False):
+    """A random step over seqs: a chunk (or one decode token; only those when decode) for some,
+    blocks handed out as needed; returns (chosen, counts)."""
     chosen, counts = [], []
     for seq in rng.sample(seqs, rng.randint(1, len(seqs))):
         left = seq.num_tokens - seq.scheduled
         if left == 0:
             seq.token_ids.append(rng.randrange(1000))  # "sampled" since its last step
             left = 1
-        n = rng.randint(1, left)
+        n = 1 if decode else rng.randint(1, left)
         while len(seq.block_table) * BS < seq.scheduled + n:
             seq.block_table.append(free_blocks.pop())
         chosen.append(seq)
@@ -61,8 +61,8 @@ def test_deltas_rebuild_every_step():
     rng.shuffle(free)
     live = [_seq(k, rng.randint(1, 20), rng) for k in range(4)]
     next_key = 4
-    for _ in range(60):
-        seqs, counts = _schedule(rng, live, free)
+    for step in range(60):
+        seqs, counts = _schedule(rng, live, free, decode=step % 3 == 0)
         rows = [rng.randint(0, n) for n in counts]
         want = [_expected(s, s.scheduled, n) for s, n in zip(seqs, counts)]
         draws = [s.scheduled + n == s.num_tokens for s, n in zip(seqs, counts)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.layers.attention import metadata_from
+from seqpar.layers.attention import AttentionMetadata, metadata_from
 from seqpar.worker.plan import ChecksumMismatch, StepDelta, StepPlan, batch_checksum
 
 
@@ -24,7 +24,8 @@ class HeldRequest:
     token_ids: list[int]
     """Every token id rank 0 has sent: the prompt, then decoded (or draft) tokens."""
     num_prompt_tokens: int
-    num_blocks: int
+    block_ids: list[int]
+    """Its blocks, as in its block-table row (decode steps compute their slots from this)."""
     computed: int
     """Tokens handed to steps so far (in the KV cache once those steps ran)."""
     params: object
@@ -64,7 +65,7 @@ class BatchState:
             row = self._free_rows.pop()
             self.block_table[row, :len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.int32)
             self.requests[r.key] = HeldRequest(row, r.token_ids, r.num_prompt_tokens,
-                                               len(r.block_ids), r.computed, r.params)
+                                               list(r.block_ids), r.computed, r.params)
         ids, starts, rows, draws, ends = [], [], [], [], []
         for key, n, m, blocks, tokens in zip(delta.keys, delta.num_tokens, delta.num_logit_rows,
                                              delta.new_blocks, delta.new_tokens):
@@ -72,18 +73,19 @@ class BatchState:
             if held is None:
                 raise ChecksumMismatch(f"step {delta.step} runs request {key}, not held here")
             if blocks:
-                if held.num_blocks + len(blocks) > self.block_table.shape[1]:
+                have = len(held.block_ids)
+                if have + len(blocks) > self.block_table.shape[1]:
                     raise RuntimeError(f"request {key} needs more than "
                                        f"{self.block_table.shape[1]} blocks")
-                self.block_table[held.row, held.num_blocks:held.num_blocks + len(blocks)] = (
-                    torch.tensor(blocks, dtype=torch.int32))
-                held.num_blocks += len(blocks)
+                self.block_table[held.row, have:have + len(blocks)] = torch.tensor(
+                    blocks, dtype=torch.int32)
+                held.block_ids += blocks
             held.token_ids += tokens
             start, end = held.computed, held.computed + n
-            if n < 1 or end > len(held.token_ids) or end > held.num_blocks * self.block_size:
+            if n < 1 or end > len(held.token_ids) or end > len(held.block_ids) * self.block_size:
                 raise ChecksumMismatch(
                     f"step {delta.step}: request {key} runs tokens [{start}, {end}) but this rank "
-                    f"has {len(held.token_ids)} token ids and {held.num_blocks} blocks")
+                    f"has {len(held.token_ids)} token ids and {len(held.block_ids)} blocks")
             ids += held.token_ids[start:end]
             starts.append(start)
             ends.append(end)
@@ -97,13 +99,30 @@ class BatchState:
                                    "or misapplied")
         if not rows:
             raise ValueError(f"step {delta.step} schedules no request")
-        lens = torch.tensor(delta.num_tokens)
         width = -(-max(ends) // self.block_size)
         tables = self.block_table[torch.tensor(rows), :width]  # [B, width] in row order
         decodes = next((b for b, n in enumerate(delta.num_tokens) if n != 1), len(rows))
-        meta, positions = metadata_from(torch.tensor(starts), lens, tables, self.block_size,
-                                        max(delta.num_tokens), max(ends), decodes, self.device)
+        if decodes == len(rows):
+            meta, positions = self._decode_metadata(delta.keys, starts, ends, tables)
+        else:
+            meta, positions = metadata_from(torch.tensor(starts), torch.tensor(delta.num_tokens),
+                                            tables, self.block_size, max(delta.num_tokens),
+                                            max(ends), decodes, self.device)
         plan = StepPlan(delta.sp, torch.tensor(ids, device=self.device), starts,
                         delta.num_tokens, delta.num_logit_rows, None, self.world_size,
                         self.block_size, delta.sp and delta.overlap, delta.keys, draws)
         return plan.with_metadata(positions, meta)
+
+    def _decode_metadata(self, keys: list[int], starts: list[int], ends: list[int],
+                         tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
+        """A step of one token per sequence: positions are the starts and each slot one lookup
+        in the request's block list, on the host (cheaper than metadata_from's tensor ops for
+        the B rows of a decode step)."""
+        bs, dev = self.block_size, self.device
+        slots = [self.requests[k].block_ids[p // bs] * bs + p % bs for k, p in zip(keys, starts)]
+        b = len(keys)
+        meta = AttentionMetadata(torch.tensor(slots, device=dev),
+                                 torch.arange(b + 1, dtype=torch.int32, device=dev),
+                                 torch.tensor(ends, dtype=torch.int32, device=dev),
+                                 tables.to(dev), 1, max(ends), b)
+        return meta, torch.tensor(starts, device=dev)

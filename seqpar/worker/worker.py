@@ -212,7 +212,9 @@ class Worker:
         width = self.top_logprobs(keys)
         if not keys:
             return pack_sampled(None, 0, width)
-        return pack_sampled(self.sampler.sample(logits[plan.draw_rows], keys), len(keys), width)
+        if len(keys) < logits.shape[0]:  # some rows are not drawn from (verification, prompts)
+            logits = logits[plan.draw_rows]
+        return pack_sampled(self.sampler.sample(logits, keys), len(keys), width)
 
     def top_logprobs(self, keys: list[int]) -> int:
         """K: the most top log-probabilities any of these requests asks for (0: none)."""
