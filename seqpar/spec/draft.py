@@ -1,0 +1,168 @@
+"""Draft-model proposals: a small model of the target's vocabulary, unsharded (a world-size-1
+Comm) in rank 0's process, with its own paged KV cache and block manager.
+
+Per proposal round every sequence first catches the draft's cache up with the tokens it has not
+seen (its prompt the first time; after a verification, the accepted tokens and the correction),
+which yields its first draft; then k - 1 one-token steps yield the rest, all sequences batched in
+each step. The draft's cache keeps the tokens it fed; the next round keeps of them the prefix the
+target accepted and rolls the rest back (BlockManager.truncate), so a rejected draft's KV is never
+read. When its pool is full the draft drops the cache of the sequence it used least recently
+(recomputed if that sequence proposes again), and a sequence that still finds no room proposes
+nothing that round: the draft never holds up the target.
+
+Greedy requests take the draft's argmax; sampled ones draw from the draft's distribution at the
+request's temperature with a generator of their own, and `probs` returns that distribution q per
+draft (a point mass for greedy ones) for rejection sampling (Sampler.verify).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from seqpar.config import EngineConfig, ModelConfig, round_up
+from seqpar.distributed.comm import Comm
+from seqpar.engine.block_manager import BlockManager
+from seqpar.engine.sequence import Sequence
+from seqpar.models import MODELS
+from seqpar.worker.memory import allocate_kv_pool
+from seqpar.worker.plan import StepPlan
+
+DRAFT_SEED_SALT = 0x5EED_D4AF
+"""Mixed into a request's seed for its draft generator: the draft draws its own random numbers,
+never the target sampler's."""
+
+
+@dataclass
+class DraftRequest:
+    """One sequence asking for proposals."""
+
+    key: int
+    token_ids: list[int]
+    """Its prompt and output so far (read, never changed)."""
+    temperature: float
+    seed: int
+    limit: int
+    """The most tokens to propose (k, or fewer near max_tokens / max_model_len)."""
+
+
+class DraftProposer:
+    def __init__(self, model_dir: Path, num_speculative_tokens: int, target: EngineConfig,
+                 device: torch.device | str = "cpu"):
+        self.k = num_speculative_tokens
+        self.device = torch.device(device)
+        self.cfg = ModelConfig.from_dir(model_dir)
+        self.dtype = target.torch_dtype
+        with torch.device(self.device):
+            self.model = MODELS[self.cfg.model_type](self.cfg, Comm(None, 0, 1), self.dtype,
+                                                     target.max_model_len)
+        self.model.load_weights(model_dir)
+        self.model.eval()
+        bs = target.block_size
+        # The target's pool holds every running sequence's context; the draft's holds the same
+        # plus, per sequence, its k - 1 fed drafts and a partly filled block.
+        num_blocks = target.num_blocks + target.max_num_seqs * (round_up(self.k, bs) // bs + 1)
+        self.blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+        self.kv_pool = allocate_kv_pool(self.model, num_blocks, bs, self.dtype, self.device)
+        self.states: OrderedDict[int, Sequence] = OrderedDict()
+        """Per request key, the draft's view: token_ids = what its cache holds (computed) and the
+        last draft; least recently used first."""
+        self.known: dict[int, int] = {}
+        """Per key: the target's token count at its last proposal (those tokens are final)."""
+        self.generators: dict[int, torch.Generator] = {}
+
+    def remove(self, key: int) -> None:
+        """The request ended (or will not propose again): free its draft cache."""
+        state = self.states.pop(key, None)
+        if state is not None:
+            self.blocks.release(state)
+        self.known.pop(key, None)
+        self.generators.pop(key, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Per request up to `limit` draft tokens, and q [len(drafts), V] float32: the
+        distribution each draft was drawn from."""
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        active, feeds = [], []  # request index; tokens to feed in the first round
+        for i, req in enumerate(requests):
+            if req.limit <= 0:
+                continue
+            state, start = self._catch_up(req)
+            need = len(req.token_ids) - start + req.limit - 1  # context to feed + fed drafts
+            if not self._make_room(state, need, keep={r.key for r in requests}):
+                continue
+            self.blocks.allocate(state, need)
+            active.append(i)
+            feeds.append(req.token_ids[start:])
+        for step in range(max((requests[i].limit for i in active), default=0)):
+            if step > 0:
+                active = [i for i in active if requests[i].limit > step]
+                feeds = [[drafts[i][-1]] for i in active]
+            states = [self.states[requests[i].key] for i in active]
+            logits = self.model(self._plan(states, feeds))  # [S, V] float32, one row each
+            for i, state, fed, row in zip(active, states, feeds, logits):
+                token, q = self._draw(requests[i], row)
+                state.computed += len(fed)
+                state.scheduled = state.computed
+                state.token_ids.append(token)
+                drafts[i].append(token)
+                probs[i].append(q)
+        return drafts, [torch.stack(p) if p else torch.empty(0, self.cfg.vocab_size)
+                        for p in probs]
+
+    def _catch_up(self, req: DraftRequest) -> tuple[Sequence, int]:
+        """The request's draft state with its cache rolled back to the prefix of req.token_ids it
+        holds (at most all but the last token: a round feeds at least one); returns (state,
+        tokens in its cache)."""
+        state = self.states.pop(req.key, None)
+        if state is None:
+            state = Sequence(str(req.key), req.key, [], None, req.seed)
+        self.states[req.key] = state  # most recently used last
+        ids, known = req.token_ids, min(self.known.get(req.key, 0), state.computed)
+        keep = known
+        while keep < state.computed and keep < len(ids) and state.token_ids[keep] == ids[keep]:
+            keep += 1  # a fed draft the target accepted
+        keep = min(keep, len(ids) - 1)
+        self.blocks.truncate(state, keep)
+        del state.token_ids[keep:]
+        state.token_ids.extend(ids[keep:])
+        self.known[req.key] = len(ids)
+        return state, keep
+
+    def _make_room(self, state: Sequence, tokens: int, keep: set[int]) -> bool:
+        """Free draft blocks for `tokens` more of `state`'s, dropping the caches of the least
+        recently used sequences outside this round; False when there is still no room."""
+        need = self.blocks.blocks_needed(state, tokens)
+        for key in [k for k in self.states if k not in keep]:
+            if self.blocks.can_allocate(need):
+                break
+            self.remove(key)
+        return self.blocks.can_allocate(need)
+
+    def _plan(self, states: list[Sequence], feeds: list[list[int]]) -> StepPlan:
+        """A TP step of the world-size-1 draft: each state's fed tokens after its cache, its
+        last row sampled."""
+        ids = [t for fed in feeds for t in fed]
+        return StepPlan(False, torch.tensor(ids, dtype=torch.int64, device=self.device),
+                        [s.computed for s in states], [len(f) for f in feeds],
+                        [True] * len(states), [list(s.block_table) for s in states], 1,
+                        self.blocks.block_size)
+
+    def _draw(self, req: DraftRequest, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(draft token, q [V]): the argmax and a point mass for greedy requests; for sampled
+        ones a draw from softmax(logits / temperature) with the request's draft generator."""
+        if req.temperature == 0:
+            token = int(logits.argmax())
+            q = torch.zeros_like(logits)
+            q[token] = 1.0
+            return token, q
+        gen = self.generators.get(req.key)
+        if gen is None:
+            gen = self.generators[req.key] = torch.Generator(logits.device).manual_seed(
+                req.seed ^ DRAFT_SEED_SALT)
+        q = torch.softmax(logits / req.temperature, dim=-1)
+        return int(torch.multinomial(q, 1, generator=gen)), q
