@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from models import FAMILIES, MOE_FAMILIES, build, hf_reference, valid_tp
+from models import FAMILIES, MOE_FAMILIES, build, hf_next_logprobs, hf_reference, valid_tp
 from seqpar import LLM, SamplingParams
 from seqpar.cli import main
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig, SpeculativeConfig
@@ -221,26 +221,41 @@ def target_config(model_dir, **overrides) -> EngineConfig:
                         **{**options, **overrides})
 
 
-def test_draft_greedy_proposals_follow_hf_through_rejections(tiny, tiny_root):
-    """The draft (a 1-layer model of the target's vocabulary) proposes HF's greedy continuation of
-    each context, also after the target rejected some of its drafts and appended its own token:
-    the rolled-back KV of the rejected drafts is never read."""
+@pytest.mark.parametrize("budget", [64, 7])
+def test_draft_proposals_follow_hf_through_rejections(tiny, tiny_root, budget):
+    """The draft (a 1-layer model of the target's vocabulary) proposes as HF's forward on the
+    same context says, also after the target rejected some of its drafts and appended its own
+    token, so the rolled-back KV of the rejected drafts is never read: greedy requests HF's argmax
+    (q a point mass on it), a sampled one (temperature 0.8) with q = HF's softmax(logits / 0.8) at
+    every draft. With a budget of 7 tokens per forward, catch-ups are chunked."""
     target = tiny("llama-gqa")
     draft_dir = build("llama-gqa", tiny_root, num_hidden_layers=1)
-    proposer = DraftProposer(draft_dir, 4, target_config(target))
+    proposer = DraftProposer(draft_dir, 4, target_config(target, max_num_batched_tokens=budget))
+    forwards = []
+    proposer.model.register_forward_pre_hook(lambda _, args: forwards.append(args[0].num_tokens))
     rng = random.Random(2)
     contexts = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 38))]
+    temperatures = [0.0, 0.8, 0.0]
     for round_ in range(5):
         limits = [4, 4 - round_ % 3, 4] if round_ else [4, 4, 4]
-        drafts, probs = proposer.propose([DraftRequest(i, ctx, 0.0, 0, n)
-                                          for i, (ctx, n) in enumerate(zip(contexts, limits))])
-        expected = hf_reference(draft_dir, contexts, 4)
-        for i, (ctx, n) in enumerate(zip(contexts, limits)):
-            assert drafts[i] == expected[i][0][:n], f"round {round_}, sequence {i}"
-            assert probs[i].shape == (n, 1001) and torch.all(probs[i].max(-1).values == 1)
-            # The target keeps a random prefix of the drafts, then its own (different) token.
+        drafts, probs = proposer.propose([DraftRequest(i, ctx, t, 5, n) for i, (ctx, t, n) in
+                                          enumerate(zip(contexts, temperatures, limits))])
+        for i, (ctx, t, n) in enumerate(zip(contexts, temperatures, limits)):
+            assert len(drafts[i]) == n and probs[i].shape == (n, 1001)
+            logprobs = torch.stack(hf_next_logprobs(draft_dir, [ctx + drafts[i][:j]
+                                                                for j in range(n)]))
+            if t == 0:
+                assert drafts[i] == logprobs.argmax(-1).tolist(), f"round {round_}, seq {i}"
+                assert torch.equal(probs[i], torch.eye(1001)[drafts[i]])
+            else:
+                worst = (probs[i] - torch.softmax(logprobs / t, -1)).abs().max()
+                assert worst < 1e-5, f"round {round_}: q differs from HF's by {worst:.1e}"
+            # The target keeps a random prefix of the drafts, then its own (different) token;
+            # or (sequence 2, odd rounds) decodes 3 tokens of its own, as while backing off.
             keep = rng.randint(0, n)
-            ctx.extend(drafts[i][:keep] + [rng.randrange(3, 1000)])
+            own = 3 if i == 2 and round_ % 2 else 1
+            ctx.extend(drafts[i][:keep] + [rng.randrange(3, 1000) for _ in range(own)])
+    assert max(forwards) <= budget and (budget > 18 or forwards.count(budget) > 0)
     proposer.remove(0)
     assert proposer.blocks.used == sum(len(s.block_table) for s in proposer.states.values())
     for key in list(proposer.states):

@@ -4,7 +4,8 @@ Comm) in rank 0's process, with its own paged KV cache and block manager.
 Per proposal round every sequence first catches the draft's cache up with the tokens it has not
 seen (its prompt the first time; after a verification, the accepted tokens and the correction),
 which yields its first draft; then k - 1 one-token steps yield the rest, all sequences batched in
-each step. The draft's cache keeps the tokens it fed; the next round keeps of them the prefix the
+each step, no forward longer than the target's max_num_batched_tokens (a long catch-up is
+chunked). The draft's cache keeps the tokens it fed; the next round keeps of them the prefix the
 target accepted and rolls the rest back (BlockManager.truncate), so a rejected draft's KV is never
 read. When its pool is full the draft drops the cache of the sequence it used least recently
 (recomputed if that sequence proposes again), and a sequence that still finds no room proposes
@@ -52,6 +53,8 @@ class DraftProposer:
     def __init__(self, model_dir: Path, num_speculative_tokens: int, target: EngineConfig,
                  device: torch.device | str = "cpu"):
         self.k = num_speculative_tokens
+        self.max_tokens = target.max_num_batched_tokens
+        """Tokens per draft forward, as the target's steps."""
         self.device = torch.device(device)
         self.cfg = ModelConfig.from_dir(model_dir)
         self.dtype = target.torch_dtype
@@ -87,32 +90,53 @@ class DraftProposer:
         distribution each draft was drawn from."""
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
-        active, feeds = [], []  # request index; tokens to feed in the first round
+        feeds: dict[int, list[int]] = {}  # request index -> tokens to feed before its next draft
         for i, req in enumerate(requests):
             if req.limit <= 0:
                 continue
             state, start = self._catch_up(req)
             need = len(req.token_ids) - start + req.limit - 1  # context to feed + fed drafts
-            if not self._make_room(state, need, keep={r.key for r in requests}):
-                continue
-            self.blocks.allocate(state, need)
-            active.append(i)
-            feeds.append(req.token_ids[start:])
-        for step in range(max((requests[i].limit for i in active), default=0)):
-            if step > 0:
-                active = [i for i in active if requests[i].limit > step]
-                feeds = [[drafts[i][-1]] for i in active]
-            states = [self.states[requests[i].key] for i in active]
-            logits = self.model(self._plan(states, feeds))  # [S, V] float32, one row each
-            for i, state, fed, row in zip(active, states, feeds, logits):
-                token, q = self._draw(requests[i], row)
-                state.computed += len(fed)
-                state.scheduled = state.computed
-                state.token_ids.append(token)
+            if self._make_room(state, need, keep={r.key for r in requests}):
+                self.blocks.allocate(state, need)
+                feeds[i] = req.token_ids[start:]
+        step = 0
+        while feeds:
+            for i, (token, q) in self._run(requests, feeds).items():
                 drafts[i].append(token)
                 probs[i].append(q)
+            step += 1
+            feeds = {i: [drafts[i][-1]] for i in feeds if requests[i].limit > step}
         return drafts, [torch.stack(p) if p else torch.empty(0, self.cfg.vocab_size)
                         for p in probs]
+
+    def _run(self, requests: list[DraftRequest], feeds: dict[int, list[int]]
+             ) -> dict[int, tuple[int, torch.Tensor]]:
+        """Feed each request's tokens into the draft's cache, in forwards of at most
+        max_num_batched_tokens tokens (a long catch-up is chunked), and draw one draft per
+        request after its last token: {request index: (draft, q [V])}."""
+        pending, out = dict(feeds), {}
+        while pending:
+            batch, budget = [], self.max_tokens
+            for i, tokens in pending.items():
+                if budget == 0:
+                    break
+                batch.append((i, tokens[:budget]))
+                budget -= len(batch[-1][1])
+            states = [self.states[requests[i].key] for i, _ in batch]
+            done = [len(chunk) == len(pending[i]) for i, chunk in batch]
+            logits = self.model(self._plan(states, [c for _, c in batch], done))  # [S, V]
+            rows = iter(logits)
+            for (i, chunk), state, last in zip(batch, states, done):
+                state.computed += len(chunk)
+                state.scheduled = state.computed
+                if last:
+                    token, q = self._draw(requests[i], next(rows))
+                    state.token_ids.append(token)
+                    out[i] = token, q
+                    del pending[i]
+                else:
+                    pending[i] = pending[i][len(chunk):]
+        return out
 
     def _catch_up(self, req: DraftRequest) -> tuple[Sequence, int]:
         """The request's draft state with its cache rolled back to the prefix of req.token_ids it
@@ -143,14 +167,14 @@ class DraftProposer:
             self.remove(key)
         return self.blocks.can_allocate(need)
 
-    def _plan(self, states: list[Sequence], feeds: list[list[int]]) -> StepPlan:
-        """A TP step of the world-size-1 draft: each state's fed tokens after its cache, its
-        last row sampled."""
-        ids = [t for fed in feeds for t in fed]
+    def _plan(self, states: list[Sequence], chunks: list[list[int]], sample: list[bool]
+              ) -> StepPlan:
+        """A TP step of the world-size-1 draft: each state's chunk after its cache, the last
+        row of the sequences in `sample` sampled."""
+        ids = [t for chunk in chunks for t in chunk]
         return StepPlan(False, torch.tensor(ids, dtype=torch.int64, device=self.device),
-                        [s.computed for s in states], [len(f) for f in feeds],
-                        [True] * len(states), [list(s.block_table) for s in states], 1,
-                        self.blocks.block_size)
+                        [s.computed for s in states], [len(c) for c in chunks], sample,
+                        [list(s.block_table) for s in states], 1, self.blocks.block_size)
 
     def _draw(self, req: DraftRequest, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(draft token, q [V]): the argmax and a point mass for greedy requests; for sampled
