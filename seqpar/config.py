@@ -311,9 +311,9 @@ class SpeculativeConfig:
             object.__setattr__(self, "prompt_lookup_min", low)
             object.__setattr__(self, "prompt_lookup_max", high)
         else:
-            if not self.model:
-                raise ValueError("speculative_config: method 'draft_model' needs model (the "
-                                 "draft's directory, .gguf file or alias)")
+            if not self.model or not isinstance(self.model, (str, os.PathLike)):
+                raise ValueError(f"speculative_config: method 'draft_model' needs model (the "
+                                 f"draft's directory, .gguf file or alias), got {self.model!r}")
             for name in ("prompt_lookup_min", "prompt_lookup_max"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"speculative_config: {name} is for method 'ngram', not "

@@ -55,6 +55,7 @@ def test_config_defaults_and_forms():
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0}, "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "needs method 'draft_model'"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs model"),
+    ({"model": 3, "num_speculative_tokens": 2}, "needs model .*got 3"),
     ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "prompt_lookup_max is for"),
     ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
      "draft_tensor_parallel_size=2"),
@@ -88,6 +89,13 @@ def test_engine_checks_before_start(tiny, tiny_root):
                                                                      "num_speculative_tokens": 8})
     fails_before_start("unknown method|method 'medusa'", model=target,
                        speculative_config={"method": "medusa", "num_speculative_tokens": 2})
+
+
+def test_spec_stats_are_zero_without_speculation(tiny):
+    with LLM(str(tiny("qwen2")), threads_per_rank=1, max_model_len=32) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+        assert llm.spec_stats() == {"num_drafts": 0, "num_draft_tokens": 0,
+                                    "num_accepted_tokens": 0, "mean_acceptance_length": None}
 
 
 def test_cli_flag(tiny, capsys):
