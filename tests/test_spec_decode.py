@@ -289,6 +289,16 @@ def test_draft_pool_pressure_evicts_least_recent(tiny, tiny_root):
     assert list(proposer.states) == [2, 0], "the least recently used caches make room"
 
 
+def test_draft_proposes_no_position_past_max_model_len(tiny, tiny_root):
+    target = tiny("llama-gqa")
+    draft_dir = build("llama-gqa", tiny_root, num_hidden_layers=1)
+    proposer = DraftProposer(draft_dir, 4, target_config(target, max_model_len=64))
+    contexts = [list(range(3, 66)), list(range(3, 64)), list(range(3, 67))]  # 63, 61, 64 tokens
+    drafts, _ = proposer.propose([DraftRequest(i, c, 0.0, 0, 4) for i, c in enumerate(contexts)])
+    assert [len(d) for d in drafts] == [2, 4, 1]
+    assert drafts[0] == hf_reference(draft_dir, contexts[:1], 2)[0][0]
+
+
 def assert_fits(counts: np.ndarray, expected: np.ndarray) -> None:
     """Chi-square of observed counts against probabilities (test_engine's bound, 4 sigma), the
     categories expected fewer than 5 times pooled into one, as the test needs."""

@@ -55,12 +55,13 @@ class DraftProposer:
         self.k = num_speculative_tokens
         self.max_tokens = target.max_num_batched_tokens
         """Tokens per draft forward, as the target's steps."""
+        self.max_model_len = target.max_model_len
         self.device = torch.device(device)
         self.cfg = ModelConfig.from_dir(model_dir)
         self.dtype = target.torch_dtype
         with torch.device(self.device):
             self.model = MODELS[self.cfg.model_type](self.cfg, Comm(None, 0, 1), self.dtype,
-                                                     target.max_model_len)
+                                                     self.max_model_len)
         self.model.load_weights(model_dir)
         self.model.eval()
         bs = target.block_size
@@ -91,12 +92,16 @@ class DraftProposer:
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         feeds: dict[int, list[int]] = {}  # request index -> tokens to feed before its next draft
-        for i, req in enumerate(requests):
-            if req.limit <= 0:
+        # A draft is fed at the position after the one before it: the last must stay below
+        # max_model_len, the draft's rotary table.
+        limits = [min(r.limit, self.max_model_len + 1 - len(r.token_ids)) for r in requests]
+        keys = {r.key for r in requests}
+        for i, (req, limit) in enumerate(zip(requests, limits)):
+            if limit <= 0:
                 continue
             state, start = self._catch_up(req)
-            need = len(req.token_ids) - start + req.limit - 1  # context to feed + fed drafts
-            if self._make_room(state, need, keep={r.key for r in requests}):
+            need = len(req.token_ids) - start + limit - 1  # context to feed + fed drafts
+            if self._make_room(state, need, keep=keys):
                 self.blocks.allocate(state, need)
                 feeds[i] = req.token_ids[start:]
         step = 0
@@ -105,7 +110,7 @@ class DraftProposer:
                 drafts[i].append(token)
                 probs[i].append(q)
             step += 1
-            feeds = {i: [drafts[i][-1]] for i in feeds if requests[i].limit > step}
+            feeds = {i: [drafts[i][-1]] for i in feeds if limits[i] > step}
         return drafts, [torch.stack(p) if p else torch.empty(0, self.cfg.vocab_size)
                         for p in probs]
 
