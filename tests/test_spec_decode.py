@@ -137,6 +137,18 @@ def test_ngram_matches_brute_force():
     assert proposed > 1000  # the random cases do exercise matches
 
 
+def test_ngram_keeps_each_requests_tokens_as_they_grow():
+    rng = random.Random(3)
+    proposer = NgramProposer(4, 1, 4)
+    growing = {key: [rng.randrange(4) for _ in range(rng.randint(1, 5))] for key in range(3)}
+    for _ in range(200):
+        key = rng.randrange(3)
+        growing[key] += [rng.randrange(4) for _ in range(rng.randint(1, 5))]
+        assert proposer.propose(growing[key], None, key) == brute_force_lookup(growing[key], 4, 1, 4)
+    proposer.remove(1)
+    assert set(proposer.arrays) == {0, 2}
+
+
 def test_ngram_examples():
     p = NgramProposer(3, 2, 3)
     # "7 8 9" occurs twice before the end; the most recent occurrence is followed by 4 5.

@@ -121,7 +121,7 @@ class Speculator:
         ([len(drafts), V] each; None for n-gram drafts, a point mass each)."""
         limits = [self.limit(seq) for seq in seqs]
         if self.ngram is not None:
-            return [self.ngram.propose(s.token_ids, n) if n else [] for s, n in
+            return [self.ngram.propose(s.token_ids, n, s.key) if n else [] for s, n in
                     zip(seqs, limits)], None
         return self.draft.propose([DraftRequest(s.key, s.token_ids, s.params.temperature, s.seed,
                                                 n) for s, n in zip(seqs, limits)])
@@ -138,8 +138,7 @@ class Speculator:
     def remove(self, key: int) -> None:
         """The request ended: drop its back-off state and draft cache."""
         self.backoff.remove(key)
-        if self.draft is not None:
-            self.draft.remove(key)
+        (self.ngram or self.draft).remove(key)
 
 
 def spec_stats(engine) -> dict:
