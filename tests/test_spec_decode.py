@@ -427,15 +427,16 @@ PROMPTS = [[7, 8, 9, 10] * 4 + [7, 8], [30 + i % 5 for i in range(23)], [100, 20
 
 
 def e2e_cases():
-    """Every family once, tp 1-3 and SP off / on / auto in turn, n-gram and draft in turn."""
+    """Every family once, tp 1-3 and SP off / on / auto in turn, n-gram and draft in turn; and
+    two pipeline stages once per method."""
     families = list(FAMILIES) + list(MOE_FAMILIES)
     cases = []
     for i, family in enumerate(families):
         tps = valid_tp(family)
         tp = tps[i % len(tps)]
         sp = ("off", "on", "auto")[i % 3] if tp > 1 else "off"
-        cases.append((family, tp, sp, ("ngram", "draft")[i % 2]))
-    return cases
+        cases.append((family, tp, 1, sp, ("ngram", "draft")[i % 2]))
+    return cases + [("qwen3", 1, 2, "off", "ngram"), ("llama-gqa", 1, 2, "off", "draft")]
 
 
 def spec_config(method: str, family: str, root) -> dict:
@@ -445,21 +446,38 @@ def spec_config(method: str, family: str, root) -> dict:
 
 
 @PHASE2
-@pytest.mark.parametrize("family,tp,sp,method", e2e_cases())
-def test_greedy_outputs_equal_hf(tiny, tiny_root, family, tp, sp, method):
+@pytest.mark.parametrize("family,tp,pp,sp,method", e2e_cases())
+def test_greedy_outputs_equal_hf(tiny, tiny_root, family, tp, pp, sp, method):
     model_dir = tiny(family)
-    with LLM(str(model_dir), tensor_parallel_size=tp, sequence_parallel=sp, sp_min_tokens=4,
-             threads_per_rank=1, max_model_len=64,
+    with LLM(str(model_dir), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+             sequence_parallel=sp, sp_min_tokens=4, threads_per_rank=1, max_model_len=64,
              speculative_config=spec_config(method, family, tiny_root)) as llm:
         outputs = llm.generate(PROMPTS, GREEDY)
         stats, cache, comm = llm.spec_stats(), llm.cache_stats(), llm.comm_stats()
     expected = hf_reference(model_dir, PROMPTS, GREEDY.max_tokens)
     for i, (out, (tokens, _)) in enumerate(zip(outputs, expected)):
-        assert out.token_ids == tokens, f"{family} tp={tp} sp={sp} {method}: prompt {i}"
+        assert out.token_ids == tokens, f"{family} tp={tp} pp={pp} sp={sp} {method}: prompt {i}"
     assert stats["num_draft_tokens"] > 0 and stats["num_accepted_tokens"] > 0, stats
     assert cache["used_blocks"] == 0
     if sp == "on":  # every verification step ran sequence-parallel, and was counted as such
         assert comm["steps"]["sp_verify"] > 0 and comm["steps"]["tp_verify"] == 0, comm["steps"]
+
+
+@PHASE2
+def test_engine_deltas_stream_accepted_tokens(tiny):
+    """A verification step's delta carries every token it accepted (streaming emits them as they
+    come); the deltas add up to HF's greedy tokens."""
+    model_dir = tiny("qwen2")
+    with LLM(str(model_dir), threads_per_rank=1, max_model_len=64,
+             speculative_config=NGRAM) as llm:
+        engine = llm.engine
+        engine.add_request("r", PROMPTS[0], GREEDY)
+        deltas = []
+        while engine.has_unfinished():
+            deltas += [d.token_ids for d in engine.step()]
+    expected = hf_reference(model_dir, PROMPTS[:1], GREEDY.max_tokens)[0][0]
+    assert [t for d in deltas for t in d] == expected
+    assert max(map(len, deltas)) > 1, "no step accepted a draft"
 
 
 @PHASE2
