@@ -24,7 +24,6 @@ from seqpar.worker.memory import PeakMemory, allocate_kv_pool, keep_freed_memory
 from seqpar.worker.plan import StepPlan
 from seqpar.engine.policy import measure_thresholds
 from seqpar.worker.sampler import Sampler
-from seqpar.layers.attention import Attention
 from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
