@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from seqpar.config import EngineConfig, ModelConfig, round_up
+from seqpar.config import EngineConfig, ModelConfig, ParallelConfig, round_up
 from seqpar.distributed.comm import Comm
 from seqpar.engine.block_manager import BlockManager
 from seqpar.engine.sequence import Sequence
+from seqpar.loader.resolve import gguf_source, resolve_model
 from seqpar.models import MODELS
 from seqpar.worker.memory import allocate_kv_pool
 from seqpar.worker.plan import StepPlan
@@ -50,26 +51,34 @@ class DraftRequest:
 
 
 class DraftProposer:
-    def __init__(self, model_dir: Path, num_speculative_tokens: int, target: EngineConfig,
+    def __init__(self, model: str | Path, num_speculative_tokens: int, target: EngineConfig,
                  device: torch.device | str = "cpu"):
+        """model: the draft's HF directory, .gguf file or alias. It runs in the target's dtype,
+        its weights in the format quantization "auto" picks for it (a quantized GGUF draft keeps
+        its types where the kernels are fast, as a target would)."""
         self.k = num_speculative_tokens
         self.max_tokens = target.max_num_batched_tokens
         """Tokens per draft forward, as the target's steps."""
         self.max_model_len = target.max_model_len
         self.device = torch.device(device)
-        self.cfg = ModelConfig.from_dir(model_dir)
-        self.dtype = target.torch_dtype
+        model_dir = resolve_model(model)
+        bs = target.block_size
+        cfg = EngineConfig(model_dir, ModelConfig.from_dir(model_dir), ParallelConfig(),
+                           target.dtype, target.max_model_len, target.max_num_seqs,
+                           device=target.device, block_size=bs, compile=False,
+                           quantization="auto", gguf_file=gguf_source(model))
+        # The target's pool holds every running sequence's context; the draft's holds the same
+        # plus, per sequence, its k - 1 fed drafts and a partly filled block.
+        cfg.set_num_blocks(target.num_blocks + target.max_num_seqs * (round_up(self.k, bs) // bs
+                                                                        + 1))
+        self.cfg, self.dtype = cfg.model, cfg.torch_dtype
         with torch.device(self.device):
             self.model = MODELS[self.cfg.model_type](self.cfg, Comm(None, 0, 1), self.dtype,
                                                      self.max_model_len)
-        self.model.load_weights(model_dir)
+        self.model.load_weights(model_dir, cfg.quantization, cfg.gguf_file)
         self.model.eval()
-        bs = target.block_size
-        # The target's pool holds every running sequence's context; the draft's holds the same
-        # plus, per sequence, its k - 1 fed drafts and a partly filled block.
-        num_blocks = target.num_blocks + target.max_num_seqs * (round_up(self.k, bs) // bs + 1)
-        self.blocks = BlockManager(num_blocks, bs, enable_prefix_caching=False)
-        self.kv_pool = allocate_kv_pool(self.model, num_blocks, bs, self.dtype, self.device)
+        self.blocks = BlockManager(cfg.num_blocks, bs, enable_prefix_caching=False)
+        self.kv_pool = allocate_kv_pool(self.model, cfg.num_blocks, bs, self.dtype, self.device)
         self.states: OrderedDict[int, Sequence] = OrderedDict()
         """Per request key, the draft's view: token_ids = what its cache holds (computed) and the
         last draft; least recently used first."""

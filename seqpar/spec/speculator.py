@@ -22,7 +22,6 @@ import torch
 
 from seqpar.config import EngineConfig, SpeculativeConfig
 from seqpar.engine.sequence import Sequence
-from seqpar.loader.resolve import resolve_model
 from seqpar.spec.draft import DraftProposer, DraftRequest
 from seqpar.spec.ngram import NgramProposer
 
@@ -102,7 +101,7 @@ class Speculator:
         if config.method == "ngram":
             self.ngram = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
         else:
-            self.draft = DraftProposer(resolve_model(config.model), self.k, target, device)
+            self.draft = DraftProposer(config.model, self.k, target, device)
         self.backoff = Backoff()
         self.stats = SpecStats()
 
