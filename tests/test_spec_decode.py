@@ -344,6 +344,42 @@ def test_draft_sampling_matches_the_draft_distribution(tiny, tiny_root):
     assert again == [drafts[7]], "a seeded draft must not depend on its batch"
 
 
+def test_draft_proposals_verified_keep_the_target_distribution(tiny, tiny_root):
+    """The draft's proposals and q through Sampler.verify (rejection sampling) against HF's logits
+    of the target after the prompt and after prompt + draft: the first token each of 3000 seeded
+    requests keeps follows the target's softmax(logits / T) (chi-square), drafts accepted and
+    rejected alike. A q that were not the distribution the drafts came from would bias it."""
+    from seqpar.worker.sampler import Sampler
+
+    target = tiny("mistral")
+    model = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    draft_dir = tiny_root / "mistral-perturbed"
+    if not (draft_dir / "config.json").is_file():  # a draft close to the target: accepts often
+        draft = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in draft.parameters():
+                p.add_(torch.randn_like(p), alpha=0.03)
+        draft.save_pretrained(draft_dir)
+    draws, temperature, prompt = 3000, 0.3, [5, 9, 14, 3]
+    proposer = DraftProposer(draft_dir, 1, target_config(target, max_num_seqs=draws))
+    drafts, probs = proposer.propose([DraftRequest(key, prompt, temperature, 77 + key, 1)
+                                      for key in range(draws)])
+    seen = sorted({d[0] for d in drafts})
+    with torch.no_grad():  # the target after the prompt, and after the prompt + each draft
+        after = model(torch.tensor([prompt + [t] for t in seen])).logits.float()
+    first_row, second_rows = after[0, len(prompt) - 1], dict(zip(seen, after[:, -1]))
+    sampler = Sampler(seed=0)
+    for key in range(draws):
+        sampler.add(key, SamplingParams(temperature=temperature, seed=key), prompt)
+    logits = torch.stack([row for d in drafts for row in (first_row, second_rows[d[0]])])
+    kept = sampler.verify(logits, list(range(draws)), drafts, probs)
+    accepted = sum(k[0] == d[0] for d, k in zip(drafts, kept))
+    assert 0.1 * draws < accepted < 0.9 * draws, f"{accepted} of {draws} drafts accepted"
+    assert_fits(np.bincount([k[0] for k in kept], minlength=1000),
+                reference_distribution(first_row.double().numpy(), temperature, 0, 1.0))
+
+
 # ---- back-off, statistics, server counters ----------------------------------------------------
 
 def test_backoff_pauses_a_request_whose_drafts_fail():
