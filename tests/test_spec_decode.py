@@ -296,8 +296,8 @@ def test_draft_pool_pressure_evicts_least_recent(tiny, tiny_root):
     contexts = [list(range(3, 43)), list(range(50, 90)), list(range(100, 140))]
     expected = hf_reference(draft_dir, contexts, 2)
     for i in (0, 1, 2, 0):
-        drafts, _ = proposer.propose([DraftRequest(i, contexts[i], 0.0, 0, 2)])
-        assert drafts == [expected[i][0]]
+        drafts, probs = proposer.propose([DraftRequest(i, contexts[i], 0.0, 0, 2)])
+        assert drafts == [expected[i][0]] and probs is None  # greedy drafts: no q to verify
     assert list(proposer.states) == [2, 0], "the least recently used caches make room"
 
 

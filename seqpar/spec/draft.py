@@ -13,7 +13,8 @@ nothing that round: the draft never holds up the target.
 
 Greedy requests take the draft's argmax; sampled ones draw from the draft's distribution at the
 request's temperature with a generator of their own, and `probs` returns that distribution q per
-draft (a point mass for greedy ones) for rejection sampling (Sampler.verify).
+draft (a point mass for greedy ones) for rejection sampling (Sampler.verify); None when every
+draft was greedy (verification then reads no q: no [k, V] rows built for nothing).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from seqpar.config import EngineConfig, ModelConfig, ParallelConfig, round_up
 from seqpar.distributed.comm import Comm
@@ -95,9 +97,10 @@ class DraftProposer:
         self.generators.pop(key, None)
 
     @torch.inference_mode()
-    def propose(self, requests: list[DraftRequest]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    def propose(self, requests: list[DraftRequest]
+                ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
         """Per request up to `limit` draft tokens, and q [len(drafts), V] float32: the
-        distribution each draft was drawn from."""
+        distribution each draft was drawn from (None when every draft was greedy)."""
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         feeds: dict[int, list[int]] = {}  # request index -> tokens to feed before its next draft
@@ -120,11 +123,15 @@ class DraftProposer:
                 probs[i].append(q)
             step += 1
             feeds = {i: [drafts[i][-1]] for i in feeds if limits[i] > step}
-        return drafts, [torch.stack(p) if p else torch.empty(0, self.cfg.vocab_size)
-                        for p in probs]
+        if all(q is None for qs in probs for q in qs):
+            return drafts, None
+        vocab = self.cfg.vocab_size
+        return drafts, [torch.stack(qs) if qs and qs[0] is not None else
+                        F.one_hot(torch.tensor(d, dtype=torch.int64), vocab).float()
+                        for d, qs in zip(drafts, probs)]
 
     def _run(self, requests: list[DraftRequest], feeds: dict[int, list[int]]
-             ) -> dict[int, tuple[int, torch.Tensor]]:
+             ) -> dict[int, tuple[int, torch.Tensor | None]]:
         """Feed each request's tokens into the draft's cache, in forwards of at most
         max_num_batched_tokens tokens (a long catch-up is chunked), and draw one draft per
         request after its last token: {request index: (draft, q [V])}."""
@@ -190,14 +197,12 @@ class DraftProposer:
                         [s.computed for s in states], [len(c) for c in chunks], sample,
                         [list(s.block_table) for s in states], 1, self.blocks.block_size)
 
-    def _draw(self, req: DraftRequest, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """(draft token, q [V]): the argmax and a point mass for greedy requests; for sampled
-        ones a draw from softmax(logits / temperature) with the request's draft generator."""
+    def _draw(self, req: DraftRequest, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(draft token, q [V]): the argmax (q None: a point mass on it) for greedy requests;
+        for sampled ones a draw from q = softmax(logits / temperature) with the request's draft
+        generator."""
         if req.temperature == 0:
-            token = int(logits.argmax())
-            q = torch.zeros_like(logits)
-            q[token] = 1.0
-            return token, q
+            return int(logits.argmax()), None
         gen = self.generators.get(req.key)
         if gen is None:
             gen = self.generators[req.key] = torch.Generator(logits.device).manual_seed(

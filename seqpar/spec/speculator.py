@@ -117,7 +117,8 @@ class Speculator:
 
     def propose(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[torch.Tensor] | None]:
         """Per decoding sequence its drafts ([] for none), and with a draft model q per draft
-        ([len(drafts), V] each; None for n-gram drafts, a point mass each)."""
+        ([len(drafts), V] each; None for n-gram drafts and when every draft was greedy: a point
+        mass each)."""
         limits = [self.limit(seq) for seq in seqs]
         if self.ngram is not None:
             return [self.ngram.propose(s.token_ids, n, s.key) if n else [] for s, n in
