@@ -12,7 +12,7 @@ in, an average below `min_accepted` pauses the request's proposals for `pause` o
 steps, then it tries again from a fresh average. The pause starts at FIRST_PAUSE steps and doubles
 at each back-off in a row up to MAX_PAUSE; an average that pays resets it. A request whose drafts
 are never accepted thus spends at most MIN_VERIFICATIONS verifications per MAX_PAUSE decode
-steps on speculation (2 in 130: under 2% of its steps), and a repetitive one keeps proposing.
+steps on speculation in the long run (2 in 130 steps), and a repetitive one keeps proposing.
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ MIN_VERIFICATIONS = 2
 FIRST_PAUSE = 4
 MAX_PAUSE = 128
 MIN_ACCEPTED = 0.5
-"""Default drafts a verification must accept on average to pay (a verification step measured at
-up to 1.5 decode steps keeps up at that rate)."""
+"""Default drafts a verification must accept on average to pay: at that rate a verification step
+that costs up to 1.5 decode steps (draft steps included) breaks even. An estimate, not a
+measurement: the engine can set Backoff.min_accepted from its own step times."""
 
 
 @dataclass
