@@ -48,6 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step; longer prompts are chunked (default: max model len)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                        '"prompt_lookup_max": 5}\' or \'{"model": DRAFT_DIR, '
+                        '"num_speculative_tokens": 4}\'')
 
 
 def _llm_kwargs(args) -> dict:
@@ -60,7 +65,7 @@ def _llm_kwargs(args) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_expert_parallel=args.enable_expert_parallel,
-                quantization=args.quantization)
+                quantization=args.quantization, speculative_config=args.speculative_config)
 
 
 def cmd_generate(args) -> int:
@@ -92,10 +97,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from seqpar.config import SpeculativeConfig
     from seqpar.report import support_report
 
+    kwargs = _llm_kwargs(args)
     try:
-        print(support_report(**_llm_kwargs(args)))
+        SpeculativeConfig.parse(kwargs.pop("speculative_config"))  # the plan does not depend on it
+        print(support_report(**kwargs))
     except (ValueError, FileNotFoundError) as e:
         print(f"seqpar check: {e}", file=sys.stderr)
         return 2

@@ -262,6 +262,119 @@ class ParallelConfig:
                        f"tensor_parallel_size={tp}: shared_expert_intermediate_size")
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+"""Speculative decoding's proposers: "ngram" (prompt lookup in the request's own tokens) or
+"draft_model" (a small model of the same vocabulary, seqpar/spec/draft.py)."""
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
+             "draft_tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (`speculative_config`, vLLM's names): every decoding sequence proposes
+    up to num_speculative_tokens tokens, and one target step verifies them all (seqpar/spec/)."""
+
+    method: str
+    """One of SPEC_METHODS; a config with a `model` and no method is "draft_model"."""
+    num_speculative_tokens: int
+    """k: tokens proposed per sequence and step (a verification step runs k + 1 rows of it)."""
+    prompt_lookup_min: int | None = None
+    """ngram: the shortest suffix matched (default 1)."""
+    prompt_lookup_max: int | None = None
+    """ngram: the longest suffix matched, tried first (default max(5, prompt_lookup_min))."""
+    model: str | None = None
+    """draft_model: the draft's HF directory, .gguf file or alias; its vocab must be the target's."""
+    draft_tensor_parallel_size: int = 1
+    """draft_model: the draft runs unsharded in rank 0's process; only 1 is supported."""
+
+    def __post_init__(self):
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: method {self.method!r} is not supported; "
+                             f"seqpar runs {', '.join(SPEC_METHODS)}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer >= 1, "
+                             f"got {k!r}")
+        if self.method == "ngram":
+            if self.model is not None:
+                raise ValueError(f"speculative_config: model={self.model!r} needs method "
+                                 "'draft_model'; method 'ngram' uses no second model")
+            low = 1 if self.prompt_lookup_min is None else self.prompt_lookup_min
+            high = max(5, low) if self.prompt_lookup_max is None else self.prompt_lookup_max
+            for name, value in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"speculative_config: {name} must be an integer >= 1, "
+                                     f"got {value!r}")
+            if low > high:
+                raise ValueError(f"speculative_config: prompt_lookup_min={low} exceeds "
+                                 f"prompt_lookup_max={high}")
+            object.__setattr__(self, "prompt_lookup_min", low)
+            object.__setattr__(self, "prompt_lookup_max", high)
+        else:
+            if not self.model or not isinstance(self.model, (str, os.PathLike)):
+                raise ValueError(f"speculative_config: method 'draft_model' needs model (the "
+                                 f"draft's directory, .gguf file or alias), got {self.model!r}")
+            for name in ("prompt_lookup_min", "prompt_lookup_max"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"speculative_config: {name} is for method 'ngram', not "
+                                     "'draft_model'")
+            if self.draft_tensor_parallel_size != 1:
+                raise ValueError(f"speculative_config: draft_tensor_parallel_size="
+                                 f"{self.draft_tensor_parallel_size!r}: the draft runs unsharded "
+                                 "on rank 0; only 1 is supported")
+
+    @classmethod
+    def parse(cls, value: "dict | str | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """`speculative_config` as given (a dict, its JSON text, a SpeculativeConfig or None) ->
+        a validated config or None; a ValueError names the key or value at fault."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict (or its JSON text), got "
+                             f"{type(value).__name__}")
+        unknown = sorted(set(value) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; seqpar "
+                             f"reads {', '.join(SPEC_KEYS)}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        raw = dict(value)
+        if raw.get("method") is None:
+            if raw.get("model") is None:
+                raise ValueError("speculative_config: give method ('ngram') or a draft model")
+            raw["method"] = "draft_model"
+        return cls(**raw)
+
+    def check_target(self, target: ModelConfig, max_model_len: int, max_num_batched_tokens: int,
+                     draft: ModelConfig | None = None) -> None:
+        """Raise a ValueError naming what does not fit the target engine: a verification step of
+        k + 1 rows must fit the step's token budget and a sequence; a draft model must share the
+        target's vocabulary and reach max_model_len positions."""
+        k = self.num_speculative_tokens
+        if k + 1 > min(max_num_batched_tokens, max_model_len):
+            raise ValueError(f"speculative_config: num_speculative_tokens={k} needs verification "
+                             f"steps of {k + 1} tokens per sequence; max_num_batched_tokens="
+                             f"{max_num_batched_tokens} and max_model_len={max_model_len} must "
+                             f"hold them")
+        if self.method != "draft_model":
+            return
+        if draft is None:
+            raise ValueError("speculative_config: check_target needs the draft model's config")
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config: the draft model {self.model} has vocab_size "
+                             f"{draft.vocab_size}, the target {target.vocab_size}: a draft must "
+                             "share the target's tokenizer")
+        if draft.max_position_embeddings < max_model_len:
+            raise ValueError(f"speculative_config: the draft model {self.model} has "
+                             f"max_position_embeddings={draft.max_position_embeddings}, fewer "
+                             f"than max_model_len={max_model_len}")
+
+
 KV_SHARE_OF_FREE_MEMORY = 0.25
 """CPU default KV budget: this share of the memory available at start-up, split over the ranks. A
 quarter leaves room for the weights (loaded after the budget is taken), activations and the rest

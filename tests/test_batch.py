@@ -24,7 +24,7 @@ BS = 4
 
 def _seq(key: int, n: int, rng: random.Random) -> Sequence:
     return Sequence(f"r{key}", key, [rng.randrange(1000) for _ in range(n)],
-                    SamplingParams(temperature=0.0))
+                    SamplingParams(temperature=0.0), seed=key)
 
 
 def _schedule(rng, seqs, free_blocks, decode=False):
@@ -163,7 +163,7 @@ def _logit_rows(rank, world, model_dir):
     for sp in (False, True):
         paged_kv(model, num_blocks=8, block_size=BS)
         writer, state = StepWriter(), BatchState(4, 16, BS, world, "cpu")
-        seqs = [Sequence(f"r{i}", i, list(p), SamplingParams()) for i, p in enumerate(PROMPTS)]
+        seqs = [Sequence(f"r{i}", i, list(p), SamplingParams(), 0) for i, p in enumerate(PROMPTS)]
         seqs[0].token_ids += [77, 21, 400]
         seqs[0].block_table, seqs[1].block_table = [0, 1], [2, 3]
         steps = []

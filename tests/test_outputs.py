@@ -85,7 +85,7 @@ def test_held_text_is_released_at_the_end(tokenizer):
 
 
 def _seq(request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
-    return Sequence(request_id, 0, list(prompt), params)
+    return Sequence(request_id, 0, list(prompt), params, seed=0)
 
 
 def test_processor_finish_reasons_and_prompt_logprobs(tokenizer):

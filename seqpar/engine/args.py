@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.compile.runner import check_single_stage
-from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+from seqpar.config import EngineConfig, ModelConfig, ParallelConfig, SpeculativeConfig
 from seqpar.distributed.launch import in_torchrun
 from seqpar.engine.cluster import Cluster
 from seqpar.engine.engine import Engine
@@ -52,6 +52,10 @@ class EngineArgs:
     enable_expert_parallel: bool = False
     quantization: str = "auto"
     """auto | gguf | int8 | int4 | none (config.py QUANTIZATIONS; README "Quantized weights")."""
+    speculative_config: dict | str | SpeculativeConfig | None = None
+    """Speculative decoding, vLLM's keys (config.py SpeculativeConfig): {"method": "ngram",
+    "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b} or {"model": DIR,
+    "num_speculative_tokens": k}; a dict, its JSON text, or None (off)."""
 
     def create_engine(self) -> Engine:
         """Validate everything, then start the ranks and build the engine on them. Nothing starts
@@ -59,6 +63,7 @@ class EngineArgs:
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   self.sequence_parallel, self.sp_min_tokens, self.overlap,
                                   self.shm, self.enable_expert_parallel)
+        spec = SpeculativeConfig.parse(self.speculative_config)
         if self.compile:
             check_single_stage(self.pipeline_parallel_size)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,6 +82,8 @@ class EngineArgs:
                            gpu_memory_utilization=self.gpu_memory_utilization,
                            enable_prefix_caching=self.enable_prefix_caching, compile=self.compile,
                            quantization=self.quantization, gguf_file=gguf_source(self.model))
+        if spec is not None:
+            _check_speculative(spec, cfg)
         world = parallel.world_size
         if device.startswith("cuda") and world > torch.cuda.device_count() and not in_torchrun():
             raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} needs "
@@ -97,6 +104,21 @@ class EngineArgs:
         policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
                           overlap_threshold=thresholds[1])
         return Engine(cfg, cluster, policy, tokenizer, eos_ids)
+
+
+def _check_speculative(spec: SpeculativeConfig, cfg: EngineConfig) -> None:
+    """Validate `spec` against the target engine (and read the draft's config.json) before any
+    rank starts; then refuse it: the engine does not schedule verification steps yet, and a
+    setting that silently did nothing would be worse than an error."""
+    draft = None
+    if spec.method == "draft_model":
+        try:
+            draft = ModelConfig.from_dir(resolve_model(spec.model))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"speculative_config: draft model {spec.model}: {e}") from None
+    spec.check_target(cfg.model, cfg.max_model_len, cfg.max_num_batched_tokens, draft)
+    raise ValueError("speculative_config: the settings are valid, but this engine does not run "
+                     "verification steps yet (issue 22)")
 
 
 def _thresholds(cluster: Cluster, cfg: EngineConfig, mode: str) -> tuple[int | None, int | None]:

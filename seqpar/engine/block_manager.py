@@ -114,6 +114,37 @@ class BlockManager:
                 self.keys[block], self.tokens[block] = seq.hashed_key, tokens
             seq.num_hashed += 1
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep the KV of `seq`'s first `num_tokens` tokens and drop the rest: its computed and
+        scheduled counts become num_tokens and the blocks past them go back to the free list
+        (first in line: a block past the keyed ones holds no key, and no one shares it). A
+        dropped token's slot in a kept block is overwritten before any step reads it (attention
+        reads a sequence's slots below its length only)."""
+        bs = self.block_size
+        if not seq.num_hashed * bs <= num_tokens <= seq.scheduled:
+            raise ValueError(f"truncate {seq.request_id} to {num_tokens} tokens: it has "
+                             f"{seq.scheduled} scheduled and {seq.num_hashed} keyed blocks of {bs}")
+        seq.computed = seq.scheduled = num_tokens
+        keep = round_up(num_tokens, bs) // bs
+        for block in reversed(seq.block_table[keep:]):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+        del seq.block_table[keep:]
+
+    def rollback(self, seq: Sequence, num_computed: int) -> None:
+        """After a speculative verification step: `seq` keeps the KV of its first `num_computed`
+        tokens (its context, the step's first token and the accepted drafts) and drops the
+        rejected drafts' (truncate); the full blocks of accepted tokens are keyed for the prefix
+        cache, so seq.token_ids must already hold the accepted tokens."""
+        if not seq.computed <= num_computed <= min(seq.scheduled, seq.num_tokens):
+            raise ValueError(f"rollback of {seq.request_id} to {num_computed} tokens: it has "
+                             f"{seq.computed} computed, {seq.scheduled} scheduled and "
+                             f"{seq.num_tokens} known tokens (append the accepted ones first)")
+        self.truncate(seq, num_computed)
+        self.register(seq)
+
     def release(self, seq: Sequence) -> None:
         """Drop `seq`'s blocks. A block no one holds becomes free: never-keyed blocks go to the
         front of the line to be handed out, keyed ones to the back (the tail of a sequence first,

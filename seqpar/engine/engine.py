@@ -23,6 +23,7 @@ from seqpar.engine.outputs import DeltaOutput
 from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import validate as validate_grammar
+from seqpar.worker.sampler import SEED_MIX
 from seqpar.worker.worker import unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
@@ -83,7 +84,8 @@ class Engine:
         self.check_prompt(ids)
         self.check_params(params)
         key, self._keys = self._keys, self._keys + 1
-        seq = Sequence(request_id, key, ids, params, prompt)
+        seed = params.seed if params.seed is not None else self.cfg.seed * SEED_MIX + key
+        seq = Sequence(request_id, key, ids, params, seed, prompt)
         self.requests[request_id] = seq
         self.output.add_request(seq)
         self.stats["prompt_tokens"] += len(ids)

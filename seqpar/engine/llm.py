@@ -13,6 +13,7 @@ from seqpar.engine.policy import SPPolicy
 from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.layers.quant import weight_rows
 from seqpar.sampling_params import SamplingParams
+from seqpar.spec.speculator import spec_stats
 from seqpar.worker.worker import TIMED_COLLECTIVES
 
 
@@ -164,6 +165,14 @@ class LLM:
         prefix cache), "preemptions"}."""
         self._check_open()
         return self.engine.cache_stats()
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding since start: {"num_drafts" (verifications of at least one draft),
+        "num_draft_tokens", "num_accepted_tokens", "mean_acceptance_length" (tokens a
+        verification yields on average: 1 + accepted / drafts; None before any draft)}; zeros
+        without speculative_config."""
+        self._check_open()
+        return spec_stats(self.engine)
 
     @property
     def compile_s(self) -> float:

@@ -15,6 +15,9 @@ class Sequence:
     token_ids: list[int]
     """The prompt, then every generated token (appended as they come)."""
     params: SamplingParams
+    seed: int
+    """Its seed: the params' own, or the engine's seed x SEED_MIX + key (worker/sampler.py, which
+    derives the same for an unseeded request on the sampler rank)."""
     prompt: str | None = None
     computed: int = 0
     """Tokens whose keys and values are in the KV cache."""

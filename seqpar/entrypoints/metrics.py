@@ -11,6 +11,7 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_cr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from seqpar.distributed.collectives import Collective
+from seqpar.spec.speculator import spec_stats
 
 # Seconds; fine steps below 100 ms where CPU decode steps of tiny and small models fall.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
@@ -21,6 +22,7 @@ def snapshot(engine) -> dict:
     """The engine's counters and gauges; call on the engine thread."""
     cache = engine.cache_stats()
     comm = engine.comm_stats()
+    spec = spec_stats(engine)
     return {
         "running": engine.num_running(), "waiting": engine.num_waiting(),
         "kv_usage": cache["used_blocks"] / max(cache["num_blocks"], 1),
@@ -29,6 +31,8 @@ def snapshot(engine) -> dict:
         "preemptions": cache["preemptions"], "prefix_queries": cache["prefix_queries"],
         "prefix_hits": cache["prefix_hits"],
         "sp_steps": comm["steps"]["sp"], "tp_steps": comm["steps"]["tp"],
+        "spec_draft_tokens": spec["num_draft_tokens"],
+        "spec_accepted_tokens": spec["num_accepted_tokens"],
         "comm": {op.value: comm[op.value] for op in Collective},
     }
 
@@ -64,7 +68,11 @@ class _EngineCollector:
                 ("prefix_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
                 ("prefix_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
                 ("sp_steps", "sp_steps", "Engine steps run with sequence parallelism"),
-                ("tp_steps", "tp_steps", "Engine steps run with plain tensor parallelism")):
+                ("tp_steps", "tp_steps", "Engine steps run with plain tensor parallelism"),
+                ("spec_draft_tokens", "spec_decode_num_draft_tokens",
+                 "Speculative tokens proposed and verified"),
+                ("spec_accepted_tokens", "spec_decode_num_accepted_tokens",
+                 "Speculative tokens the target accepted")):
             yield family(CounterMetricFamily, f"seqpar:{name}", doc, s[key])
         for unit in ("bytes", "calls"):
             metric = CounterMetricFamily(f"seqpar:comm_{unit}", f"Communication {unit} on rank 0, "

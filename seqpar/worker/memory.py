@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import mmap
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,6 +75,31 @@ def keep_freed_memory() -> bool:
     # then stays at 128 KiB and maps (and faults in) every large block.
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def allocate_kv_pool(model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """One KV pool for the Attention layers of `model` (a stage's, or a draft model's),
+    [layers, 2, num_blocks, block_size, kv_heads, D], allocated once; each Attention gets its
+    layer's K and V views.
+
+    Zero-filled: attention reads whole blocks and masks the slots past a sequence's end, and
+    a masked slot still multiplies its value by 0, so it must hold a number, never NaN
+    garbage. On CPU the pool is an anonymous mapping (the tensor keeps it alive): its pages read
+    as zeros for free and are only backed by memory once a block is written."""
+    from seqpar.layers.attention import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    first = attns[0]
+    shape = (len(attns), 2, num_blocks, block_size, first.num_kv_heads, first.head_dim)
+    if torch.device(device).type == "cpu":
+        mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+        pool = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
+    else:
+        pool = torch.zeros(shape, dtype=dtype, device=device)
+    for attn, layer in zip(attns, pool):
+        attn.k_cache, attn.v_cache = layer.unbind(0)
+    return pool
 
 
 class _AfterEachOp(TorchDispatchMode):

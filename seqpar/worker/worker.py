@@ -8,8 +8,6 @@ stream: on an SP step its token shard, [T_pad / N, H] each; on a TP step the ful
 from __future__ import annotations
 
 import contextlib
-import math
-import mmap
 import os
 import pickle
 import time
@@ -22,12 +20,11 @@ from seqpar.distributed.collectives import Collective
 from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
-from seqpar.worker.memory import PeakMemory, keep_freed_memory
+from seqpar.worker.memory import PeakMemory, allocate_kv_pool, keep_freed_memory
 from seqpar.worker.batch import BatchState
 from seqpar.worker.plan import StepDelta, StepPlan
 from seqpar.engine.policy import measure_thresholds
 from seqpar.worker.sampler import Sampler, SamplerOutput
-from seqpar.layers.attention import Attention
 from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
@@ -115,26 +112,9 @@ class Worker:
             dist.barrier()  # every rank loaded: a failed load surfaces here
 
     def _allocate_kv(self, num_blocks: int) -> torch.Tensor:
-        """One pool for this stage's layers, [layers, 2, num_blocks, block_size, kv_heads, D],
-        allocated once; each Attention gets its layer's K and V views.
-
-        Zero-filled: attention reads whole blocks and masks the slots past a sequence's end, and
-        a masked slot still multiplies its value by 0, so it must hold a number, never NaN
-        garbage. On CPU the pool is an anonymous mapping: its pages read as zeros for free and are
-        only backed by memory once a block is written."""
-        attns = [m for m in self.model.modules() if isinstance(m, Attention)]
-        first = attns[0]
-        shape = (len(attns), 2, num_blocks, self.cfg.block_size, first.num_kv_heads,
-                 first.head_dim)
-        dtype = self.cfg.torch_dtype
-        if self.device.type == "cpu":
-            self._kv_mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
-            pool = torch.frombuffer(self._kv_mapping, dtype=torch.uint8).view(dtype).view(shape)
-        else:
-            pool = torch.zeros(shape, dtype=dtype, device=self.device)
-        for attn, layer in zip(attns, pool):
-            attn.k_cache, attn.v_cache = layer.unbind(0)
-        return pool
+        """This stage's KV pool (memory.allocate_kv_pool), bound to its Attention layers."""
+        return allocate_kv_pool(self.model, num_blocks, self.cfg.block_size, self.cfg.torch_dtype,
+                                self.device)
 
     def _profile_num_blocks(self) -> int:
         """CUDA without a budget: blocks that fit in gpu_memory_utilization of the device after the
