@@ -9,17 +9,26 @@ A request's StructuredOutputsParams (sampling_params.py) becomes an xgrammar gra
 3. Per request, a Matcher: before each sampled token it fills the request's row of a token
    bitmask (allocate_bitmask) with the tokens the grammar allows next; apply_bitmask sets every
    other logit of those rows to -inf before greedy or sampled choice; the chosen token is then
-   accepted, advancing the grammar. Once the grammar is complete it allows only the stop tokens
-   (EOS), so a request ends there.
+   accepted, advancing the grammar (a speculative step accepts drafts tentatively and rolls the
+   rejected ones back).
+4. GrammarFactory: the sampler rank's `factory(key, params) -> Matcher | None`, with the
+   compiler built from the model directory's tokenizer the first time a request has a grammar.
+
+How a request ends: the compiler's stop tokens are the engine's EOS ids (eos_token_ids, the same
+function rank 0 uses). Once the grammar is complete its mask allows only those, so the sampler
+draws an EOS and rank 0 finishes the request with "stop" as for any EOS; nothing else needs to
+travel back. (A grammar that may end or go on, like `a+`, allows EOS beside its other tokens.)
 """
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
-from seqpar.sampling_params import StructuredOutputsParams
+from seqpar.config import ModelConfig
+from seqpar.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def _xgr():
@@ -73,13 +82,19 @@ def validate(spec: StructuredOutputsParams) -> None:
 
 class GrammarCompiler:
     """Compiles grammars against one tokenizer's vocabulary. vocab_size: the model's (its logits'
-    width, which may exceed the tokenizer's); stop_token_ids: the ids that end a request."""
+    width, which may exceed the tokenizer's: the ids past the tokenizer's are never allowed; a
+    tokenizer larger than the model has its extra ids dropped); stop_token_ids: the ids that end a
+    request, the only ones a complete grammar allows."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         xgr = _xgr()
         self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        if not self.stop_token_ids:
+            raise ValueError("structured outputs need an EOS token id to end a completed grammar; "
+                             "the model's config and tokenizer name none")
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids))
+                                                  stop_token_ids=self.stop_token_ids)
         # xgrammar's own cache: one compilation per distinct grammar text and options.
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
 
@@ -90,18 +105,29 @@ class GrammarCompiler:
                              "ebnf": c.compile_grammar})
 
     def matcher(self, spec: StructuredOutputsParams) -> Matcher:
-        return Matcher(self.compile(spec))
+        return Matcher(self.compile(spec), self.stop_token_ids)
 
 
 class Matcher:
-    """One request's place in its grammar."""
+    """One request's place in its grammar, on the sampler rank."""
 
-    def __init__(self, compiled):
-        self._m = _xgr().GrammarMatcher(compiled)
+    def __init__(self, compiled, stop_token_ids: list[int]):
+        self._m = _xgr().GrammarMatcher(compiled)  # unlimited rollback (xgrammar's default)
+        self._stop = torch.tensor(stop_token_ids)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Row `row` of bitmask [S, ceil(V / 32)] int32: bit t set where token t may come next."""
-        self._m.fill_next_token_bitmask(bitmask, row)
+        """Row `row` of bitmask [R, ceil(V / 32)] int32: bit t set where token t may come next.
+        Once terminated (a stop token accepted, e.g. tentatively, as a draft of a speculative
+        step whose later positions are still masked), the stop tokens only: a row never masks
+        every token, whose softmax would be NaN."""
+        if not self._m.is_terminated():
+            self._m.fill_next_token_bitmask(bitmask, row)
+            return
+        bitmask[row] = 0
+        words, bits = self._stop // 32, self._stop % 32
+        # [n_stop] int32 words with one bit each; stop ids sharing a word are OR-ed one by one.
+        for w, b in zip(words.tolist(), bits.tolist()):
+            bitmask[row, w] |= torch.tensor(1, dtype=torch.int32) << b
 
     def accept(self, token: int) -> None:
         """Advance past the chosen token; RuntimeError if the grammar forbids it (a token chosen
@@ -110,10 +136,53 @@ class Matcher:
             raise RuntimeError(f"token {token} breaks the request's grammar: it was chosen "
                                "without the grammar's mask")
 
-    @property
+    def try_accept(self, token: int) -> bool:
+        """Advance past a draft token if the grammar allows it; False (nothing changed) if not:
+        a speculative step stops accepting drafts tentatively there."""
+        return (not self._m.is_terminated()) and self._m.accept_token(token)
+
+    def rollback(self, n: int) -> None:
+        """Undo the last n accepted tokens (the drafts a verification rejected)."""
+        if n:
+            self._m.rollback(n)
+
     def is_terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted."""
         return self._m.is_terminated()
+
+
+class GrammarFactory:
+    """The sampler rank's grammar hook: `factory(key, params)` is the request's Matcher, or None
+    when its params have no structured_outputs.
+
+    The compiler (the tokenizer's vocabulary indexed by xgrammar, about a second for a large
+    vocabulary) is built the first time a request has a grammar, from the model directory's
+    tokenizer; its stop tokens are the engine's EOS ids (see the module docstring); compiled
+    grammars are cached, so requests with the same grammar compile it once."""
+
+    def __init__(self, model_dir: Path, model: ModelConfig):
+        self.model_dir, self.model = Path(model_dir), model
+        self._compiler: GrammarCompiler | None = None
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            # The engine's own loading: the same tokenizer and EOS ids as rank 0's.
+            from seqpar.engine.tokenizer import eos_token_ids, load_tokenizer
+
+            tokenizer = load_tokenizer(self.model_dir)
+            if tokenizer is None:  # rank 0 refuses such requests first (Engine.check_params)
+                raise ValueError(f"structured outputs need the model's tokenizer; {self.model_dir} "
+                                 "has no tokenizer files")
+            self._compiler = GrammarCompiler(
+                tokenizer, self.model.vocab_size,
+                eos_token_ids(self.model_dir, self.model, tokenizer))
+        return self._compiler
+
+    def __call__(self, key: int, params: SamplingParams) -> Matcher | None:
+        """key: the request's engine number (unused: a matcher holds its own state)."""
+        spec = params.structured_outputs
+        return None if spec is None else self.compiler.matcher(spec)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_bitmask_rows_and_masking_match_xgrammar(tokenizer, compiler):
         assert _allowed(mine[1])[token]
         ours.accept(token)
         assert theirs.accept_token(token)
-    assert ours.is_terminated
+    assert ours.is_terminated()
     with pytest.raises(RuntimeError, match="breaks the request's grammar"):
         compiler.matcher(StructuredOutputsParams(choice=CHOICE)).accept(EOS)
 
@@ -174,3 +174,131 @@ def test_masked_generation_is_always_valid(model, tokenizer, compiler, temperatu
                 ended += 1
                 assert isinstance(json.loads(_text(tokenizer, out)), dict)
         assert ended
+
+
+# ---- the sampler rank's factory --------------------------------------------------------------
+
+PADDED = 1040
+"""A logits width past the tokenizer's 1001 ids (models pad their vocab: Qwen2's 151936 logits
+for a 151665-token tokenizer)."""
+GRAMMAR = 'root ::= term ("+" term){0,3}\nterm ::= [1-9] [0-9]{0,2}'
+GRAMMAR_REGEX = r"[1-9][0-9]{0,2}(\+[1-9][0-9]{0,2}){0,3}"
+"""The EBNF grammar's language, written apart as a Python regex (the independent check)."""
+
+
+@pytest.fixture
+def factory(model):
+    import dataclasses
+
+    from seqpar.config import ModelConfig
+    from seqpar.structured_output import GrammarFactory
+
+    return GrammarFactory(model, dataclasses.replace(ModelConfig.from_dir(model),
+                                                     vocab_size=PADDED))
+
+
+def _sample_masked(matcher, temperature: float, seed: int, max_tokens: int) -> list[int]:
+    """What the sampler rank does with a matcher, on random logits [1, PADDED] whose padded ids
+    (no token of the tokenizer) would win every unmasked draw: mask, greedy or sampled choice,
+    accept; until the grammar terminates (a stop token accepted) or max_tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    bitmask = allocate_bitmask(1, PADDED)
+    out = []
+    for _ in range(max_tokens):
+        logits = 4 * torch.randn(1, PADDED, generator=gen)
+        logits[0, VOCAB:] += 100
+        matcher.fill_bitmask(bitmask, 0)
+        apply_bitmask(logits, bitmask, [0])
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(torch.softmax(logits[0] / temperature, -1), 1,
+                                          generator=gen))
+        matcher.accept(token)
+        out.append(token)
+        if matcher.is_terminated():
+            break
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_factory_matchers_make_random_logits_valid(factory, tokenizer, temperature):
+    assert factory(0, SamplingParams()) is None  # no grammar: no matcher
+    assert factory._compiler is None, "the compiler is built for the first grammar only"
+    # (spec, check of the text, bounded: must end within 120 tokens; random logits write keys
+    # and strings of a free object hundreds of tokens long: 400, and about half the samples end)
+    cases = [
+        (StructuredOutputsParams(json=SCHEMA),
+         lambda t: jsonschema.validate(_json(t), SCHEMA), True),
+        (StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
+         lambda t: isinstance(_json(t), dict) or pytest.fail(t), False),
+        (StructuredOutputsParams(regex=REGEX), lambda t: re.fullmatch(REGEX, t) or pytest.fail(t),
+         True),
+        (StructuredOutputsParams(choice=CHOICE), lambda t: t in CHOICE or pytest.fail(t), True),
+        (StructuredOutputsParams(grammar=GRAMMAR),
+         lambda t: re.fullmatch(GRAMMAR_REGEX, t) or pytest.fail(t), True),
+    ]
+    for spec, check, bounded in cases:
+        ended = 0
+        for seed in range(8):
+            out = _sample_masked(factory(seed, SamplingParams(structured_outputs=spec)),
+                                 temperature, seed, 120 if bounded else 400)
+            assert all(t < VOCAB for t in out), "a padded id got through the mask"
+            if out[-1] != EOS:
+                assert not bounded, f"{spec} did not end in 120 tokens"
+                continue
+            # The grammar ended on the engine's EOS (the config's and tokenizer's eos id): rank 0
+            # finishes the request on it as on any EOS.
+            ended += 1
+            assert EOS not in out[:-1]
+            check(_text(tokenizer, out))
+        assert ended, f"{spec}: no sample ended"
+
+
+def test_a_complete_grammar_allows_only_eos_and_rolls_back(factory, tokenizer):
+    """The speculative path: drafts accepted tentatively, a forbidden draft refused without a
+    change, rejected drafts rolled back; a terminated matcher still fills a row (EOS only), for
+    the positions after a draft EOS."""
+    matcher = factory(7, SamplingParams(structured_outputs=StructuredOutputsParams(
+        choice=["Lyon", "Paris"])))
+    bitmask = allocate_bitmask(2, PADDED)
+    paris = tokenizer("Paris")["input_ids"]
+    assert not matcher.try_accept(tokenizer("Nice")["input_ids"][0])
+    assert all(matcher.try_accept(t) for t in paris)
+    matcher.fill_bitmask(bitmask, 1)
+    assert _allowed_padded(bitmask[1]).nonzero().flatten().tolist() == [EOS]
+    assert matcher.try_accept(EOS) and matcher.is_terminated()
+    assert not matcher.try_accept(EOS)  # nothing after the end
+    bitmask[1] = -1
+    matcher.fill_bitmask(bitmask, 1)
+    assert _allowed_padded(bitmask[1]).nonzero().flatten().tolist() == [EOS]
+    matcher.rollback(len(paris) + 1)  # back to the start: "Lyon" again possible
+    lyon = tokenizer("Lyon")["input_ids"]
+    matcher.fill_bitmask(bitmask, 0)
+    assert bool(_allowed_padded(bitmask[0])[lyon[0]])
+    for t in [*lyon, EOS]:
+        matcher.accept(t)
+    assert matcher.is_terminated()
+
+
+def _json(text: str):
+    """JSON as xgrammar's JSON grammar writes it: its strings admit raw control characters
+    (U+0000-U+001F), which strict JSON forbids and random logits do pick (a model rarely)."""
+    return json.loads(text, strict=False)
+
+
+def _allowed_padded(bitmask_row: torch.Tensor) -> torch.Tensor:
+    bits = (bitmask_row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.flatten()[:PADDED].bool()
+
+
+def test_factory_needs_a_tokenizer(tmp_path):
+    from models import build
+    from seqpar.config import ModelConfig
+    from seqpar.structured_output import GrammarFactory
+
+    bare = build("llama-gqa", tmp_path)  # weights and config only
+    factory = GrammarFactory(bare, ModelConfig.from_dir(bare))
+    assert factory(0, SamplingParams()) is None
+    with pytest.raises(ValueError, match="need the model's tokenizer"):
+        factory(1, SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")))
