@@ -118,7 +118,7 @@ def test_processor_finish_reasons_and_prompt_logprobs(tokenizer):
     proc.add_request(seq)
     proc.add_prompt_logprobs(seq, 1, [{6: -1.0}, {7: -2.0}])
     proc.add_prompt_logprobs(seq, 1, [{6: -1.0}, {7: -2.0}, {8: -3.0}])  # recomputed
-    proc.add_prompt_logprobs(seq, 4, [{9: -4.0}])
+    proc.add_prompt_logprobs(seq, 4, [{9: -4.0}, {300: -9.0}])  # 5: past the prompt, dropped
     with pytest.raises(ValueError, match="from position 7 arrived before position 5"):
         proc.add_prompt_logprobs(seq, 7, [{9: -4.0}])
     seq.token_ids.append(300)
@@ -127,6 +127,40 @@ def test_processor_finish_reasons_and_prompt_logprobs(tokenizer):
     assert first.logprobs == [{300: -0.5}]
     seq.token_ids.append(301)
     assert proc.process(seq, 301, {301: -0.25}).prompt_logprobs is None
+
+    # A first token before the prompt's last logprobs: the engine's bug, said, not a short list.
+    seq = _seq("short", [5, 6, 7], SamplingParams(prompt_logprobs=0))
+    proc.add_request(seq)
+    proc.add_prompt_logprobs(seq, 1, [{6: -1.0}])
+    seq.token_ids.append(300)
+    with pytest.raises(RuntimeError, match="came with 2 of its 3 prompt logprobs"):
+        proc.process(seq, 300, None)
+
+
+def test_prompt_logprob_requests_skip_the_prefix_cache(long_model):
+    """A cached prefix has no logits: a request asking for prompt logprobs computes its whole
+    prompt (and its blocks still serve later requests)."""
+    from seqpar.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(EngineConfig(long_model, ModelConfig.from_dir(long_model),
+                                       ParallelConfig(), max_model_len=64, block_size=4,
+                                       kv_cache_memory_bytes=1 << 20))
+    prompt = list(range(5, 19))  # 14 tokens: 3 full blocks, the last token never cached
+
+    def admit(request_id: str, params: SamplingParams) -> int:
+        seq = _seq(request_id, prompt, params)
+        scheduler.add(seq)
+        [got], [n] = scheduler.schedule()
+        assert got is seq
+        seq.scheduled += n
+        scheduler.complete([seq], [n])
+        scheduler.finish(seq, "stop")
+        return n
+
+    assert admit("first", SamplingParams()) == 14
+    assert admit("cached", SamplingParams()) == 2
+    assert admit("scored", SamplingParams(prompt_logprobs=1)) == 14
+    assert admit("cached again", SamplingParams()) == 2
 
 
 def test_collector_folds_deltas_into_the_whole_output(tokenizer):
@@ -196,3 +230,7 @@ def test_what_the_engine_cannot_honour_yet_is_refused(long_model, tokenizer):
         with pytest.raises(ValueError, match=said):
             engine.add_request("r", [5, 6], params)
         assert not engine.requests
+    engine = Engine(cfg, cluster=None, policy=None, tokenizer=None, eos_ids={2})
+    with pytest.raises(ValueError, match="structured_outputs needs the model's tokenizer"):
+        engine.add_request("r", [5, 6], SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="[0-9]+")))

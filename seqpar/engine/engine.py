@@ -72,6 +72,9 @@ class Engine:
         logprobs (issue 21, after the sampler's rework), structured outputs and prompt logprobs
         at all: refused, never silently ignored."""
         if params.structured_outputs is not None:
+            if self.tokenizer is None:  # the sampler rank compiles grammars against its vocab
+                raise ValueError("structured_outputs needs the model's tokenizer; "
+                                 f"{self.cfg.model_dir} has no tokenizer files")
             validate_grammar(params.structured_outputs)
             raise ValueError("structured_outputs: the grammar is valid, but this engine's sampler "
                              "does not apply grammar masks yet")
