@@ -226,7 +226,10 @@ def test_what_the_engine_cannot_honour_yet_is_refused(long_model, tokenizer):
              "does not apply grammar masks yet"),
             (SamplingParams(structured_outputs=StructuredOutputsParams(regex="(?<=a)b")),
              "Lookbehind is not supported"),
-            (SamplingParams(prompt_logprobs=1), "does not compute prompt logprobs yet")]:
+            (SamplingParams(prompt_logprobs=1), "does not compute prompt logprobs yet"),
+            # More top tokens than any client reads: each is two columns of the sampler's rows.
+            (SamplingParams(logprobs=5000), "logprobs=5000: at most 20 top tokens"),
+            (SamplingParams(prompt_logprobs=21), "prompt_logprobs=21: at most 20")]:
         with pytest.raises(ValueError, match=said):
             engine.add_request("r", [5, 6], params)
         assert not engine.requests

@@ -41,9 +41,11 @@ class OutputProcessor:
 
     def add_prompt_logprobs(self, seq: Sequence, start: int, entries: list[Logprobs]) -> None:
         """Logprobs of prompt tokens start, start + 1, ... (one entry each, {token id: logprob}
-        of the top-k and the prompt's own token), as a prefill chunk computed them. Positions
-        already held, and positions past the prompt (a preempted request's recompute, which
-        runs its generated tokens as prompt too), are skipped."""
+        of the top-k and the prompt's own token), as a prefill chunk computed them: a chunk of
+        tokens [s, s + n) scores positions start = s + 1 .. s + n (row i predicts token
+        s + i + 1; nothing predicts position 0, held as None). Positions already held, and
+        positions past the prompt (the completing chunk's last row, which samples, and a
+        preempted request's recompute of its generated tokens), are skipped."""
         held = self.states[seq.request_id].prompt_logprobs
         skip = len(held) - start
         if skip < 0:
