@@ -40,12 +40,21 @@ def _xgr():
     return xgrammar
 
 
+MAX_JSON_WHITESPACE = 20
+"""Longest run of whitespace a JSON output may have between tokens: pretty-printed JSON (a
+newline and the indent of a few levels) fits; a model that would pad forever (a small model
+greedy on a newline) has to go on writing the value."""
+
+
 def _source(spec: StructuredOutputsParams) -> tuple[str, str, dict]:
     """(kind, text, options): kind is "json_schema", "regex" or "ebnf"."""
     if spec.json is not None or spec.json_object:
         schema = {"type": "object"} if spec.json_object else spec.json
         text = schema if isinstance(schema, str) else json.dumps(schema)
-        return "json_schema", text, {"any_whitespace": not spec.disable_any_whitespace}
+        if spec.disable_any_whitespace:
+            return "json_schema", text, {"any_whitespace": False}
+        return "json_schema", text, {"any_whitespace": True,
+                                     "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if spec.regex is not None:
         return "regex", spec.regex, {}
     if spec.choice is not None:

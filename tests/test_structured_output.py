@@ -302,3 +302,28 @@ def test_factory_needs_a_tokenizer(tmp_path):
     assert factory(0, SamplingParams()) is None
     with pytest.raises(ValueError, match="need the model's tokenizer"):
         factory(1, SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")))
+
+
+def test_json_whitespace_runs_are_bounded(factory, tokenizer):
+    """A model that loves whitespace (every whitespace-only token 30 logits up, greedy) still
+    writes the object: JSON with whitespace allowed caps each run at MAX_JSON_WHITESPACE."""
+    from seqpar.structured_output import MAX_JSON_WHITESPACE
+
+    spaces = [t for t in range(VOCAB) if (s := tokenizer.decode([t])) and not s.strip()]
+    assert len(spaces) > 10
+    matcher = factory(0, SamplingParams(structured_outputs=StructuredOutputsParams(json=SCHEMA)))
+    gen = torch.Generator().manual_seed(0)
+    bitmask = allocate_bitmask(1, PADDED)
+    out = []
+    while not matcher.is_terminated():
+        assert len(out) < 300, repr(_text(tokenizer, out))
+        logits = torch.randn(1, PADDED, generator=gen)
+        logits[0, spaces] += 30
+        matcher.fill_bitmask(bitmask, 0)
+        apply_bitmask(logits, bitmask, [0])
+        out.append(int(logits.argmax()))
+        matcher.accept(out[-1])
+    text = _text(tokenizer, out)
+    jsonschema.validate(_json(text), SCHEMA)
+    runs = re.findall(r"\s+", text)
+    assert max(map(len, runs)) <= MAX_JSON_WHITESPACE < max(map(len, runs)) + 8, runs
