@@ -118,7 +118,11 @@ class GrammarCompiler:
 
 
 class Matcher:
-    """One request's place in its grammar, on the sampler rank."""
+    """One request's place in its grammar, on the sampler rank. Per sampled row: fill_bitmask,
+    apply_bitmask, draw, accept. Per verified sequence with drafts d_0..d_k-1: for j = 0..k,
+    fill_bitmask into row j and then try_accept(d_j) (j < k; stop at the first refused draft,
+    whose masked row cannot choose it); apply, verify; rollback(the accepted drafts that the
+    verification rejected), then accept the correction or bonus token."""
 
     def __init__(self, compiled, stop_token_ids: list[int]):
         self._m = _xgr().GrammarMatcher(compiled)  # unlimited rollback (xgrammar's default)
@@ -133,10 +137,8 @@ class Matcher:
             self._m.fill_next_token_bitmask(bitmask, row)
             return
         bitmask[row] = 0
-        words, bits = self._stop // 32, self._stop % 32
-        # [n_stop] int32 words with one bit each; stop ids sharing a word are OR-ed one by one.
-        for w, b in zip(words.tolist(), bits.tolist()):
-            bitmask[row, w] |= torch.tensor(1, dtype=torch.int32) << b
+        for t in self._stop.tolist():  # stop id t is bit t % 32 of word t // 32
+            bitmask[row, t // 32] |= torch.tensor(1, dtype=torch.int32) << t % 32
 
     def accept(self, token: int) -> None:
         """Advance past the chosen token; RuntimeError if the grammar forbids it (a token chosen
@@ -164,10 +166,12 @@ class GrammarFactory:
     """The sampler rank's grammar hook: `factory(key, params)` is the request's Matcher, or None
     when its params have no structured_outputs.
 
-    The compiler (the tokenizer's vocabulary indexed by xgrammar, about a second for a large
-    vocabulary) is built the first time a request has a grammar, from the model directory's
-    tokenizer; its stop tokens are the engine's EOS ids (see the module docstring); compiled
-    grammars are cached, so requests with the same grammar compile it once."""
+    The compiler is built the first time a request has a grammar, from the model directory's
+    tokenizer: xgrammar indexes the vocabulary (0.5 s for SmolLM2's 49152 tokens), after the
+    tokenizer's load (seconds where transformers is not imported yet: the first JSON schema
+    took 6 s in all on the loaded 2-core machine). Its stop tokens are the engine's EOS ids
+    (see the module docstring). Compiled grammars are cached: a schema seen before takes 0.1 ms,
+    a new regex 10 ms."""
 
     def __init__(self, model_dir: Path, model: ModelConfig):
         self.model_dir, self.model = Path(model_dir), model
