@@ -17,8 +17,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from models import hf_reference
 from seqpar.distributed.launch import free_port
@@ -435,16 +437,40 @@ def test_echo_returns_the_prompt_first(server, model, tokenizer):
 @pytest.mark.xfail(strict=True, reason="prompt logprobs are computed on the last stage once the "
                                        "model runner does (issue 21, after the sampler rework)")
 def test_echo_logprobs_equal_hf_log_softmax(server, model, tokenizer):
+    """echo + logprobs: the prompt's tokens and logprobs (the first null) then the generated
+    token's, as OpenAI's legacy completions; a prompt of 12 tokens, so its prefill runs SP at
+    tp 2 (--sp-min-tokens 8); streamed the same; vLLM's prompt_logprobs field the same numbers."""
     from models import hf_next_logprobs
 
-    ids = [5, 17, 300, 999, 42]
+    ids = [5, 17, 300, 999, 42, 8, 9, 600, 33, 71, 12, 400]
+    refs = hf_next_logprobs(model, [ids[:i] for i in range(1, len(ids) + 1)])
+    [(_, _, [generated])] = expected(model, tokenizer, [ids], 1)
+    full = ids + [generated]
+    kwargs = dict(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = server.client.completions.create(**kwargs).choices[0].logprobs
+    chunks = list(server.client.completions.create(**kwargs, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    for got in (lp, _joined_logprobs(streamed)):
+        assert got.tokens == [tokenizer.decode([t]) for t in full]
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        assert got.token_logprobs[1:] == pytest.approx(
+            [ref[t].item() for ref, t in zip(refs, full[1:])], abs=2e-4)
+        for ref, top in zip(refs, got.top_logprobs[1:]):
+            values, indices = torch.topk(ref, 2)
+            assert list(top) == [tokenizer.decode([int(t)]) for t in indices]
+            assert list(top.values()) == pytest.approx(values.tolist(), abs=2e-4)
+
     r = server.client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0,
-                                         echo=True, logprobs=1)
-    lp = r.choices[0].logprobs
-    refs = hf_next_logprobs(model, [ids[:i] for i in range(1, len(ids))])
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[1:len(ids)] == pytest.approx(
-        [ref[t].item() for ref, t in zip(refs, ids[1:])], abs=2e-4)
+                                         extra_body={"prompt_logprobs": 0})
+    entries = r.choices[0].prompt_logprobs
+    assert entries[0] is None and [e[str(t)] for e, t in zip(entries[1:], ids[1:])] == \
+        pytest.approx([ref[t].item() for ref, t in zip(refs, ids[1:])], abs=2e-4)
+
+
+def _joined_logprobs(parts):
+    """A streamed choice's logprobs, its chunks' lists joined."""
+    return SimpleNamespace(**{f: [x for p in parts for x in getattr(p, f)]
+                              for f in ("tokens", "token_logprobs", "top_logprobs")})
 
 
 LM_EVAL_TASK = """task: seqpar_tiny
