@@ -516,9 +516,12 @@ def test_lm_eval_log_likelihood_matches_hf(server, model, tmp_path, monkeypatch)
         data=Path(__file__).parent / "data" / "lm_eval_tiny.jsonl"))
     want_acc, want = _lm_eval("hf", f"pretrained={model},dtype=float32", tmp_path)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    # add_bos_token: `hf` encodes with the tokenizer's defaults (a BOS first), local-completions
+    # without special tokens unless told; told, both score the same token sequences.
     acc, got = _lm_eval("local-completions",
                         f"model=tiny,base_url={server.url}/v1/completions,tokenizer={model},"
-                        "num_concurrent=1,max_retries=1,tokenized_requests=True", tmp_path)
+                        "num_concurrent=1,max_retries=1,tokenized_requests=True,"
+                        "add_bos_token=True", tmp_path)
     assert acc == want_acc
     assert got == pytest.approx(want, abs=2e-4)
 
