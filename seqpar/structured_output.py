@@ -114,31 +114,21 @@ class GrammarCompiler:
                              "ebnf": c.compile_grammar})
 
     def matcher(self, spec: StructuredOutputsParams) -> Matcher:
-        return Matcher(self.compile(spec), self.stop_token_ids)
+        return Matcher(self.compile(spec))
 
 
 class Matcher:
-    """One request's place in its grammar, on the sampler rank. Per sampled row: fill_bitmask,
-    apply_bitmask, draw, accept. Per verified sequence with drafts d_0..d_k-1: for j = 0..k,
-    fill_bitmask into row j and then try_accept(d_j) (j < k; stop at the first refused draft,
-    whose masked row cannot choose it); apply, verify; rollback(the accepted drafts that the
-    verification rejected), then accept the correction or bonus token."""
+    """One request's place in its grammar, on the sampler rank (worker/sampler.py drives it: per
+    row fill_bitmask, apply_bitmask, choose, accept; a verification fills one row per draft,
+    accepting drafts tentatively, and rolls back the ones it rejects)."""
 
-    def __init__(self, compiled, stop_token_ids: list[int]):
+    def __init__(self, compiled):
         self._m = _xgr().GrammarMatcher(compiled)  # unlimited rollback (xgrammar's default)
-        self._stop = torch.tensor(stop_token_ids)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Row `row` of bitmask [R, ceil(V / 32)] int32: bit t set where token t may come next.
-        Once terminated (a stop token accepted, e.g. tentatively, as a draft of a speculative
-        step whose later positions are still masked), the stop tokens only: a row never masks
-        every token, whose softmax would be NaN."""
-        if not self._m.is_terminated():
-            self._m.fill_next_token_bitmask(bitmask, row)
-            return
-        bitmask[row] = 0
-        for t in self._stop.tolist():  # stop id t is bit t % 32 of word t // 32
-            bitmask[row, t // 32] |= torch.tensor(1, dtype=torch.int32) << t % 32
+        """Row `row` of bitmask [R, ceil(V / 32)] int32: bit t set where token t may come next
+        (RuntimeError once terminated: nothing may come after the stop token)."""
+        self._m.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> None:
         """Advance past the chosen token; RuntimeError if the grammar forbids it (a token chosen
@@ -146,11 +136,6 @@ class Matcher:
         if not self._m.accept_token(token):
             raise RuntimeError(f"token {token} breaks the request's grammar: it was chosen "
                                "without the grammar's mask")
-
-    def try_accept(self, token: int) -> bool:
-        """Advance past a draft token if the grammar allows it; False (nothing changed) if not:
-        a speculative step stops accepting drafts tentatively there."""
-        return (not self._m.is_terminated()) and self._m.accept_token(token)
 
     def rollback(self, n: int) -> None:
         """Undo the last n accepted tokens (the drafts a verification rejected)."""

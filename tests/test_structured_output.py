@@ -256,23 +256,20 @@ def test_factory_matchers_make_random_logits_valid(factory, tokenizer, temperatu
 
 
 def test_a_complete_grammar_allows_only_eos_and_rolls_back(factory, tokenizer):
-    """The speculative path: drafts accepted tentatively, a forbidden draft refused without a
-    change, rejected drafts rolled back; a terminated matcher still fills a row (EOS only), for
-    the positions after a draft EOS."""
+    """How a request ends: once its grammar is complete, the mask allows the engine's EOS only
+    (rank 0 finishes on it as on any EOS). Rolled back (a verification's rejected drafts), the
+    grammar allows its other branch again."""
     matcher = factory(7, SamplingParams(structured_outputs=StructuredOutputsParams(
         choice=["Lyon", "Paris"])))
-    bitmask = allocate_bitmask(2, PADDED)
+    bitmask = allocate_bitmask(1, PADDED)
     paris = tokenizer("Paris")["input_ids"]
-    assert not matcher.try_accept(tokenizer("Nice")["input_ids"][0])
-    assert all(matcher.try_accept(t) for t in paris)
-    matcher.fill_bitmask(bitmask, 1)
-    assert _allowed_padded(bitmask[1]).nonzero().flatten().tolist() == [EOS]
-    assert matcher.try_accept(EOS) and matcher.is_terminated()
-    assert not matcher.try_accept(EOS)  # nothing after the end
-    bitmask[1] = -1
-    matcher.fill_bitmask(bitmask, 1)
-    assert _allowed_padded(bitmask[1]).nonzero().flatten().tolist() == [EOS]
-    matcher.rollback(len(paris) + 1)  # back to the start: "Lyon" again possible
+    for t in paris:
+        matcher.accept(t)
+    matcher.fill_bitmask(bitmask, 0)
+    assert _allowed_padded(bitmask[0]).nonzero().flatten().tolist() == [EOS]
+    matcher.accept(EOS)
+    assert matcher.is_terminated()
+    matcher.rollback(len(paris) + 1)  # back to the start: "Lyon" possible again
     lyon = tokenizer("Lyon")["input_ids"]
     matcher.fill_bitmask(bitmask, 0)
     assert bool(_allowed_padded(bitmask[0])[lyon[0]])
@@ -357,3 +354,66 @@ def test_llm_outputs_follow_their_grammars(model, tokenizer):
     want = hf_reference(model, [prompt], 8)[0][0]
     got = outs[-1].token_ids
     assert got == want[:len(got)] and (len(got) == 8 or got[-1] == EOS)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_sampler_masks_with_the_factory_s_matchers(factory, tokenizer, temperature):
+    """worker/sampler.py's Sampler(grammar=factory), as the sampler rank runs it: grammar rows
+    (json schema, regex, choice, EBNF) beside a plain row in every step, on random logits whose
+    padded ids would win unmasked, until each grammar row ends on EOS; then speculative
+    verification: drafts the grammar allows are kept, a forbidden one is rejected and rolled
+    back, and the request still ends valid."""
+    from seqpar.worker.sampler import Sampler
+
+    checks = {1: (StructuredOutputsParams(json=SCHEMA),
+                  lambda t: jsonschema.validate(_json(t), SCHEMA) is None),  # raises if not
+              2: (StructuredOutputsParams(regex=REGEX), lambda t: re.fullmatch(REGEX, t)),
+              3: (StructuredOutputsParams(choice=CHOICE), lambda t: t in CHOICE),
+              4: (StructuredOutputsParams(grammar=GRAMMAR),
+                  lambda t: re.fullmatch(GRAMMAR_REGEX, t))}
+    sampler = Sampler(seed=0, grammar=factory)
+    for key, (spec, _) in checks.items():
+        sampler.add(key, SamplingParams(temperature=temperature, structured_outputs=spec))
+    sampler.add(9, SamplingParams(temperature=temperature))
+    gen = torch.Generator().manual_seed(1)
+    outs, live = {key: [] for key in checks}, list(checks)
+    for _ in range(120):
+        keys = live + [9]
+        logits = 4 * torch.randn(len(keys), PADDED, generator=gen)
+        logits[:, VOCAB:] += 100
+        tokens = sampler.sample(logits, keys).tokens.tolist()
+        assert tokens[-1] >= VOCAB, "the plain row was masked"
+        for key, token in zip(live, tokens):
+            outs[key].append(token)
+        live = [key for key in live if outs[key][-1] != EOS]
+        if not live:
+            break
+    assert not live, f"{live} did not end in 120 tokens"
+    for key, (_, check) in checks.items():
+        assert check(_text(tokenizer, outs[key])), outs[key]
+
+    # Verification, greedy, the logits favouring chosen tokens. "Paris" EOS: both kept (EOS
+    # completes the grammar: no final token). "L" "y" "on" EOS under choice Lyon | Ly, the
+    # logits choosing EOS after "Ly": "on" and EOS, accepted tentatively, are rolled back, and
+    # EOS ends "Ly". "N"...: rejected at once for a token the grammar allows.
+    def choice(*options):
+        return SamplingParams(temperature=0,
+                              structured_outputs=StructuredOutputsParams(choice=list(options)))
+
+    paris, lyon = [*tokenizer("Paris")["input_ids"], EOS], [*tokenizer("Lyon")["input_ids"], EOS]
+    nice = tokenizer("Nice")["input_ids"]
+    sampler.add(5, choice(*CHOICE))
+    sampler.add(6, choice("Lyon", "Ly"))
+    sampler.add(7, choice(*CHOICE))
+    favoured = [*paris, 0, *lyon[:2], EOS, 0, 0, *nice, 0]
+    logits = torch.randn(len(favoured), PADDED, generator=gen)
+    logits[torch.arange(len(favoured)), favoured] += 50
+    kept, ly, corrected = sampler.verify(logits, [5, 6, 7], [paris, lyon, nice])
+    assert kept == paris and ly == [*lyon[:2], EOS]
+    assert _text(tokenizer, ly) == "Ly"
+    assert corrected[0] != nice[0] and len(corrected) == 1
+    out = corrected
+    while out[-1] != EOS:
+        out += sampler.sample(torch.randn(1, PADDED, generator=gen), [7]).tokens.tolist()
+        assert len(out) < 20
+    assert _text(tokenizer, out) in CHOICE
