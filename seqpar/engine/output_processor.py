@@ -39,19 +39,19 @@ class OutputProcessor:
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def add_prompt_logprobs(self, seq: Sequence, start: int, entries: list[Logprobs]) -> None:
-        """Logprobs of prompt tokens start, start + 1, ... (one entry each, {token id: logprob}
-        of the top-k and the prompt's own token), as a prefill chunk computed them: a chunk of
-        tokens [s, s + n) scores positions start = s + 1 .. s + n (row i predicts token
-        s + i + 1; nothing predicts position 0, held as None). Positions already held, and
-        positions past the prompt (the completing chunk's last row, which samples, and a
-        preempted request's recompute of its generated tokens), are skipped."""
+    def add_prompt_logprobs(self, seq: Sequence, first_pos: int,
+                            entries: list[Logprobs | None]) -> None:
+        """One prefill chunk's prompt logprobs, as Sampler.prompt_logprobs returns them for the
+        chunk's rows from prompt position first_pos: entries for positions first_pos + 1, ...
+        ({token id: logprob} of the top-k and the prompt's own token), led by None for position
+        0 when first_pos is 0. Positions already held (a preempted request's recompute) are
+        skipped."""
         held = self.states[seq.request_id].prompt_logprobs
-        skip = len(held) - start
-        if skip < 0:
+        start = 0 if first_pos == 0 else first_pos + 1  # the position of entries[0]
+        if start > len(held):
             raise ValueError(f"request {seq.request_id!r}: prompt logprobs from position {start} "
                              f"arrived before position {len(held)}")
-        held += entries[skip:max(skip, seq.num_prompt_tokens - start)]
+        held += entries[len(held) - start:]
 
     def process(self, seq: Sequence, token: int, logprob: Logprobs | None) -> DeltaOutput:
         """The delta for `token`, just appended to seq.token_ids, and whether it ends seq: the
