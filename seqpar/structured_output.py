@@ -9,17 +9,26 @@ A request's StructuredOutputsParams (sampling_params.py) becomes an xgrammar gra
 3. Per request, a Matcher: before each sampled token it fills the request's row of a token
    bitmask (allocate_bitmask) with the tokens the grammar allows next; apply_bitmask sets every
    other logit of those rows to -inf before greedy or sampled choice; the chosen token is then
-   accepted, advancing the grammar. Once the grammar is complete it allows only the stop tokens
-   (EOS), so a request ends there.
+   accepted, advancing the grammar (a speculative step accepts drafts tentatively and rolls the
+   rejected ones back).
+4. GrammarFactory: the sampler rank's `factory(key, params) -> Matcher | None`, with the
+   compiler built from the model directory's tokenizer the first time a request has a grammar.
+
+How a request ends: the compiler's stop tokens are the engine's EOS ids (eos_token_ids, the same
+function rank 0 uses). Once the grammar is complete its mask allows only those, so the sampler
+draws an EOS and rank 0 finishes the request with "stop" as for any EOS; nothing else needs to
+travel back. (A grammar that may end or go on, like `a+`, allows EOS beside its other tokens.)
 """
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 
-from seqpar.sampling_params import StructuredOutputsParams
+from seqpar.config import ModelConfig
+from seqpar.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def _xgr():
@@ -31,12 +40,21 @@ def _xgr():
     return xgrammar
 
 
+MAX_JSON_WHITESPACE = 20
+"""Longest run of whitespace a JSON output may have between tokens: pretty-printed JSON (a
+newline and the indent of a few levels) fits; a model that would pad forever (a small model
+greedy on a newline) has to go on writing the value."""
+
+
 def _source(spec: StructuredOutputsParams) -> tuple[str, str, dict]:
     """(kind, text, options): kind is "json_schema", "regex" or "ebnf"."""
     if spec.json is not None or spec.json_object:
         schema = {"type": "object"} if spec.json_object else spec.json
         text = schema if isinstance(schema, str) else json.dumps(schema)
-        return "json_schema", text, {"any_whitespace": not spec.disable_any_whitespace}
+        if spec.disable_any_whitespace:
+            return "json_schema", text, {"any_whitespace": False}
+        return "json_schema", text, {"any_whitespace": True,
+                                     "max_whitespace_cnt": MAX_JSON_WHITESPACE}
     if spec.regex is not None:
         return "regex", spec.regex, {}
     if spec.choice is not None:
@@ -73,13 +91,19 @@ def validate(spec: StructuredOutputsParams) -> None:
 
 class GrammarCompiler:
     """Compiles grammars against one tokenizer's vocabulary. vocab_size: the model's (its logits'
-    width, which may exceed the tokenizer's); stop_token_ids: the ids that end a request."""
+    width, which may exceed the tokenizer's: the ids past the tokenizer's are never allowed; a
+    tokenizer larger than the model has its extra ids dropped); stop_token_ids: the ids that end a
+    request, the only ones a complete grammar allows."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids):
         xgr = _xgr()
         self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        if not self.stop_token_ids:
+            raise ValueError("structured outputs need an EOS token id to end a completed grammar; "
+                             "the model's config and tokenizer name none")
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids))
+                                                  stop_token_ids=self.stop_token_ids)
         # xgrammar's own cache: one compilation per distinct grammar text and options.
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
 
@@ -94,13 +118,16 @@ class GrammarCompiler:
 
 
 class Matcher:
-    """One request's place in its grammar."""
+    """One request's place in its grammar, on the sampler rank (worker/sampler.py drives it: per
+    row fill_bitmask, apply_bitmask, choose, accept; a verification fills one row per draft,
+    accepting drafts tentatively, and rolls back the ones it rejects)."""
 
     def __init__(self, compiled):
-        self._m = _xgr().GrammarMatcher(compiled)
+        self._m = _xgr().GrammarMatcher(compiled)  # unlimited rollback (xgrammar's default)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Row `row` of bitmask [S, ceil(V / 32)] int32: bit t set where token t may come next."""
+        """Row `row` of bitmask [R, ceil(V / 32)] int32: bit t set where token t may come next
+        (RuntimeError once terminated: nothing may come after the stop token)."""
         self._m.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> None:
@@ -110,10 +137,50 @@ class Matcher:
             raise RuntimeError(f"token {token} breaks the request's grammar: it was chosen "
                                "without the grammar's mask")
 
-    @property
+    def rollback(self, n: int) -> None:
+        """Undo the last n accepted tokens (the drafts a verification rejected)."""
+        if n:
+            self._m.rollback(n)
+
     def is_terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted."""
         return self._m.is_terminated()
+
+
+class GrammarFactory:
+    """The sampler rank's grammar hook: `factory(key, params)` is the request's Matcher, or None
+    when its params have no structured_outputs.
+
+    The compiler is built the first time a request has a grammar, from the model directory's
+    tokenizer: xgrammar indexes the vocabulary (0.5 s for SmolLM2's 49152 tokens), after the
+    tokenizer's load (seconds where transformers is not imported yet: the first JSON schema
+    took 6 s in all on the loaded 2-core machine). Its stop tokens are the engine's EOS ids
+    (see the module docstring). Compiled grammars are cached: a schema seen before takes 0.1 ms,
+    a new regex 10 ms."""
+
+    def __init__(self, model_dir: Path, model: ModelConfig):
+        self.model_dir, self.model = Path(model_dir), model
+        self._compiler: GrammarCompiler | None = None
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            # The engine's own loading: the same tokenizer and EOS ids as rank 0's.
+            from seqpar.engine.tokenizer import eos_token_ids, load_tokenizer
+
+            tokenizer = load_tokenizer(self.model_dir)
+            if tokenizer is None:  # rank 0 refuses such requests first (Engine.check_params)
+                raise ValueError(f"structured outputs need the model's tokenizer; {self.model_dir} "
+                                 "has no tokenizer files")
+            self._compiler = GrammarCompiler(
+                tokenizer, self.model.vocab_size,
+                eos_token_ids(self.model_dir, self.model, tokenizer))
+        return self._compiler
+
+    def __call__(self, key: int, params: SamplingParams) -> Matcher | None:
+        """key: the request's engine number (unused: a matcher holds its own state)."""
+        spec = params.structured_outputs
+        return None if spec is None else self.compiler.matcher(spec)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

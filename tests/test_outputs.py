@@ -88,7 +88,7 @@ def _seq(request_id: str, prompt: list[int], params: SamplingParams) -> Sequence
     return Sequence(request_id, 0, list(prompt), params, seed=0)
 
 
-def test_processor_finish_reasons_and_prompt_logprobs(tokenizer):
+def test_processor_finish_reasons(tokenizer):
     proc = OutputProcessor(tokenizer, eos_ids={2}, max_model_len=8)
     stop_ids = tokenizer(" the Paris the")["input_ids"]
     cases = {  # request id -> (params, tokens it gets, expected finish reason, tokens it keeps)
@@ -112,21 +112,78 @@ def test_processor_finish_reasons_and_prompt_logprobs(tokenizer):
         assert rid not in proc.states  # dropped when it finished
     assert "".join(d.text for d in deltas) == " the "  # the stop string and after: cut
 
-    # Prompt logprobs come per prefill chunk (a recompute may send positions again) and leave
-    # whole, in the first delta: None for the first prompt token.
-    seq = _seq("p", [5, 6, 7, 8, 9], SamplingParams(max_tokens=2, prompt_logprobs=1))
+
+
+def test_prompt_logprobs_from_the_sampler_s_chunks(long_model, tokenizer):
+    """Rank 0's glue: each prefill chunk's rows through Sampler.prompt_logprobs (the sampler
+    rank's) into add_prompt_logprobs, in chunks of 4, 3 and the rest, the first two computed
+    twice (a preemption's recompute); the first delta holds the whole prompt's, None first, then
+    HF transformers' log-softmax of each prefix (separate forwards) at the prompt token and the
+    top 2."""
+    import torch
+
+    from models import _hf_model, hf_next_logprobs
+    from seqpar.worker.sampler import Sampler
+
+    prompt = [5, 17, 300, 999, 42, 8, 9, 600, 33, 71, 12]
+    with torch.no_grad():  # the full-vocab rows the last stage would hand the sampler: [11, V]
+        rows = _hf_model(long_model)(torch.tensor([prompt])).logits[0].float()
+    params = SamplingParams(max_tokens=2, prompt_logprobs=2)
+    sampler = Sampler()
+    sampler.add(0, params, prompt)
+    proc = OutputProcessor(tokenizer, eos_ids={2}, max_model_len=64)
+    seq = _seq("p", prompt, params)
     proc.add_request(seq)
-    proc.add_prompt_logprobs(seq, 1, [{6: -1.0}, {7: -2.0}])
-    proc.add_prompt_logprobs(seq, 1, [{6: -1.0}, {7: -2.0}, {8: -3.0}])  # recomputed
-    proc.add_prompt_logprobs(seq, 4, [{9: -4.0}])
-    with pytest.raises(ValueError, match="from position 7 arrived before position 5"):
-        proc.add_prompt_logprobs(seq, 7, [{9: -4.0}])
+    for start, end in [(0, 4), (4, 7), (0, 4), (4, 7), (7, 11)]:
+        proc.add_prompt_logprobs(seq, start, sampler.prompt_logprobs(rows[start:end], 0, start))
+    with pytest.raises(ValueError, match="from position 12 arrived before position 11"):
+        proc.add_prompt_logprobs(seq, 11, [{9: -4.0}])
     seq.token_ids.append(300)
     first = proc.process(seq, 300, {300: -0.5})
-    assert first.prompt_logprobs == [None, {6: -1.0}, {7: -2.0}, {8: -3.0}, {9: -4.0}]
-    assert first.logprobs == [{300: -0.5}]
+    assert first.logprobs == [{300: -0.5}] and first.prompt_logprobs[0] is None
+    refs = hf_next_logprobs(long_model, [prompt[:i] for i in range(1, len(prompt))])
+    assert len(first.prompt_logprobs) == len(prompt)
+    for ref, token, entry in zip(refs, prompt[1:], first.prompt_logprobs[1:]):
+        top = torch.topk(ref, 2)
+        want = {**dict(zip(top.indices.tolist(), top.values.tolist())), token: ref[token].item()}
+        assert entry.keys() == want.keys()
+        assert [entry[t] for t in want] == pytest.approx(list(want.values()), abs=1e-4)
     seq.token_ids.append(301)
     assert proc.process(seq, 301, {301: -0.25}).prompt_logprobs is None
+
+    # A first token before the prompt's last logprobs: the engine's bug, said, not a short list.
+    seq = _seq("short", [5, 6, 7], SamplingParams(prompt_logprobs=0))
+    proc.add_request(seq)
+    proc.add_prompt_logprobs(seq, 0, [None, {6: -1.0}])
+    seq.token_ids.append(300)
+    with pytest.raises(RuntimeError, match="came with 2 of its 3 prompt logprobs"):
+        proc.process(seq, 300, None)
+
+
+def test_prompt_logprob_requests_skip_the_prefix_cache(long_model):
+    """A cached prefix has no logits: a request asking for prompt logprobs computes its whole
+    prompt (and its blocks still serve later requests)."""
+    from seqpar.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(EngineConfig(long_model, ModelConfig.from_dir(long_model),
+                                       ParallelConfig(), max_model_len=64, block_size=4,
+                                       kv_cache_memory_bytes=1 << 20))
+    prompt = list(range(5, 19))  # 14 tokens: 3 full blocks, the last token never cached
+
+    def admit(request_id: str, params: SamplingParams) -> int:
+        seq = _seq(request_id, prompt, params)
+        scheduler.add(seq)
+        [got], [n] = scheduler.schedule()
+        assert got is seq
+        seq.scheduled += n
+        scheduler.complete([seq], [n])
+        scheduler.finish(seq, "stop")
+        return n
+
+    assert admit("first", SamplingParams()) == 14
+    assert admit("cached", SamplingParams()) == 2
+    assert admit("scored", SamplingParams(prompt_logprobs=1)) == 14
+    assert admit("cached again", SamplingParams()) == 2
 
 
 def test_collector_folds_deltas_into_the_whole_output(tokenizer):
@@ -192,7 +249,14 @@ def test_what_the_engine_cannot_honour_yet_is_refused(long_model, tokenizer):
              "does not apply grammar masks yet"),
             (SamplingParams(structured_outputs=StructuredOutputsParams(regex="(?<=a)b")),
              "Lookbehind is not supported"),
-            (SamplingParams(prompt_logprobs=1), "does not compute prompt logprobs yet")]:
+            (SamplingParams(prompt_logprobs=1), "does not compute prompt logprobs yet"),
+            # More top tokens than any client reads: each is two columns of the sampler's rows.
+            (SamplingParams(logprobs=5000), "logprobs=5000: at most 20 top tokens"),
+            (SamplingParams(prompt_logprobs=21), "prompt_logprobs=21: at most 20")]:
         with pytest.raises(ValueError, match=said):
             engine.add_request("r", [5, 6], params)
         assert not engine.requests
+    engine = Engine(cfg, cluster=None, policy=None, tokenizer=None, eos_ids={2})
+    with pytest.raises(ValueError, match="structured_outputs needs the model's tokenizer"):
+        engine.add_request("r", [5, 6], SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex="[0-9]+")))

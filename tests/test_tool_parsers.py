@@ -60,6 +60,11 @@ CASES = [
                                                                '{"a": 1', []),
     (RequiredFunctions, '[{"name": "add", "parameters": {"a": 5, "b": 6}}]',
      "", [("add", {"a": 5, "b": 6})]),
+    # Cut short by max_tokens while adding calls: the calls completed before the cut.
+    (RequiredFunctions, '[{"name": "add", "parameters": {"a": 5, "b": 6}},\n {"name": "add", '
+                        '"parameters": {"a": 7, "b": 8}}, {"name": "add", "param',
+     "", [("add", {"a": 5, "b": 6}), ("add", {"a": 7, "b": 8})]),
+    (RequiredFunctions, '[{"name": "add", "param', '[{"name": "add", "param', []),
     (lambda: NamedFunction("add"), '{"a": 7, "b": 8}', "", [("add", {"a": 7, "b": 8})]),
 ]
 

@@ -106,7 +106,7 @@ TOOL_CALL_TURN = (" Let me check.", "<tool_call>", '{"name": "get_weather", "arg
 """What build_tool_caller's model writes after <|assistant|>, one added token each, then EOS."""
 
 
-def build_tool_caller(root: Path) -> Path:
+def build_tool_caller(root: Path, **overrides) -> Path:
     """A checkpoint made to write a Hermes tool call: build_with_bytelevel_tokenizer's model with
     TOOL_CALL_TURN's pieces as whole tokens, its attention and MLP outputs zeroed (o_proj,
     down_proj), so the last hidden state is the current token's embedding, and its LM head set
@@ -115,7 +115,7 @@ def build_tool_caller(root: Path) -> Path:
     import torch
     import transformers
 
-    out = build_with_bytelevel_tokenizer("llama-gqa", root, added=TOOL_CALL_TURN)
+    out = build_with_bytelevel_tokenizer("llama-gqa", root, added=TOOL_CALL_TURN, **overrides)
     if (out / "tool_caller").is_file():
         return out
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

@@ -28,6 +28,11 @@ from seqpar.worker.worker import unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 
+MAX_LOGPROBS = 20
+"""Most top tokens a request may ask per position, generated or prompt (vLLM's default
+max_logprobs, OpenAI's top_logprobs limit): each is two more columns of every sampled row."""
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, cluster: Cluster, policy: SPPolicy, tokenizer,
                  eos_ids: set[int]):
@@ -63,11 +68,19 @@ class Engine:
             raise ValueError(f"{what}: token id {bad[0]} is outside the vocab (size {vocab})")
 
     def check_params(self, params: SamplingParams) -> None:
-        """ValueError for settings this engine cannot honour: a grammar xgrammar cannot build;
-        and, until the sampler rank applies grammar masks and the last stage computes prompt
+        """ValueError for settings this engine cannot honour, its message beginning with the
+        field's name: more than MAX_LOGPROBS top tokens, a grammar xgrammar cannot build; and,
+        until the sampler rank applies grammar masks and the last stage computes prompt
         logprobs (issue 21, after the sampler's rework), structured outputs and prompt logprobs
         at all: refused, never silently ignored."""
+        for field in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, field)
+            if k is not None and k > MAX_LOGPROBS:
+                raise ValueError(f"{field}={k}: at most {MAX_LOGPROBS} top tokens per position")
         if params.structured_outputs is not None:
+            if self.tokenizer is None:  # the sampler rank compiles grammars against its vocab
+                raise ValueError("structured_outputs needs the model's tokenizer; "
+                                 f"{self.cfg.model_dir} has no tokenizer files")
             validate_grammar(params.structured_outputs)
             raise ValueError("structured_outputs: the grammar is valid, but this engine's sampler "
                              "does not apply grammar masks yet")

@@ -39,16 +39,19 @@ class OutputProcessor:
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def add_prompt_logprobs(self, seq: Sequence, start: int, entries: list[Logprobs]) -> None:
-        """Logprobs of prompt tokens start, start + 1, ... (one entry each, {token id: logprob}
-        of the top-k and the prompt's own token), as a prefill chunk computed them. Positions
-        already held (a preempted request's recompute) are skipped."""
+    def add_prompt_logprobs(self, seq: Sequence, first_pos: int,
+                            entries: list[Logprobs | None]) -> None:
+        """One prefill chunk's prompt logprobs, as Sampler.prompt_logprobs returns them for the
+        chunk's rows from prompt position first_pos: entries for positions first_pos + 1, ...
+        ({token id: logprob} of the top-k and the prompt's own token), led by None for position
+        0 when first_pos is 0. Positions already held (a preempted request's recompute) are
+        skipped."""
         held = self.states[seq.request_id].prompt_logprobs
-        skip = len(held) - start
-        if skip < 0:
+        start = 0 if first_pos == 0 else first_pos + 1  # the position of entries[0]
+        if start > len(held):
             raise ValueError(f"request {seq.request_id!r}: prompt logprobs from position {start} "
                              f"arrived before position {len(held)}")
-        held += entries[skip:]
+        held += entries[len(held) - start:]
 
     def process(self, seq: Sequence, token: int, logprob: Logprobs | None) -> DeltaOutput:
         """The delta for `token`, just appended to seq.token_ids, and whether it ends seq: the
@@ -68,6 +71,12 @@ class OutputProcessor:
         if state.first:
             state.first = False
             prompt_logprobs = state.prompt_logprobs
+            if prompt_logprobs is not None and len(prompt_logprobs) != seq.num_prompt_tokens:
+                # The step that samples the first token carries the prompt's last rows: the
+                # engine adds them before this token (a bug otherwise, never a short answer).
+                raise RuntimeError(f"request {seq.request_id!r}: its first token came with "
+                                   f"{len(prompt_logprobs)} of its {seq.num_prompt_tokens} "
+                                   "prompt logprobs")
         if reason is not None:
             del self.states[seq.request_id]
         return DeltaOutput(seq.request_id, [token],

@@ -76,7 +76,8 @@ class Scheduler:
         while (not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs
                and len(seqs) < limit):
             seq = self.waiting[0]
-            cached = self.blocks.match(seq)
+            # Prompt logprobs need every prompt row's logits: a cached prefix would skip them.
+            cached = [] if seq.params.prompt_logprobs is not None else self.blocks.match(seq)
             n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
             if not self.blocks.can_admit(cached, n):
                 break

@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -117,12 +118,12 @@ class Server:
 
     def check_params(self, params: SamplingParams, fields: dict[str, str]) -> None:
         """What the engine cannot honour (a grammar xgrammar cannot build...) as a 400 naming
-        the request's field: fields maps "structured_outputs" / "prompt_logprobs" to it."""
+        the request's field: fields maps the SamplingParams field the engine's message begins
+        with ("structured_outputs", "logprobs", "prompt_logprobs") to the request's."""
         try:
             self.engine.check_params(params)
         except ValueError as e:
-            culprit = "structured_outputs" if params.structured_outputs is not None \
-                else "prompt_logprobs"
+            culprit = re.match(r"\w*", str(e)).group()
             raise APIError(400, str(e), param=fields.get(culprit, culprit)) from e
 
     async def submit(self, requests: list[EngineRequest]):
@@ -458,7 +459,8 @@ def build_app(server: Server, api_key: str | None) -> FastAPI:
         grammar, grammar_field = _structured(body, tool_choice_constraint(tools, tool_choice))
         params = _sampling(body, server.check_length(ids, asked, field), k,
                            structured_outputs=grammar)
-        server.check_params(params, {"structured_outputs": grammar_field})
+        server.check_params(params, {"structured_outputs": grammar_field,
+                                     "logprobs": "top_logprobs"})
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = _engine_requests(request_id, [(None, ids)], [params], body.n)
         stream = await server.submit(requests)

@@ -169,7 +169,9 @@ class NamedFunction(_Calls):
 
 
 class RequiredFunctions(_Calls):
-    """The output is a JSON array of {"name", "parameters"} (forced by the grammar), parsed whole."""
+    """The output is a JSON array of {"name", "parameters"} (forced by the grammar), parsed whole;
+    cut short (max_tokens), the calls it completed before the cut (a model may go on adding
+    calls), or the text as it is when it completed none."""
 
     def __init__(self):
         super().__init__()
@@ -181,14 +183,27 @@ class RequiredFunctions(_Calls):
 
     def finish(self) -> tuple[str, list[P.DeltaToolCall]]:
         text = "".join(self.pieces)
-        try:
-            calls = json.loads(text)
-        except json.JSONDecodeError:
-            return text, []  # cut short (max_tokens): the text as it is
         deltas = []
-        for call in calls if isinstance(calls, list) else []:
-            deltas += self.whole(call.get("name"), call.get("parameters", {})) or []
+        for call in _array_items(text):
+            if isinstance(call, dict):
+                deltas += self.whole(call.get("name"), call.get("parameters", {})) or []
         return ("", deltas) if deltas else (text, [])
+
+
+def _array_items(text: str) -> list:
+    """The complete items of a JSON array, whole or cut short anywhere. Raw control characters
+    in strings are read (xgrammar's JSON grammar lets them through; strict JSON refuses them)."""
+    decoder, items = json.JSONDecoder(strict=False), []
+    pos = text.find("[") + 1
+    while pos:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # the closing "]", or an item the cut left open
+            break
+        items.append(item)
+    return items
 
 
 def extractor(tool_choice, parser: str | None):
