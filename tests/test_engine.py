@@ -1,7 +1,6 @@
 """Engine behaviour: collective accounting per mode, the auto policy, sampling against an
 independent reference of the distribution, logprobs against HF transformers."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 from models import hf_next_logprobs
 from seqpar import LLM, SamplingParams
 from seqpar.engine.policy import NEVER, SWEEP, SPPolicy
-from seqpar.worker.plan import SampleSpec
 from seqpar.worker.sampler import Sampler
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -145,10 +143,10 @@ def test_sampling_matches_reference_distribution(temperature, top_k, top_p):
     expected = reference_distribution(logits, temperature, top_k, top_p)
     draws = 8000
     # One request (one generator, seeded once) sampled in `draws` rows of one step.
-    spec = SampleSpec(key=0, seed=0, temperature=temperature, top_p=top_p, top_k=top_k, logprobs=-1)
-    plan = SimpleNamespace(specs=[spec] * draws, max_logprobs=0, released=[])
+    sampler = Sampler()
+    sampler.add(0, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=0))
     row = torch.tensor(logits, dtype=torch.float32)
-    tokens = Sampler()(row.expand(draws, -1).contiguous(), plan)[:, 0].long().numpy()
+    tokens = sampler.sample(row.expand(draws, -1).contiguous(), [0] * draws).tokens.numpy()
     counts = np.bincount(tokens, minlength=len(logits))
     allowed = expected > 0
     outside = np.flatnonzero(counts * ~allowed)

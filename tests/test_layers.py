@@ -21,7 +21,7 @@ from torch.testing import assert_close
 from dist_helpers import run_ranks
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
-from seqpar.worker.plan import SampleSpec, StepPlan
+from seqpar.worker.plan import StepPlan
 from seqpar.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from seqpar.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                   QKVParallelLinear, RowParallelLinear)
@@ -70,7 +70,7 @@ def _plans(ids: torch.Tensor, n: int) -> tuple[StepPlan, StepPlan]:
     """(TP plan, SP plan) for one sequence of len(ids) prefill tokens."""
     tables = [list(range(round_up(len(ids), 16) // 16))]
     make = lambda sp: StepPlan(sp=sp, token_ids=ids, starts=[0], lens=[len(ids)],  # noqa: E731
-                               sample=[True], block_tables=tables, world_size=n)
+                               logit_rows=[1], block_tables=tables, world_size=n)
     return make(False), make(True)
 
 
@@ -398,26 +398,22 @@ def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 
     seqs = rng.randint(1, 6)
     lens = [rng.choice([1, rng.randint(1, 9)]) for _ in range(seqs)]
     starts = [rng.randint(0, 50) for _ in lens]
-    sample = [rng.random() < 0.7 for _ in lens]
+    # m logit rows per sequence: mostly 0 or 1, sometimes up to its whole chunk.
+    rows = [rng.choice([0, 1, 1, rng.randint(0, t)]) for t in lens]
     tables = [rng.sample(range(200), round_up(s + t, block_size) // block_size)
               for s, t in zip(starts, lens)]
-    specs = [SampleSpec(key=rng.randrange(100), seed=rng.randrange(1 << 62),
-                        temperature=rng.choice([0.0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.9]),
-                        top_k=rng.choice([0, 5]), logprobs=rng.choice([-1, 0, 3]))
-             for _ in range(sum(sample))]
     return StepPlan(sp=sp, token_ids=torch.tensor([rng.randrange(1000) for _ in range(sum(lens))]),
-                    starts=starts, lens=lens, sample=sample, block_tables=tables, world_size=n,
-                    block_size=block_size, overlap=sp and rng.random() < 0.5, specs=specs,
-                    released=rng.sample(range(100), rng.randint(0, 3)))
+                    starts=starts, lens=lens, logit_rows=rows, block_tables=tables, world_size=n,
+                    block_size=block_size, overlap=sp and rng.random() < 0.5)
 
 
 def test_step_plan_fields():
     tables = [[3], [0], [7, 2]]
     plan = StepPlan(sp=True, token_ids=torch.arange(10, 18), starts=[0, 5, 15],
-                    lens=[3, 1, 4], sample=[True, False, True], block_tables=tables, world_size=3)
+                    lens=[3, 1, 4], logit_rows=[1, 0, 3], block_tables=tables, world_size=3)
     assert plan.num_tokens == 8 and plan.padded == 9
     assert plan.positions.tolist() == [0, 1, 2, 5, 15, 16, 17, 18]
-    assert plan.sample_rows.tolist() == [2, 7]
+    assert plan.sample_rows.tolist() == [2, 5, 6, 7]
     # Block 3's slots 0-2; block 0's slot 5; block 7's slot 15, then block 2's slots 0-2.
     meta = plan.attn_metadata
     assert meta.slot_mapping.tolist() == [48, 49, 50, 5, 127, 32, 33, 34]
@@ -425,18 +421,6 @@ def test_step_plan_fields():
     assert meta.block_tables.tolist() == [[3, 0], [0, 0], [7, 2]]  # padded with block 0
     assert (meta.max_query_len, meta.max_seq_len) == (4, 19)
     assert StepPlan(False, plan.token_ids, [0, 5, 15], [3, 1, 4], [True] * 3, tables, 3).padded == 8
-
-
-def test_step_plan_encode_decode_round_trip():
-    """Every field rank 0 decides reaches the other ranks unchanged."""
-    rng = random.Random(0)
-    fields = ("sp", "overlap", "starts", "lens", "sample", "block_tables", "world_size",
-              "block_size", "specs", "released")
-    for _ in range(20):
-        plan = _random_plan(rng, rng.choice(WORLD_SIZES), sp=rng.random() < 0.5)
-        back = StepPlan.decode(plan.encode(), plan.world_size, plan.block_size)
-        assert [getattr(back, f) for f in fields] == [getattr(plan, f) for f in fields]
-        assert torch.equal(back.token_ids, plan.token_ids)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -452,3 +436,9 @@ def test_step_plan_sp_sample_gather(n):
         assert len({len(rows) for rows in local}) == 1  # the all-gather needs one K on every rank
         gathered = torch.cat([shard[rows] for shard, rows in zip(shards, local)])      # [N * K, 2]
         assert_close(gathered[plan.sample_gather_index], hidden[plan.sample_rows])
+        # The logit rows: each sequence's last m rows, counted here from the lengths alone.
+        want, end = [], 0
+        for t, m in zip(plan.lens, plan.logit_rows):
+            end += t
+            want += list(range(end - m, end))
+        assert plan.sample_rows.tolist() == want

@@ -81,7 +81,7 @@ def _quant_layers(rank: int, n: int, mode: str) -> dict:
     c = _layer_case(n)
     comm = Comm(dist.group.WORLD, rank, n) if n > 1 else Comm(None, 0, 1)
     plans = {sp: StepPlan(sp=sp, token_ids=torch.zeros(T_TOK, dtype=torch.int64), starts=[0],
-                          lens=[T_TOK], sample=[True], block_tables=[[0]], world_size=n)
+                          lens=[T_TOK], logit_rows=[1], block_tables=[[0]], world_size=n)
              for sp in (False, True)}
     shard = F.pad(c["x"], (0, 0, 0, plans[True].padded - T_TOK)).chunk(n)[rank]
     col = ColumnParallelLinear(H, INTER, comm)

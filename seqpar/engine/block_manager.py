@@ -1,7 +1,8 @@
 """The paged KV cache's bookkeeping, on rank 0: which blocks each sequence holds, and the prefix cache.
 
 Every rank has the same pools (num_blocks blocks of block_size tokens per layer); only rank 0 decides
-which block holds what, and the block tables travel in the step plan.
+which block holds what; each block id reaches the ranks once, in the step that first uses it
+(worker/plan.py).
 
 Prefix caching: a full block is keyed by hash(parent block's key, its token ids), so a key names the
 whole prefix up to the block's end. A request whose prompt starts with cached blocks takes them

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from seqpar.config import EngineConfig
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, Spawner, free_port,
                                        in_torchrun)
-from seqpar.worker.plan import StepPlan
+from seqpar.worker.plan import StepDelta
 from seqpar.worker.worker import Sampled, Worker, encode_call, follower, rank_threads
 
 log = logging.getLogger("seqpar")
@@ -65,10 +65,11 @@ class Cluster:
             self.worker = Worker(cfg, self.rank, init_method)
             self.channel = self._box[2] = self.worker.channel
 
-    def run_step(self, plan: StepPlan) -> Sampled:
-        """Start one step on every rank; rank 0's handle to its sampled tokens."""
-        self.channel.send(STEP, plan.encode())
-        return self.worker.execute(plan)
+    def run_step(self, delta: StepDelta) -> Sampled:
+        """Start one step on every rank (each applies the delta to its batch state); rank 0's
+        handle to its drawn tokens."""
+        self.channel.send(STEP, delta.encode())
+        return self.worker.step(delta)
 
     def call(self, method: str, *args):
         """Run Worker.method(*args) on every rank; rank 0's result. Under torchrun outside a call

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from seqpar.config import EngineConfig
+from seqpar.config import EngineConfig, round_up
 from seqpar.distributed.collectives import Collective
 from seqpar.engine.cluster import Cluster
 from seqpar.engine.output_processor import OutputProcessor
@@ -23,17 +23,14 @@ from seqpar.engine.outputs import DeltaOutput
 from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import validate as validate_grammar
-from seqpar.worker.sampler import unpack
+from seqpar.worker.sampler import SEED_MIX
+from seqpar.worker.worker import unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 
 MAX_LOGPROBS = 20
 """Most top tokens a request may ask per position, generated or prompt (vLLM's default
 max_logprobs, OpenAI's top_logprobs limit): each is two more columns of every sampled row."""
-
-SEED_MIX = 1_000_003
-"""Default per-request seed: LLM seed x SEED_MIX + the request's number (a prime, so distinct
-(seed, number) pairs rarely collide)."""
 
 
 class Engine:
@@ -136,12 +133,13 @@ class Engine:
                     raise RuntimeError(f"no step could be scheduled for {len(self.requests)} "
                                        f"requests ({self.cache_stats()})")
                 return []
-            plan, seqs, counts, pending = self.in_flight.popleft()
+            draws, seqs, counts, pending = self.in_flight.popleft()
             sampled = pending.wait()
             self.scheduler.complete(seqs, counts)
             outputs = []
-            chosen = [seq for seq, flag in zip(seqs, plan.sample) if flag]
-            for seq, (token, logprob) in zip(chosen, unpack(sampled, plan.specs)):
+            chosen = [seq for seq, draw in zip(seqs, draws) if draw]
+            drawn = unpack_sampled(sampled, [seq.params.logprobs for seq in chosen])
+            for seq, (token, logprob) in zip(chosen, drawn):
                 if not seq.finished:  # an abort while its step was in flight: drop the token
                     outputs.append(self._append(seq, token, logprob))
             self.scheduler.free_finished()
@@ -158,11 +156,14 @@ class Engine:
             if not seqs:
                 return  # every runnable sequence waits for a step in flight, or for blocks
             total = sum(counts)
-            plan = self.scheduler.build_plan(seqs, counts, *self.policy.decide(total),
-                                             device=self.cluster.worker.device)
-            self.steps["sp" if plan.sp else "tp"] += 1
-            self.steps["padded_tokens"] += plan.padded - total
-            self.in_flight.append((plan, seqs, counts, self.cluster.run_step(plan)))
+            # One logit row per sequence whose chunk reaches its last token: its next is drawn.
+            draws = [seq.scheduled + n == seq.num_tokens for seq, n in zip(seqs, counts)]
+            sp, overlap = self.policy.decide(total)
+            delta = self.scheduler.write_step(seqs, counts, [int(d) for d in draws], sp, overlap)
+            self.steps["sp" if sp else "tp"] += 1
+            self.steps["padded_tokens"] += round_up(total, self.cfg.parallel.tensor_parallel_size
+                                                    if sp else 1) - total
+            self.in_flight.append((draws, seqs, counts, self.cluster.run_step(delta)))
 
     def _append(self, seq: Sequence, token: int, logprob: dict | None) -> DeltaOutput:
         seq.token_ids.append(token)

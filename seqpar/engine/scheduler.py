@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from collections import deque
 
-import torch
-
 from seqpar.config import EngineConfig, round_up
 from seqpar.engine.block_manager import BlockManager
-from seqpar.worker.plan import SampleSpec, StepPlan
+from seqpar.worker.plan import StepDelta, StepWriter
 from seqpar.engine.sequence import Sequence
 
 
@@ -34,8 +32,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         """In admission order: the last is the first to preempt."""
         self.preemptions = 0
-        self.released: list[int] = []
-        """Keys of sequences that ended since the last plan (their generators can go)."""
+        self.writer = StepWriter()
+        """What the ranks hold of each request; writes each step's delta."""
         self._draining: list[Sequence] = []
         """Finished sequences whose blocks a step in flight still writes."""
 
@@ -112,31 +110,18 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.computed = seq.scheduled = 0
+        self.writer.drop(seq.key)
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def build_plan(self, seqs: list[Sequence], counts: list[int], sp: bool, overlap: bool = False,
-                   device="cpu") -> StepPlan:
-        """The step running `counts` more tokens of each of `seqs`; hands those tokens over."""
-        ids, sample, specs = [], [], []
-        for seq, n in zip(seqs, counts):
-            ids.extend(seq.token_ids[seq.scheduled:seq.scheduled + n])
-            sampled = seq.scheduled + n == seq.num_tokens
-            sample.append(sampled)
-            if sampled:
-                p = seq.params
-                specs.append(SampleSpec(seq.key, seq.seed, p.temperature, p.top_p, p.top_k,
-                                        -1 if p.logprobs is None else p.logprobs))
-        plan = StepPlan(
-            sp=sp, token_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-            starts=[s.scheduled for s in seqs], lens=counts, sample=sample,
-            block_tables=[list(s.block_table) for s in seqs], world_size=self.world_size,
-            block_size=self.blocks.block_size, overlap=sp and overlap, specs=specs,
-            released=self.released)
-        self.released = []
+    def write_step(self, seqs: list[Sequence], counts: list[int], logit_rows: list[int],
+                   sp: bool, overlap: bool = False) -> StepDelta:
+        """The delta of the step running `counts` more tokens of each of `seqs`, the last
+        logit_rows[i] rows of each with logits; hands those tokens over."""
+        delta = self.writer.write(seqs, counts, logit_rows, sp, sp and overlap)
         for seq, n in zip(seqs, counts):
             seq.scheduled += n
-        return plan
+        return delta
 
     def complete(self, seqs: list[Sequence], counts: list[int]) -> None:
         """A step's tokens are in the KV cache (its samples are appended next)."""
@@ -156,7 +141,7 @@ class Scheduler:
                 self.blocks.release(seq)
             else:
                 self._draining.append(seq)
-        self.released.append(seq.key)
+        self.writer.finish(seq.key)
 
     def free_finished(self) -> None:
         """Free the blocks of finished sequences whose last step has completed."""

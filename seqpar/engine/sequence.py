@@ -10,11 +10,14 @@ from seqpar.sampling_params import SamplingParams
 class Sequence:
     request_id: str
     key: int
-    """The engine's number for it: names its generator on the sampler rank."""
+    """The engine's number for it: names it on the ranks (batch state, sampler; an unseeded
+    request's seed derives from it there)."""
     token_ids: list[int]
     """The prompt, then every generated token (appended as they come)."""
     params: SamplingParams
     seed: int
+    """Its seed: the params' own, or the engine's seed x SEED_MIX + key (worker/sampler.py, which
+    derives the same for an unseeded request on the sampler rank)."""
     prompt: str | None = None
     computed: int = 0
     """Tokens whose keys and values are in the KV cache."""

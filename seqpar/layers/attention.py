@@ -87,14 +87,25 @@ def build_metadata(starts: list[int], lens: list[int], block_tables: list[list[i
             raise ValueError(f"build_metadata: sequence {b} has {lens[b]} new tokens after "
                              f"{starts[b]} cached and {len(table)} blocks of {block_size}")
     tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # [T] row -> b
-    qsl = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    pos = torch.arange(qsl[-1].item()) - qsl[seq] + torch.tensor(starts)[seq]  # [T] positions
-    slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
     decodes = next((b for b, n in enumerate(lens) if n != 1), len(lens))
-    return AttentionMetadata(slots.to(device), qsl.to(device),
-                             torch.tensor(ends, dtype=torch.int32, device=device),
-                             tables.to(device), max(lens), max(ends), decodes)
+    return metadata_from(torch.tensor(starts), torch.tensor(lens), tables, block_size, max(lens),
+                         max(ends), decodes, device)[0]
+
+
+def metadata_from(starts: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor,
+                  block_size: int, max_query_len: int, max_seq_len: int, num_decodes: int,
+                  device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """(AttentionMetadata, positions [T] int64) from host tensors: starts, lens [B] int64 and
+    block tables [B, W] int32 (each row long enough for start + len tokens); the host maxima and
+    decode count as the caller knows them. A few vectorized ops, whatever B."""
+    qsl = F.pad(lens.cumsum(0), (1, 0))  # [B + 1]
+    seq = torch.repeat_interleave(torch.arange(lens.shape[0]), lens)  # [T] row -> b
+    pos = torch.arange(seq.shape[0]) - qsl[seq] + starts[seq]  # [T] positions
+    slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
+    meta = AttentionMetadata(slots.to(device), qsl.to(device, torch.int32),
+                             (starts + lens).to(device, torch.int32), tables.to(device),
+                             max_query_len, max_seq_len, num_decodes)
+    return meta, pos.to(device)
 
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -10,8 +10,8 @@ from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import allocate_bitmask, apply_bitmask
 
 SEED_MIX = 1_000_003
-"""An unseeded request's seed: the engine's seed x SEED_MIX + the request's key (the engine's own
-default, engine/engine.py, so both paths draw alike)."""
+"""An unseeded request's seed: the engine's seed x SEED_MIX + the request's key (a prime, so
+distinct (seed, key) pairs rarely collide)."""
 
 
 @dataclass
@@ -238,33 +238,6 @@ class Sampler:
             entries.append(entry)
         return entries
 
-    # ---- the old call path (worker.py); the core branch calls add / remove / sample ----
-
-    def __call__(self, logits: torch.Tensor, plan) -> torch.Tensor:
-        """logits [S, V] float32 -> [S, 2 + 2K] float64 rows: token, its logprob (NaN when not
-        asked), then the top-K token ids and their logprobs (K = plan.max_logprobs), read by
-        `unpack` on rank 0. Requests are added from plan.specs when first met and removed when
-        plan.released names them."""
-        for key in plan.released:
-            self.requests.pop(key, None)  # a request may end before it was ever sampled
-        for s in plan.specs:
-            if s.key not in self.requests:
-                self.add(s.key, SamplingParams(
-                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                    logprobs=None if s.logprobs < 0 else s.logprobs))
-        k = plan.max_logprobs
-        out = torch.full((len(plan.specs), 2 + 2 * k), float("nan"), dtype=torch.float64)
-        if not plan.specs:
-            return out
-        res = self.sample(logits, [s.key for s in plan.specs])
-        out[:, 0] = res.tokens.cpu().double()
-        if res.logprobs is not None:
-            out[:, 1] = res.logprobs.cpu().double()
-        if res.top_ids is not None:
-            out[:, 2:2 + k] = res.top_ids.cpu().double()
-            out[:, 2 + k:] = res.top_logprobs.cpu().double()
-        return out
-
 
 def _masked(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """A copy of logits [N, V] whose rows `rows` allow only their bitmask's tokens (the caller's
@@ -402,19 +375,3 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = torch.minimum(u[:, None].to(cdf.dtype) * total,
                            torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True)[:, 0]
-
-
-def unpack(sampled: torch.Tensor, specs) -> list[tuple[int, dict[int, float] | None]]:
-    """Rank 0: the sampler's rows -> per sampled sequence (token, {token id: logprob} or None):
-    the top `logprobs` entries and the chosen token's."""
-    k = (sampled.shape[1] - 2) // 2
-    results = []
-    for row, spec in zip(sampled.tolist(), specs):
-        token = int(row[0])
-        if spec.logprobs < 0:
-            results.append((token, None))
-            continue
-        entry = {int(t): v for t, v in zip(row[2:2 + spec.logprobs], row[2 + k:2 + k + spec.logprobs])}
-        entry[token] = row[1]
-        results.append((token, entry))
-    return results

@@ -21,9 +21,10 @@ from seqpar.distributed.comm import Comm, group_dst
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
 from seqpar.worker.memory import PeakMemory, allocate_kv_pool, keep_freed_memory
-from seqpar.worker.plan import StepPlan
+from seqpar.worker.batch import BatchState
+from seqpar.worker.plan import StepDelta, StepPlan
 from seqpar.engine.policy import measure_thresholds
-from seqpar.worker.sampler import Sampler
+from seqpar.worker.sampler import Sampler, SamplerOutput
 from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
@@ -55,8 +56,8 @@ def rank_device(device: str, rank: int) -> torch.device:
 
 
 class Sampled:
-    """A step's sampled tokens on rank 0 ([S, 2 + 2K] float64, see Sampler), maybe still arriving
-    from the last stage."""
+    """A step's drawn tokens on rank 0 ([D, 2 + 2K] float64, see pack_sampled), maybe still
+    arriving from the last stage."""
 
     def __init__(self, tensor: torch.Tensor | None, work=None):
         self.tensor, self.work = tensor, work
@@ -89,7 +90,12 @@ class Worker:
                                                       self.layers)
         self.model.load_weights(cfg.model_dir, cfg.quantization, cfg.gguf_file)
         self.model.eval()
-        self.sampler = Sampler() if topo.rank == topo.sampler_source else None
+        self.sampler = Sampler(cfg.seed) if topo.rank == topo.sampler_source else None
+        self.sampler_keys: set[int] = set()
+        """Keys the sampler holds state for (kept over a preemption, dropped when released)."""
+        self.batch = BatchState(cfg.max_num_seqs, round_up(cfg.max_model_len, cfg.block_size)
+                                // cfg.block_size, cfg.block_size, parallel.tensor_parallel_size,
+                                self.device)
         self.compiled = None
         """compile=True: runs every step compiled, one forward per kind of step (TP, SP,
         SP + overlap), each built on its first step; a single stage (LLM checks)."""
@@ -138,6 +144,19 @@ class Worker:
         cfg.set_num_blocks(int(count.item()))
         return cfg.num_blocks
 
+    def step(self, delta: StepDelta) -> Sampled | None:
+        """Apply one step's delta to this rank's batch state and run the step (execute)."""
+        plan = self.batch.apply(delta)
+        if self.sampler is not None:
+            for key in delta.released:
+                self.sampler.remove(key)
+                self.sampler_keys.discard(key)
+            for r in delta.new:
+                if r.key not in self.sampler_keys:  # else back from a preemption: state kept
+                    self.sampler.add(r.key, r.params, r.token_ids[:r.num_prompt_tokens])
+                    self.sampler_keys.add(r.key)
+        return self.execute(plan)
+
     def execute(self, plan: StepPlan) -> Sampled | None:
         """Run this rank's stage of one step. Rank 0 gets the sampled tokens as a Sampled handle:
         with several stages they arrive later, from the last one. Other ranks get None."""
@@ -159,16 +178,33 @@ class Worker:
                 # [2, rows, H]: one message for hidden + residual.
                 self.outbox.add([self.comm.send(torch.stack(out), topo.next, TAG_HIDDEN)])
                 return pending
-            sampled = None if self.sampler is None else self.sampler(out, plan)
+            sampled = None if self.sampler is None else self._sample(out, plan)
         if topo.rank == 0:
             return Sampled(sampled)
         if sampled is not None and sampled.shape[0] > 0:
             self.outbox.add([self.comm.send(sampled, 0, TAG_SAMPLED)])
         return None
 
+    def _sample(self, logits: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The sampler rank: logits [R, V] of the step's logit rows -> the drawn rows' tokens,
+        packed for rank 0 (pack_sampled)."""
+        keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
+        width = self.top_logprobs(keys)
+        if not keys:
+            return pack_sampled(None, 0, width)
+        if len(keys) < logits.shape[0]:  # some rows are not drawn from (verification, prompts)
+            logits = logits[plan.draw_rows]
+        return pack_sampled(self.sampler.sample(logits, keys), len(keys), width)
+
+    def top_logprobs(self, keys: list[int]) -> int:
+        """K: the most top log-probabilities any of these requests asks for (0: none)."""
+        asked = (self.batch.requests[k].params.logprobs for k in keys)
+        return max([0, *(n for n in asked if n is not None)])
+
     def _expect_sampled(self, plan: StepPlan) -> Sampled:
-        """Rank 0: post the receive of a step's sampled tokens before running its first stage."""
-        sampled = torch.empty(plan.num_sampled, 2 + 2 * plan.max_logprobs, dtype=torch.float64)
+        """Rank 0: post the receive of a step's drawn tokens before running its first stage."""
+        keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
+        sampled = torch.empty(len(keys), 2 + 2 * self.top_logprobs(keys), dtype=torch.float64)
         if sampled.shape[0] == 0:
             return Sampled(sampled)
         return Sampled(sampled, self.comm.recv(sampled, self.topo.sampler_source, TAG_SAMPLED))
@@ -259,11 +295,10 @@ class Worker:
 
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""
-        tp, bs = self.comm.world_size, self.cfg.block_size
         while True:
             cmd, payload = self.channel.recv()
             if cmd == STEP:
-                self.execute(StepPlan.decode(payload, tp, bs, self.device))
+                self.step(StepDelta.decode(payload))
             elif cmd == RPC:
                 method, args = decode_call(payload)
                 getattr(self, method)(*args)
@@ -274,6 +309,39 @@ class Worker:
                 return
             else:
                 raise RuntimeError(f"unknown command {cmd} from rank 0")
+
+
+def pack_sampled(out: SamplerOutput | None, rows: int, k: int) -> torch.Tensor:
+    """The sampler's output as one [D, 2 + 2K] float64 tensor for rank 0: per drawn row its
+    token, the token's logprob (NaN when not asked), then K top token ids and K logprobs."""
+    packed = torch.full((rows, 2 + 2 * k), float("nan"), dtype=torch.float64)
+    if out is None:
+        return packed
+    packed[:, 0] = out.tokens.cpu().double()
+    if out.logprobs is not None:
+        packed[:, 1] = out.logprobs.cpu().double()
+    if k and out.top_ids is not None:
+        have = min(k, out.top_ids.shape[1])
+        packed[:, 2:2 + have] = out.top_ids[:, :have].cpu().double()
+        packed[:, 2 + k:2 + k + have] = out.top_logprobs[:, :have].cpu().double()
+    return packed
+
+
+def unpack_sampled(sampled: torch.Tensor, asked: list[int | None]
+                   ) -> list[tuple[int, dict[int, float] | None]]:
+    """Rank 0: pack_sampled's rows -> per drawn row (token, {token id: logprob} or None): the top
+    `asked` entries and the chosen token's; asked: per row, its request's logprobs setting."""
+    k = (sampled.shape[1] - 2) // 2
+    results = []
+    for row, n in zip(sampled.tolist(), asked):
+        token = int(row[0])
+        if n is None:
+            results.append((token, None))
+            continue
+        entry = {int(t): v for t, v in zip(row[2:2 + n], row[2 + k:2 + k + n])}
+        entry[token] = row[1]
+        results.append((token, entry))
+    return results
 
 
 def encode_call(method: str, args: tuple) -> torch.Tensor:
