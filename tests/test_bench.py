@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from seqpar.bench import analytic, costmodel, costplan, markdown, results
-from seqpar.bench.record import Record
-from seqpar.bench.suite import MODES, Settings, run
+from seqpar_bench import analytic, costmodel, costplan, markdown, results
+from seqpar_bench.record import Record
+from seqpar_bench.suite import MODES, Settings, run
 from seqpar.config import ModelConfig
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -166,7 +166,7 @@ def test_plan_cli(capsys):
 
 def test_engine_bench_records(tiny_llama, tmp_path):
     # `seqpar bench engine` on the tiny model, one round of everything at tiny sizes.
-    from seqpar.bench import engine
+    from seqpar_bench import engine
     from transformers import AutoModelForCausalLM
     block = 2 * 2 * 2 * 16 * 16 * 2  # K+V x 2 layers x 2 KV heads x 16 tokens x head_dim 16 x bf16
     s = engine.EngineSettings(model=str(tiny_llama), threads=1, batches=[1, 2], prompt_len=8,
@@ -215,7 +215,7 @@ def test_f16_gguf_for_llamacpp(tmp_path):
     # llama.cpp's copy of a quantized GGUF: the same values in F16 (vectors F32), the same metadata.
     import gguf
     import numpy as np
-    from seqpar.bench.engine import write_f16_gguf
+    from seqpar_bench.engine import write_f16_gguf
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 64)).astype(np.float32)
     norm = rng.standard_normal(64).astype(np.float32)
@@ -255,3 +255,29 @@ def test_record_json_round_trip():
     assert Record.from_dict(data) == rec
     with pytest.raises(ValueError, match=r"unknown fields \['speedup'\]"):
         Record.from_dict({**data, "speedup": 2.0})
+
+
+def test_bench_imports_only_public_seqpar():
+    # The benchmark lives beside the engine: it imports seqpar only through PUBLIC_MODULES (never
+    # seqpar.cli: `seqpar bench` dispatches to it), and the engine never imports it.
+    import ast
+    from pathlib import Path
+
+    import seqpar
+    import seqpar_bench
+
+    def seqpar_imports(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module
+
+    bench = Path(seqpar_bench.__file__).parent
+    bad = {(p.name, m) for p in bench.glob("*.py") for m in seqpar_imports(p)
+           if m.split(".")[0] == "seqpar" and m not in seqpar_bench.PUBLIC_MODULES}
+    assert not bad, bad
+    engine = Path(seqpar.__file__).parent
+    back = {(str(p.relative_to(engine)), m) for p in engine.rglob("*.py")
+            for m in seqpar_imports(p) if m.split(".")[0] == "seqpar_bench"}
+    assert back == {("cli.py", "seqpar_bench"), ("cli.py", "seqpar_bench.costplan")}, back

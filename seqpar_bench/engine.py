@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from seqpar.bench.catalog import describe, resolve
-from seqpar.bench.hosts import Host
-from seqpar.bench.subjects import HFSubject
-from seqpar.bench.suite import CPUShare, machine_info
+from seqpar_bench.catalog import describe, resolve
+from seqpar_bench.hosts import Host
+from seqpar_bench.subjects import HFSubject
+from seqpar_bench.suite import CPUShare, machine_info
+from seqpar_bench.timing import timed
 from seqpar.config import DTYPES
 from seqpar.loader.resolve import cache_dir
 
@@ -196,20 +197,10 @@ def kv_budget(c: dict, s: EngineSettings, max_model_len: int) -> int:
 
 # ---- the machine's own rates --------------------------------------------------------------------
 
-def _timed(fn, rounds: int, warmup: int) -> list[float]:
-    times = []
-    for r in range(warmup + rounds):
-        t0 = time.perf_counter()
-        fn()
-        if r >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def read_bandwidth(nbytes: int, rounds: int, warmup: int) -> Timing:
     """A sum over an nbytes float32 tensor: every byte read once, almost no arithmetic."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
-    times = _timed(lambda: x.sum(), max(rounds, 5), max(warmup, 1))
+    times = timed(lambda: x.sum(), max(rounds, 5), max(warmup, 1))
     return Timing("bandwidth", "torch", nbytes, nbytes, "B", times)
 
 
@@ -224,7 +215,7 @@ def matmul_rate(rows: int, hidden: int, inter: int, dtype: str, rounds: int, war
     def run():
         for _ in range(calls):
             torch.nn.functional.linear(x, w)
-    times = _timed(run, max(rounds, 5), max(warmup, 1))
+    times = timed(run, max(rounds, 5), max(warmup, 1))
     return Timing("matmul", "torch", rows, 2 * rows * hidden * inter * calls, "FLOP", times)
 
 
@@ -521,7 +512,7 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def summary(result: dict) -> str:
-    from seqpar.bench.results import _text_table
+    from seqpar_bench.results import _text_table
     m = result["machine"]
     lines = [_text_table(TABLE_HEAD, rows(result)), "",
              f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {m['wall_s']:.0f} s; "
@@ -535,7 +526,7 @@ def summary(result: dict) -> str:
 
 def section(result: dict) -> str:
     """The docs/benchmarks.md section of this run, between its markers."""
-    from seqpar.bench.markdown import ENGINE_BEGIN, ENGINE_END, _table
+    from seqpar_bench.markdown import ENGINE_BEGIN, ENGINE_END, _table
     m, s, mo = result["machine"], result["settings"], result["model"]
     shared = m["other_share"] > 0.05 or max(m["load_avg_before"][0], m["load_avg_after"][0]) > 1.5
     L = [ENGINE_BEGIN, "## Engine core (issue 11)", "",
@@ -569,7 +560,7 @@ def write_section(result: dict, path) -> None:
     """Put this run's section into the page at `path`: in place of the last one, else at the end
     (`seqpar bench --markdown` keeps it there when it rewrites the rest)."""
     import re
-    from seqpar.bench.markdown import ENGINE_BEGIN, ENGINE_END
+    from seqpar_bench.markdown import ENGINE_BEGIN, ENGINE_END
     path = Path(path)
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
     pattern = re.escape(ENGINE_BEGIN) + r".*?" + re.escape(ENGINE_END)

