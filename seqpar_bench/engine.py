@@ -24,18 +24,20 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from seqpar_bench.catalog import describe, resolve
-from seqpar_bench.hosts import Host
+from seqpar_bench.hosts import Host, SubjectError
+from seqpar_bench.peers import (PeerError, find_python, gguf_tensor_bytes, llamacpp_host, vllm_host,
+                                write_f16_gguf)
 from seqpar_bench.subjects import HFSubject
 from seqpar_bench.suite import CPUShare, machine_info
 from seqpar_bench.timing import timed
 from seqpar.config import DTYPES
-from seqpar.loader.resolve import cache_dir
+from seqpar.loader.resolve import cache_dir, gguf_source
 
 GiB = 2 ** 30
 BLOCK_SIZE = 16
@@ -46,6 +48,9 @@ TARGETS = dict(decode_batch1=1.1, decode_batched=1.5, roofline=2.0, prefill_matm
 most); prefill FLOP/s / matmul FLOP/s (at least); cached-prefix TTFT / uncached (at most)."""
 
 
+PEERS = ("hf", "vllm", "llama.cpp")
+
+
 @dataclass
 class EngineSettings:
     model: str = "smollm2"
@@ -53,7 +58,7 @@ class EngineSettings:
     """Both engines' dtype, named: HF needs a concrete one. bf16 is what dtype="auto" gives
     SmolLM2 (a quantized GGUF) on a CPU with native bf16, and this CPU's fast path."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    batches: list[int] = field(default_factory=lambda: [1, 16, 64])
+    batches: list[int] = field(default_factory=lambda: [1, 32])
     prompt_len: int = 128
     new_tokens: int = 64
     rounds: int = 3
@@ -63,11 +68,22 @@ class EngineSettings:
     cached)."""
     tail_len: int = 64
     """Tokens after the prefix, different in the cached request."""
-    prefill_tokens: int = 2048
+    prefill_tokens: list[int] = field(default_factory=lambda: [1024, 2048])
+    """Prefill lengths; the longest is timed against the matmul rate and in the quantized rows."""
     bandwidth_bytes: int = GiB
     kv_cache_memory_bytes: int | None = None
     """Default: what the largest step needs (see kv_budget), not a whole number of blocks."""
     seed: int = 0
+    peers: list[str] = field(default_factory=lambda: list(PEERS))
+    vllm_python: str | None = None
+    """The Python of vLLM's venv (default: this one, where vllm imports)."""
+    llamacpp_python: str | None = None
+    """The Python where llama_cpp imports (default: this one)."""
+    quantized: bool = True
+    """Issue 20's rows (a GGUF model only): seqpar quantization auto / int8 / float32 beside
+    llama.cpp on the GGUF file."""
+    tp2_model: str = "smollm2-64d"
+    """The model of the tp=2 rows (seqpar tp=2 beside its own tp=1 and vLLM's tp=2); "" skips."""
     log: object = print
 
 
@@ -78,7 +94,8 @@ class Timing:
     what: str
     """decode | ttft_uncached | ttft_cached | prefill | bandwidth | matmul"""
     engine: str
-    """seqpar | hf | llama.cpp | torch (the machine's own rates)"""
+    """seqpar (dense, --dtype) | seqpar q=gguf | seqpar int8 | seqpar float32 | seqpar tp=N | hf |
+    vllm tp=N | llama.cpp F16 | llama.cpp Q4_1 | torch (the machine's own rates)"""
     size: int
     """decode: the batch; ttft / prefill: prompt tokens; bandwidth: bytes read; matmul: rows."""
     work: float
@@ -92,6 +109,8 @@ class Timing:
     """work / median_s (tok/s, FLOP/s, B/s)."""
     best_rate: float = 0.0
     """work / min_s: the least disturbed round."""
+    section: str = "tp1"
+    """tp1 (the model at tp=1) | quant (issue 20's rows) | tp2 (the tp=2 model)"""
 
     def __post_init__(self):
         self.median_s, self.min_s = statistics.median(self.times_s), min(self.times_s)
@@ -120,14 +139,16 @@ class KVCheck:
 
 
 class EngineSubject:
-    """One seqpar LLM at tp=1 with prefix caching on (the default), in a process of its own."""
+    """One seqpar LLM with prefix caching on (the default), in a process of its own."""
 
-    def __init__(self, rank: int, world: int, model_dir: str, dtype: str, threads: int,
-                 max_model_len: int, max_num_batched_tokens: int, kv_bytes: int):
+    def __init__(self, rank: int, world: int, model: str, dtype: str, threads: int,
+                 max_model_len: int, max_num_batched_tokens: int, kv_bytes: int | None,
+                 quantization: str = "none", tp: int = 1):
         from seqpar import LLM
-        self.llm = LLM(model_dir, tensor_parallel_size=1, dtype=dtype, threads_per_rank=threads,
+        self.llm = LLM(model, tensor_parallel_size=tp, dtype=dtype, threads_per_rank=threads,
                        max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                       kv_cache_memory_bytes=kv_bytes, block_size=BLOCK_SIZE)
+                       kv_cache_memory_bytes=kv_bytes, block_size=BLOCK_SIZE,
+                       quantization=quantization)
 
     def generate(self, prompts: list[list[int]], n: int) -> float:
         from seqpar import SamplingParams
@@ -138,6 +159,9 @@ class EngineSubject:
 
     def cache_stats(self) -> dict:
         return self.llm.cache_stats()
+
+    def weight_stats(self) -> list[dict]:
+        return self.llm.weight_stats()
 
     def close(self) -> None:
         self.llm.close()
@@ -235,25 +259,31 @@ def _alternate(rounds: int, warmup: int, subjects: dict, measure) -> dict[str, l
     return out
 
 
-SINGLE = ("llama.cpp",)
-"""Engines run at batch 1 only (this bench drives llama.cpp one sequence at a time)."""
+def single(name: str) -> bool:
+    """Engines run at batch 1 only: this bench drives llama.cpp one sequence at a time."""
+    return name.startswith("llama.cpp")
 
 
-def measure_decode(s: EngineSettings, hosts: dict, vocab: int, gen) -> list[Timing]:
+def measure_decode(s: EngineSettings, hosts: dict, vocab: int, gen, batches: list[int],
+                   section: str) -> list[Timing]:
     """Per batch: each round generates 1 and then new_tokens tokens per prompt; the decode time
-    is the second less the median of the first (prefill and first token), as in the main bench."""
+    is the second less the median of the first (prefill and first token), as in the main bench.
+    Every call gets prompts never sent before (no engine times a prefix-cache hit); the engines
+    of a round get the same ones."""
     out = []
     n = s.new_tokens
-    for b in s.batches:
-        prompts = torch.randint(vocab, (b, s.prompt_len), generator=gen).tolist()
-        here = {k: h for k, h in hosts.items() if b == 1 or k not in SINGLE}
+    for b in batches:
+        rounds = [[torch.randint(vocab, (b, s.prompt_len), generator=gen).tolist()
+                   for _ in range(2)] for _ in range(s.warmup + s.rounds)]
+        here = {k: h for k, h in hosts.items() if b == 1 or not single(k)}
         s.log(f"  decode batch {b}: {s.prompt_len}-token prompts, {n} new tokens, "
               f"{s.warmup} warm-up + {s.rounds} rounds of {', '.join(here)}")
-        pairs = _alternate(s.rounds, s.warmup, here, lambda h, _: (
-            h.call("generate", prompts, 1), h.call("generate", prompts, n)))
+        pairs = _alternate(s.rounds, s.warmup, here, lambda h, r: (
+            h.call("generate", rounds[r][0], 1), h.call("generate", rounds[r][1], n)))
         for name, ts in pairs.items():
             first = statistics.median(a for a, _ in ts)
-            t = Timing("decode", name, b, b * (n - 1), "tokens", [tn - first for _, tn in ts])
+            t = Timing("decode", name, b, b * (n - 1), "tokens", [tn - first for _, tn in ts],
+                       section=section)
             out.append(t)
             s.log(f"    {name}: {t.rate:.1f} tok/s (median; best {t.best_rate:.1f}), "
                   f"step {t.median_s / (n - 1) * 1e3:.1f} ms")
@@ -284,106 +314,168 @@ def measure_ttft(s: EngineSettings, host: Host, vocab: int, gen) -> tuple[list[T
     return out, {"prefix_hits": hits, "requests": s.rounds}
 
 
-def measure_prefill(s: EngineSettings, hosts: dict, c: dict, vocab: int, gen) -> list[Timing]:
-    """One sequence of prefill_tokens, max_tokens=1, a new prompt every round (no prefix hit),
-    the engines in alternation on the same prompt."""
-    s.log(f"  prefill {s.prefill_tokens} tokens: {', '.join(hosts)}")
-    prompts = [torch.randint(vocab, (s.prefill_tokens,), generator=gen).tolist()
+def measure_prefill(s: EngineSettings, hosts: dict, c: dict, vocab: int, gen, tokens: int,
+                    section: str) -> list[Timing]:
+    """One sequence of `tokens`, max_tokens=1, a new prompt every round (no prefix hit), the
+    engines in alternation on the same prompt."""
+    s.log(f"  prefill {tokens} tokens: {', '.join(hosts)}")
+    prompts = [torch.randint(vocab, (tokens,), generator=gen).tolist()
                for _ in range(s.warmup + s.rounds)]
     times = _alternate(s.rounds, s.warmup, hosts, lambda h, r: h.call("generate", [prompts[r]], 1))
-    return [Timing("prefill", name, s.prefill_tokens, prefill_flops(c, s.prefill_tokens), "FLOP",
-                   ts) for name, ts in times.items()]
+    out = [Timing("prefill", name, tokens, prefill_flops(c, tokens), "FLOP", ts, section=section)
+           for name, ts in times.items()]
+    s.log("    " + ", ".join(f"{t.engine} {t.median_s:.3f} s (best {t.min_s:.3f})" for t in out))
+    return out
 
 
-def write_f16_gguf(src: Path, dst: Path) -> Path:
-    """An F16 copy of a GGUF file, for llama.cpp: every tensor dequantized with the gguf library
-    (the same values seqpar's converted checkpoint holds), matrices stored F16 and vectors (the
-    norms) F32 as llama.cpp's own converter keeps them; the metadata (tokenizer included) copied,
-    general.file_type set to F16. Tensors keep llama.cpp's row order (its q/k permutation)."""
-    import gguf
-    import numpy as np
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue  # the header's own fields; the two the writer sets itself
-        array = f.types[0] == gguf.GGUFValueType.ARRAY
-        writer.add_key_value(name, f.contents(), f.types[0],
-                             sub_type=f.types[-1] if array else None)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, [rows, row length]
-        writer.add_tensor(t.name, w.astype(np.float16 if w.ndim > 1 else np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+class Run:
+    """The engines of a run, each in its own process, and what became of each peer: a peer that
+    is not installed or fails to start is reported (status and reason), never dropped."""
+
+    def __init__(self, s: EngineSettings):
+        self.s = s
+        self.hosts: dict = {}
+        self.peers: dict = {}
+        self.pythons: dict = {}
+        self.logdir = cache_dir() / "bench" / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        for engine, given in (("vllm", s.vllm_python), ("llama.cpp", s.llamacpp_python)):
+            if engine in s.peers:
+                self.pythons[engine], self.peers[engine] = find_python(engine, given)
+            else:
+                self.peers[engine] = {"status": "not run", "reason": "left out of --peers"}
+        self.peers["hf"] = ({"status": "measured"} if "hf" in s.peers else
+                            {"status": "not run", "reason": "left out of --peers"})
+
+    def start(self, name: str, make, peer: str | None = None):
+        """The host `make()` builds, kept under `name`; for a peer (`peer` names it), None with
+        the failure recorded instead of raised."""
+        try:
+            self.hosts[name] = make()
+        except (PeerError, SubjectError) as e:
+            if peer is None:
+                raise
+            self.peers[peer] = {"status": "failed", "reason": f"{name}: {str(e)[-1500:]}"}
+            self.s.log(f"  {name} did not start: {str(e)[-300:]}")
+            return None
+        return self.hosts[name]
+
+    def pick(self, *names) -> dict:
+        return {n: self.hosts[n] for n in names if n in self.hosts}
+
+    def stop(self, *names) -> None:
+        for name in names or list(self.hosts):
+            host = self.hosts.pop(name, None)
+            if host is not None:
+                host.close()
 
 
-class LlamaCppSubject:
-    """llama.cpp (llama-cpp-python) on an F16 GGUF, one sequence at a time, greedy."""
-
-    def __init__(self, rank: int, world: int, gguf_path: str, threads: int, n_ctx: int):
-        from llama_cpp import Llama
-        # n_batch = n_ctx: a prompt goes in as one batch, as seqpar prefills it in one step
-        self.llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
-
-    def generate(self, prompts: list[list[int]], n: int) -> float:
-        import itertools
-        (ids,) = prompts
-        self.llm.reset()  # n_tokens = 0: generate() finds no prefix to reuse
-        t0 = time.perf_counter()
-        # temp=0: its greedy sampler; the n-th token is sampled, not evaluated (islice stops)
-        for _ in itertools.islice(self.llm.generate(ids, temp=0.0, reset=True), n):
-            pass
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.llm.close()
+def seqpar_host(model: str, dtype: str, threads: int, max_model_len: int, batched: int,
+                kv: int | None, quantization: str = "none", tp: int = 1) -> Host:
+    per_rank = max(1, threads // tp)
+    return Host(EngineSubject, 1, per_rank, (model, dtype, per_rank, max_model_len, batched, kv,
+                                             quantization, tp), f"seqpar tp={tp} {quantization}")
 
 
-def llamacpp_host(s: EngineSettings, n_ctx: int, workdir: Path) -> tuple[Host | None, dict]:
-    """(llama.cpp's host, its status): only where llama-cpp-python is installed (`pip install
-    .[llamacpp]`, a build from source of about 5 minutes) and the model comes from a GGUF."""
-    from seqpar.loader.resolve import gguf_source
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return None, {"status": "not measured",
-                      "reason": "llama_cpp is not importable (the optional extra `llamacpp`, "
-                                "llama-cpp-python built from source, is not installed)"}
-    src = gguf_source(s.model)
-    if src is None:
-        return None, {"status": "not measured", "reason": f"{s.model} is not a GGUF model"}
-    f16 = workdir / f"{src.stem}.F16.gguf"
-    if not f16.is_file():
-        s.log(f"  writing {f16} for llama.cpp")
-        write_f16_gguf(src, f16.with_suffix(".tmp")).rename(f16)
-    host = Host(LlamaCppSubject, 1, s.threads, (str(f16), s.threads, n_ctx), "llama.cpp")
-    return host, {"status": "measured", "gguf": str(f16), "version": llama_cpp.__version__}
+def weight_report(host: Host) -> dict:
+    """Bytes per rank of every weight and the kernels they run on, from LLM.weight_stats()."""
+    rows = host.call("weight_stats")
+    kernels = sorted({f"{r['kernel']}" for r in rows})
+    return {"bytes_per_rank": sum(r["bytes"] for r in rows), "kernels": kernels}
+
+
+def measure_quantized(s: EngineSettings, run: Run, c: dict, gen, src: Path, model_dir: Path,
+                      max_model_len: int, batched: int) -> tuple[list[Timing], list[dict]]:
+    """Issue 20's rows: seqpar on the GGUF file with quantization auto beside llama.cpp on the
+    same file (Q4_1 for the default model), and int8 beside seqpar float32 and --dtype (dense)
+    on the same weights: batch-1 decode and the longest prefill; weight bytes per rank."""
+    f32 = replace(s, dtype="float32")
+    run.start("seqpar q=auto", lambda: seqpar_host(str(src), s.dtype, s.threads, max_model_len,
+                                                   batched, None, "auto"))
+    run.start("seqpar int8", lambda: seqpar_host(str(model_dir), s.dtype, s.threads, max_model_len,
+                                                 batched, None, "int8"))
+    run.start("seqpar float32", lambda: seqpar_host(str(model_dir), "float32", s.threads,
+                                                    max_model_len, batched,
+                                                    kv_budget(c, f32, max_model_len)))
+    label = src.stem.rsplit(".", 1)[-1]  # SmolLM2-135M-Instruct.Q4_1 -> Q4_1
+    lc = f"llama.cpp {label}"
+    if "llama.cpp" in run.pythons and run.pythons["llama.cpp"]:
+        run.start(lc, lambda: llamacpp_host(run.pythons["llama.cpp"], src, label, s.threads,
+                                            max_model_len, run.logdir), "llama.cpp")
+    names = ("seqpar", "seqpar q=auto", "seqpar int8", "seqpar float32", lc)
+    hosts = run.pick(*names)
+    out = measure_decode(s, hosts, c["vocab"], gen, [1], "quant")
+    out += measure_prefill(s, hosts, c, c["vocab"], gen, max(s.prefill_tokens), "quant")
+    file_bytes = gguf_tensor_bytes(src)
+    weights = [dict(engine=name, file=str(src), file_bytes=file_bytes, **weight_report(host))
+               for name, host in hosts.items() if name.startswith("seqpar")]
+    for w in weights:
+        s.log(f"    {w['engine']}: {w['bytes_per_rank'] / 1e6:.1f} MB per rank "
+              f"({w['bytes_per_rank'] / file_bytes:.2f}x the file's {file_bytes / 1e6:.1f} MB); "
+              f"kernels {', '.join(w['kernels'])}")
+    run.stop("seqpar q=auto", "seqpar int8", "seqpar float32", lc)
+    return out, weights
+
+
+def measure_tp2(s: EngineSettings, run: Run, gen) -> tuple[list[Timing], dict]:
+    """Issue 19's tp=2 rows on a model whose heads split in two (and vLLM's CPU attention has a
+    kernel for: 64-dim heads): seqpar tp=2 beside its own tp=1 and vLLM's tp=2, batch-1 and
+    batched decode and the shortest prefill."""
+    model_dir = resolve(s.tp2_model)
+    c = _config(model_dir)
+    max_model_len = max(min(s.prefill_tokens), s.prompt_len + s.new_tokens) + 1
+    batched = max(max_model_len, max(s.batches) * s.prompt_len)
+    s.log(f"{s.tp2_model} ({describe(s.tp2_model)}), tp=1 and 2, {s.dtype}")
+    for tp in (1, 2):
+        run.start(f"seqpar tp={tp}", lambda: seqpar_host(str(model_dir), s.dtype, s.threads,
+                                                         max_model_len, batched, None, "none", tp))
+    if run.pythons.get("vllm"):
+        run.start("vllm tp=2", lambda: vllm_host(run.pythons["vllm"], model_dir, 2, s.dtype,
+                                                 s.threads, max_model_len, run.logdir), "vllm")
+    hosts = run.pick("seqpar tp=1", "seqpar tp=2", "vllm tp=2")
+    out = measure_decode(s, hosts, c["vocab"], gen, sorted({1, max(s.batches)}), "tp2")
+    out += measure_prefill(s, hosts, c, c["vocab"], gen, min(s.prefill_tokens), "tp2")
+    run.stop(*hosts)
+    return out, dict(name=s.tp2_model, desc=describe(s.tp2_model), **c)
 
 
 def run(s: EngineSettings) -> dict:
     model_dir = resolve(s.model)
     c = _config(model_dir)
     machine = machine_info(s.threads)
-    machine["backend"] = "one process per engine (tp=1)"
+    machine["backend"] = "one process per engine"
+    machine["cpu_flags"] = cpu_flags()
     share = CPUShare()
     gen = torch.Generator().manual_seed(s.seed)
-    longest = max(s.prefill_tokens, s.prefix_len + s.tail_len, s.prompt_len + s.new_tokens)
+    longest = max(*s.prefill_tokens, s.prefix_len + s.tail_len, s.prompt_len + s.new_tokens)
     max_model_len = longest + 1
     budget = s.kv_cache_memory_bytes or kv_budget(c, s, max_model_len)
     batched = max(max_model_len, max(s.batches) * s.prompt_len)  # a batch's prompts in one step
+    src = gguf_source(s.model)
     s.log(f"{s.model} ({describe(s.model)}), tp=1, {s.dtype}, {s.threads} threads")
-    seqpar = Host(EngineSubject, 1, s.threads, (str(model_dir), s.dtype, s.threads, max_model_len,
-                                                 batched, budget), "seqpar")
-    hf = peer = None
+    r = Run(s)
+    seqpar = r.start("seqpar", lambda: seqpar_host(str(model_dir), s.dtype, s.threads,
+                                                   max_model_len, batched, budget))
+    weights, tp2 = [], None
     try:
-        hf = Host(HFSubject, 1, s.threads, (str(model_dir), s.dtype), "hf")
-        peer, llamacpp = llamacpp_host(s, max_model_len, cache_dir() / "bench")
-        peers = {"llama.cpp": peer} if peer else {}
+        if "hf" in s.peers:
+            r.start("hf", lambda: Host(HFSubject, 1, s.threads, (str(model_dir), s.dtype), "hf"),
+                    "hf")
+        if r.pythons.get("vllm"):
+            r.start("vllm tp=1", lambda: vllm_host(r.pythons["vllm"], model_dir, 1, s.dtype,
+                                                   s.threads, max_model_len, r.logdir), "vllm")
+        if r.pythons.get("llama.cpp"):
+            if src is None:
+                r.peers["llama.cpp"] = {"status": "not measured",
+                                        "reason": f"{s.model} is not a GGUF model"}
+            else:
+                f16 = cache_dir() / "bench" / f"{src.stem}.F16.gguf"
+                if not f16.is_file():
+                    s.log(f"  writing {f16} for llama.cpp")
+                    write_f16_gguf(src, f16.with_suffix(".tmp")).rename(f16)
+                r.start("llama.cpp F16", lambda: llamacpp_host(
+                    r.pythons["llama.cpp"], f16, "F16", s.threads, max_model_len, r.logdir),
+                    "llama.cpp")
         stats = seqpar.call("cache_stats")
         block = kv_block_bytes(c, s.dtype)
         kv = KVCheck(budget, block, budget // block, stats["num_blocks"])
@@ -391,62 +483,92 @@ def run(s: EngineSettings) -> dict:
         bandwidth = read_bandwidth(s.bandwidth_bytes, s.rounds, s.warmup)
         s.log(f"  read bandwidth {bandwidth.rate / 1e9:.1f} GB/s (median)")
         timings = [bandwidth]
-        timings += measure_decode(s, {"seqpar": seqpar, "hf": hf, **peers}, c["vocab"], gen)
-        hf.close()
-        hf = None
+        timings += measure_decode(s, r.pick("seqpar", "hf", "vllm tp=1", "llama.cpp F16"),
+                                  c["vocab"], gen, s.batches, "tp1")
+        r.stop("hf")
         ttft, hits = measure_ttft(s, seqpar, c["vocab"], gen)
         timings += ttft
-        timings += measure_prefill(s, {"seqpar": seqpar, **peers}, c, c["vocab"], gen)
-        timings.append(matmul_rate(s.prefill_tokens, c["hidden"], c["inter"], s.dtype, s.rounds,
-                                   s.warmup))
-        s.log(f"  matmul {timings[-1].rate / 1e9:.0f} GFLOP/s, prefill "
-              + ", ".join(f"{x.engine} {x.median_s:.3f} s" for x in timings if x.what == "prefill"))
+        for tokens in s.prefill_tokens:
+            timings += measure_prefill(s, r.pick("seqpar", "vllm tp=1", "llama.cpp F16"), c,
+                                       c["vocab"], gen, tokens, "tp1")
+        r.stop("vllm tp=1", "llama.cpp F16")
+        timings.append(matmul_rate(max(s.prefill_tokens), c["hidden"], c["inter"], s.dtype,
+                                   s.rounds, s.warmup))
+        s.log(f"  matmul {timings[-1].rate / 1e9:.0f} GFLOP/s")
+        if s.quantized and src is not None:
+            quant, weights = measure_quantized(s, r, c, gen, src, model_dir, max_model_len,
+                                               batched)
+            timings += quant
+        r.stop("seqpar")
+        if s.tp2_model:
+            more, tp2 = measure_tp2(s, r, gen)
+            timings += more
     finally:
-        for host in (hf, peer):
-            if host is not None:
-                host.close()
-        seqpar.close()
+        r.stop()
     machine.update(share.others())
     machine["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     settings = {k: v for k, v in asdict(s).items() if k != "log"}
     result = {"machine": machine, "settings": settings,
               "model": dict(name=s.model, desc=describe(s.model), dtype=s.dtype,
                             weight_bytes=weight_bytes(model_dir, s.dtype), **c),
-              "timings": [asdict(t) for t in timings], "kv": asdict(kv), "ttft_hits": hits,
-              "llamacpp": llamacpp}
+              "tp2_model": tp2, "timings": [asdict(t) for t in timings], "kv": asdict(kv),
+              "ttft_hits": hits, "peers": r.peers, "weights": weights}
     result["targets"] = targets(result)
     return result
 
 
+def cpu_flags() -> list[str]:
+    """The vector and matrix units this CPU reports (AVX2, AVX-512 kinds, AMX): what a figure
+    measured here says about another CPU depends on them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
+
 # ---- results ------------------------------------------------------------------------------------
 
-def _pick(result: dict, what: str, engine: str = "seqpar", size: int | None = None) -> dict | None:
+def _pick(result: dict, what: str, engine: str = "seqpar", size: int | None = None,
+          section: str = "tp1") -> dict | None:
     return next((t for t in result["timings"] if t["what"] == what and t["engine"] == engine
-                 and (size is None or t["size"] == size)), None)
+                 and t["section"] == section and (size is None or t["size"] == size)), None)
 
 
 def _status(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
+def faster(result: dict, name: str, what: str, size: int | None, mine: str, theirs: str,
+           want: float, section: str, peer: str | None = None) -> tuple[str, str, str]:
+    """(target, status, numbers) for "`mine` at least `want` x as fast as `theirs`": the median
+    over rounds of theirs' time / mine's, round by round (they ran in alternation). A peer that
+    was not measured says why."""
+    a, b = (_pick(result, what, e, size, section) for e in (mine, theirs))
+    if a is None or b is None:
+        st = result["peers"].get(peer or "", {"status": "not measured", "reason": ""})
+        return name, st["status"], st.get("reason", "")
+    paired = statistics.median(y / x for x, y in zip(a["times_s"], b["times_s"]))
+    unit = "s" if what == "prefill" else "tok/s"
+    va, vb = ((a["median_s"], b["median_s"]) if what == "prefill" else (a["rate"], b["rate"]))
+    ba, bb = ((a["min_s"], b["min_s"]) if what == "prefill" else (a["best_rate"], b["best_rate"]))
+    return (name, _status(paired >= want),
+            f"{paired:.2f}x: {va:.4g} vs {vb:.4g} {unit} median (best {ba:.4g} vs {bb:.4g})")
+
+
 def targets(result: dict) -> list[tuple[str, str, str]]:
-    """(target, met / missed / not measured, numbers) for issue 11's targets."""
+    """(target, met / missed / not installed / ..., numbers) for issue 11's, 19's and 20's
+    targets."""
     out = []
-    for t in (x for x in result["timings"] if x["what"] == "decode" and x["engine"] == "seqpar"):
-        hf = _pick(result, "decode", "hf", t["size"])
+    st = result["settings"]
+    for t in (x for x in result["timings"] if x["what"] == "decode" and x["engine"] == "seqpar"
+              and x["section"] == "tp1"):
         want = TARGETS["decode_batch1"] if t["size"] == 1 else TARGETS["decode_batched"]
-        name = f"decode batch {t['size']} >= {want}x HF tok/s"
-        if hf is None:
-            out.append((name, "not measured", ""))
-            continue
-        # rounds paired: HF's decode time of round r over seqpar's of round r
-        paired = statistics.median(h / x for x, h in zip(t["times_s"], hf["times_s"]))
-        out.append((name, _status(paired >= want),
-                    f"{paired:.2f}x ({t['rate']:.1f} vs {hf['rate']:.1f} tok/s median; best "
-                    f"{t['best_rate']:.1f} vs {hf['best_rate']:.1f})"))
+        out.append(faster(result, f"decode batch {t['size']} >= {want}x HF tok/s", "decode",
+                          t["size"], "seqpar", "hf", want, "tp1", "hf"))
     bw, one = _pick(result, "bandwidth", "torch"), _pick(result, "decode", size=1)
     if bw and one:
-        steps = result["settings"]["new_tokens"] - 1
+        steps = st["new_tokens"] - 1
         roof = result["model"]["weight_bytes"] / bw["rate"]
         step = one["median_s"] / steps
         out.append((f"batch-1 decode step <= {TARGETS['roofline']}x the roofline",
@@ -455,7 +577,8 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
                     f"{one['min_s'] / steps * 1e3:.1f}) vs "
                     f"{result['model']['weight_bytes'] / 1e6:.0f} MB / {bw['rate'] / 1e9:.1f} GB/s "
                     f"= {roof * 1e3:.1f} ms"))
-    pre, mm = _pick(result, "prefill"), _pick(result, "matmul", "torch")
+    longest, shortest = max(st["prefill_tokens"]), min(st["prefill_tokens"])
+    pre, mm = _pick(result, "prefill", size=longest), _pick(result, "matmul", "torch")
     if pre and mm:
         frac = pre["rate"] / mm["rate"]
         out.append((f"prefill {pre['size']} tokens >= {TARGETS['prefill_matmul']} of the matmul "
@@ -468,33 +591,46 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         out.append((f"cached-prefix TTFT <= {TARGETS['ttft_cached']}x uncached",
                     _status(paired <= TARGETS["ttft_cached"]),
                     f"{paired:.2f}x: {hit['median_s'] * 1e3:.1f} vs {new['median_s'] * 1e3:.1f} ms"
-                    f" ({result['settings']['prefix_len']} of {hit['size']} tokens cached; "
+                    f" ({st['prefix_len']} of {hit['size']} tokens cached; "
                     f"{result['ttft_hits']['prefix_hits']} prefix-hit tokens counted)"))
     kv = result["kv"]
     out.append(("KV memory per rank = formula", _status(kv["matches"]),
                 f"{kv['num_blocks']} blocks x {kv['block_bytes']} B = {kv['pool_bytes']} B; "
                 f"formula {kv['budget_bytes']} // {kv['block_bytes']} = {kv['formula_blocks']} "
                 "blocks"))
-    lc = result["llamacpp"]
-    names = ("batch-1 decode >= llama.cpp tok/s (F16 GGUF)",
-             f"prefill {result['settings']['prefill_tokens']} tokens >= 2x faster than llama.cpp")
-    if lc["status"] != "measured":
-        out += [(name, lc["status"], lc["reason"]) for name in names]
-        return out
-    mine, theirs = _pick(result, "decode", size=1), _pick(result, "decode", "llama.cpp", 1)
-    if mine and theirs:
-        out.append((names[0], _status(mine["rate"] >= theirs["rate"]),
-                    f"{mine['rate']:.1f} vs {theirs['rate']:.1f} tok/s median (best "
-                    f"{mine['best_rate']:.1f} vs {theirs['best_rate']:.1f})"))
-    mine, theirs = _pick(result, "prefill"), _pick(result, "prefill", "llama.cpp")
-    if mine and theirs:
-        speedup = theirs["median_s"] / mine["median_s"]
-        out.append((names[1], _status(speedup >= 2.0), f"{speedup:.2f}x: "
-                    f"{mine['median_s']:.3f} vs {theirs['median_s']:.3f} s median"))
+    f16 = "llama.cpp F16"
+    out.append(faster(result, "batch-1 decode >= llama.cpp tok/s (F16 GGUF)", "decode", 1,
+                      "seqpar", f16, 1.0, "tp1", "llama.cpp"))
+    out.append(faster(result, f"prefill {longest} tokens >= 2x faster than llama.cpp (F16)",
+                      "prefill", longest, "seqpar", f16, 2.0, "tp1", "llama.cpp"))
+    # issue 19: vLLM's CPU engine at tp=1 (this model) and tp=2 (the 64-dim-head model)
+    batch = max(st["batches"])
+    for section, tp in (("tp1", 1), ("tp2", 2)):
+        if section == "tp2" and not result["tp2_model"]:
+            continue
+        mine = "seqpar" if tp == 1 else "seqpar tp=2"
+        for what, size, label in (("decode", 1, "batch-1 decode"),
+                                  ("prefill", shortest, f"prefill {shortest} tokens"),
+                                  ("decode", batch, f"decode batch {batch}")):
+            out.append(faster(result, f"tp={tp} {label} >= 1.2x vLLM", what, size, mine,
+                              f"vllm tp={tp}", 1.2, section, "vllm"))
+    if result["tp2_model"]:
+        out.append(faster(result, "tp=2 batch-1 decode >= 1.6x seqpar tp=1 (same model)",
+                          "decode", 1, "seqpar tp=2", "seqpar tp=1", 1.6, "tp2"))
+    # issue 20: quantized weights
+    if result["weights"]:
+        lc = next((t["engine"] for t in result["timings"] if t["section"] == "quant"
+                   and t["engine"].startswith("llama.cpp")), "llama.cpp Q4_1")
+        out.append(faster(result, f"quantization auto batch-1 decode >= 1.0x {lc}", "decode", 1,
+                          "seqpar q=auto", lc, 1.0, "quant", "llama.cpp"))
+        out.append(faster(result, f"quantization auto prefill {longest} >= 1.5x faster than {lc}",
+                          "prefill", longest, "seqpar q=auto", lc, 1.5, "quant", "llama.cpp"))
+        out.append(faster(result, "int8 batch-1 decode >= 1.8x seqpar float32", "decode", 1,
+                          "seqpar int8", "seqpar float32", 1.8, "quant"))
     return out
 
 
-TABLE_HEAD = ["what", "engine", "size", "median s", "min s", "rate (median)", "rate (best)"]
+TABLE_HEAD = ["section", "what", "engine", "size", "median s", "min s", "rate (median)", "rate (best)"]
 
 
 def _rate(t: dict, which: str) -> str:
@@ -507,21 +643,39 @@ def _rate(t: dict, which: str) -> str:
 
 
 def rows(result: dict) -> list[list[str]]:
-    return [[t["what"], t["engine"], str(t["size"]), f"{t['median_s']:.4f}", f"{t['min_s']:.4f}",
-             _rate(t, "rate"), _rate(t, "best_rate")] for t in result["timings"]]
+    return [[t["section"], t["what"], t["engine"], str(t["size"]), f"{t['median_s']:.4f}",
+             f"{t['min_s']:.4f}", _rate(t, "rate"), _rate(t, "best_rate")]
+            for t in result["timings"]]
+
+
+WEIGHTS_HEAD = ["engine", "weight MB per rank", "x the file's tensors", "kernels"]
+
+
+def weight_rows(result: dict) -> list[list[str]]:
+    return [[w["engine"], f"{w['bytes_per_rank'] / 1e6:.1f}",
+             f"{w['bytes_per_rank'] / w['file_bytes']:.2f}", ", ".join(w["kernels"])]
+            for w in result["weights"]]
+
+
+def peer_lines(result: dict) -> list[str]:
+    return [f"{name}: {p['status']}" + (f" ({p['version']})" if "version" in p else "")
+            + (f": {p['reason']}" if p.get("reason") else "")
+            for name, p in result["peers"].items()]
 
 
 def summary(result: dict) -> str:
     from seqpar_bench.results import _text_table
     m = result["machine"]
-    lines = [_text_table(TABLE_HEAD, rows(result)), "",
-             f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {m['wall_s']:.0f} s; "
-             f"load average {m['load_avg_before'][0]} before, {m['load_avg_after'][0]} after; "
-             f"other processes used {m['other_share']:.0%} of the CPUs meanwhile"]
+    lines = [_text_table(TABLE_HEAD, rows(result)), ""]
+    if result["weights"]:
+        lines += [_text_table(WEIGHTS_HEAD, weight_rows(result)), ""]
+    lines += [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {m['wall_s']:.0f} s; "
+              f"load average {m['load_avg_before'][0]} before, {m['load_avg_after'][0]} after; "
+              f"other processes used {m['other_share']:.0%} of the CPUs meanwhile; CPU flags: "
+              + " ".join(m["cpu_flags"])]
+    lines += ["peers: " + "; ".join(peer_lines(result))]
     lines += [f"[{status}] {name}: {nums}" for name, status, nums in result["targets"]]
     return "\n".join(lines)
-
-
 
 
 def section(result: dict) -> str:
@@ -529,30 +683,44 @@ def section(result: dict) -> str:
     from seqpar_bench.markdown import ENGINE_BEGIN, ENGINE_END, _table
     m, s, mo = result["machine"], result["settings"], result["model"]
     shared = m["other_share"] > 0.05 or max(m["load_avg_before"][0], m["load_avg_after"][0]) > 1.5
-    L = [ENGINE_BEGIN, "## Engine core (issue 11)", "",
+    longest = max(s["prefill_tokens"])
+    L = [ENGINE_BEGIN, "## Engine core and its peers (issues 11, 19, 20)", "",
          f"This run: `{result['command']}`, {m['wall_s'] / 60:.1f} minutes, "
          f"{time.strftime('%Y-%m-%d', time.gmtime())}. "
-         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers "
-         f"{m['transformers']}; {s['threads']} threads for each engine. Load average "
-         f"{m['load_avg_before'][0]} before and {m['load_avg_after'][0]} after; other processes "
-         f"used {m['other_share']:.0%} of the CPUs while it ran. "
+         f"Machine: {m['cpu']}, {m['cores']} cores (CPU flags: {' '.join(m['cpu_flags'])}), torch "
+         f"{m['torch']}, transformers {m['transformers']}; {s['threads']} threads for each engine "
+         f"(split between the ranks at tp=2). Load average {m['load_avg_before'][0]} before and "
+         f"{m['load_avg_after'][0]} after; other processes used {m['other_share']:.0%} of the CPUs "
+         "while it ran. "
          + ("**The machine was shared with other jobs**: absolute numbers are low and noisy "
-            "(run-to-run spread here is 10-40% even when idle); alternation keeps the decode "
-            "ratios fair." if shared else "The machine was otherwise idle."), "",
-         f"`{mo['name']}` = {mo['desc']}, tp=1, {mo['dtype']} in both engines, "
-         f"{mo['weight_bytes'] / 1e6:.0f} MB of weights. {s['warmup']} warm-up + {s['rounds']} "
-         f"measured rounds; median and min. Decode: {s['prompt_len']}-token prompts, "
-         f"{s['new_tokens']} new tokens, greedy; the {s['new_tokens'] - 1} decode steps timed (a "
-         "1-token generate subtracted), seqpar and HF `generate` (its KV cache) in alternation. "
-         f"TTFT: {s['prefix_len'] + s['tail_len']}-token prompts, max_tokens=1; uncached: a fresh "
+            "(run-to-run spread here is 10-40% even when idle); alternation keeps the paired "
+            "ratios fairer." if shared else "The machine was otherwise idle."), "",
+         "Peers: " + "; ".join(peer_lines(result)) + ".", "",
+         f"`{mo['name']}` = {mo['desc']}, {mo['dtype']} unless named, "
+         f"{mo['weight_bytes'] / 1e6:.0f} MB of weights in it. Every engine in a process of its "
+         f"own; {s['warmup']} warm-up + {s['rounds']} measured rounds with the engines in "
+         "alternation; median and min (best). No prompt is sent twice (each call draws new "
+         "token ids), and vLLM runs with prefix caching off. Decode: "
+         f"{s['prompt_len']}-token prompts, {s['new_tokens']} new tokens, greedy, EOS ignored; the "
+         f"{s['new_tokens'] - 1} decode steps timed (a 1-token generate subtracted). TTFT: "
+         f"{s['prefix_len'] + s['tail_len']}-token prompts, max_tokens=1; uncached: a fresh "
          f"{s['prefix_len']}-token prefix; cached: the same prefix right after, another tail. "
-         f"Prefill: {s['prefill_tokens']} new tokens, max_tokens=1; its matmul FLOPs (projections, "
-         f"MLP, causal attention, one LM-head row) per second against F.linear on "
-         f"[{s['prefill_tokens']}, {mo['hidden']}] x [{mo['hidden']}, {mo['inter']}]. "
+         f"Prefill: {', '.join(map(str, s['prefill_tokens']))} new tokens, max_tokens=1; the "
+         f"{longest}-token one's matmul FLOPs per second against F.linear on "
+         f"[{longest}, {mo['hidden']}] x [{mo['hidden']}, {mo['inter']}]. "
          f"Bandwidth: a sum over a {s['bandwidth_bytes'] / GiB:g} GiB float32 tensor. Roofline: "
-         "weight bytes / bandwidth.", ""]
+         "weight bytes / bandwidth. Sections: tp1 (the model at tp=1: seqpar dense, HF, vLLM, "
+         "llama.cpp on an F16 copy of the GGUF), quant (seqpar on the GGUF with quantization auto, "
+         "int8 and float32, beside llama.cpp on the GGUF itself), tp2 ("
+         + (f"`{result['tp2_model']['name']}` = {result['tp2_model']['desc']}: seqpar tp=1 and "
+            "tp=2, vLLM tp=2 with its ranks bound by hand, VLLM_CPU_OMP_THREADS_BIND"
+            if result["tp2_model"] else "not run") + ").", ""]
     L += _table(["target", "status", "numbers"], result["targets"])
-    L += ["", *_table(TABLE_HEAD, rows(result)), "", ENGINE_END]
+    L += ["", *_table(TABLE_HEAD, rows(result))]
+    if result["weights"]:
+        L += ["", "Weights per rank (LLM.weight_stats()) against the GGUF file's tensor bytes:", "",
+              *_table(WEIGHTS_HEAD, weight_rows(result))]
+    L += ["", ENGINE_END]
     return "\n".join(L)
 
 
@@ -589,13 +757,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=d.prefix_len,
                    help=f"TTFT: cached prefix tokens (a multiple of {BLOCK_SIZE})")
     p.add_argument("--tail-len", type=int, default=d.tail_len, help="TTFT: tokens after it")
-    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens,
-                   help="tokens of the prefill timed against the matmul rate")
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=d.prefill_tokens,
+                   help="prefill lengths (the longest is timed against the matmul rate and in "
+                        "the quantized rows, the shortest at tp=2)")
     p.add_argument("--bandwidth-bytes", type=int, default=d.bandwidth_bytes,
                    help="size of the tensor the bandwidth probe sums")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV budget per rank (default: what the largest step needs + half a block)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
+    p.add_argument("--peers", nargs="*", default=d.peers, choices=PEERS,
+                   help="engines beside seqpar (default all; each one not installed is reported "
+                        "with how to install it)")
+    p.add_argument("--vllm-python", default=None,
+                   help="the Python of vLLM's venv (seqpar_bench/vllm_cpu_venv.sh builds one); "
+                        "default: this one")
+    p.add_argument("--llamacpp-python", default=None,
+                   help="a Python where llama_cpp imports; default: this one")
+    p.add_argument("--no-quantized", dest="quantized", action="store_false",
+                   help="skip issue 20's rows (quantization auto / int8 / float32 beside llama.cpp "
+                        "on the GGUF)")
+    p.add_argument("--tp2-model", default=d.tp2_model,
+                   help="model of the tp=2 rows beside vLLM (default smollm2-64d; '' skips them)")
     p.add_argument("--json", metavar="FILE", help="write the run (records, machine) as JSON")
     p.add_argument("--markdown", metavar="FILE",
                    help="put the results section into this page (docs/benchmarks.md)")

@@ -2,6 +2,7 @@
 model and checks what it reports, not how fast anything is."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -281,3 +282,55 @@ def test_bench_imports_only_public_seqpar():
     back = {(str(p.relative_to(engine)), m) for p in engine.rglob("*.py")
             for m in seqpar_imports(p) if m.split(".")[0] == "seqpar_bench"}
     assert back == {("cli.py", "seqpar_bench"), ("cli.py", "seqpar_bench.costplan")}, back
+
+
+def test_serve_args_map_onto_engine_args():
+    # `seqpar bench serve --offline` builds the same engine as `seqpar serve ARGS` from
+    # EngineArgs' own fields; a flag that is not one is an error, not dropped.
+    from seqpar_bench.serve import engine_options
+    got = engine_options("smollm2", "on", ["-tp", "2", "--dtype", "bfloat16", "--overlap",
+                                           "--no-enable-prefix-caching", "--port", "0",
+                                           "--max-model-len", "512", "-q", "int8"])
+    assert got == dict(model="smollm2", sequence_parallel="on", tensor_parallel_size=2,
+                       dtype="bfloat16", overlap=True, enable_prefix_caching=False,
+                       max_model_len=512, quantization="int8")
+    with pytest.raises(ValueError, match="--bogus"):
+        engine_options("smollm2", "off", ["--bogus", "1"])
+
+
+def test_missing_peer_is_reported_with_how_to_install(tmp_path):
+    from seqpar_bench import peers
+    python, status = peers.find_python("vllm", str(tmp_path / "no-python"))
+    assert python is None and status["status"] == "not installed"
+    assert "vllm_cpu_venv.sh" in status["reason"]
+    # A peer that fails to start says why (the driver's traceback), and leaves no process behind.
+    # (llama_cpp missing here, or present and the file missing)
+    with pytest.raises(peers.PeerError, match=r"llama_cpp|nothing\.gguf"):
+        peers.llamacpp_host(sys.executable, tmp_path / "nothing.gguf", "F16", 1, 64, tmp_path)
+    assert peers.vllm_bind(2, 2) == "0|1" and peers.vllm_bind(4, 2) == "0-1|2-3"
+    assert peers.vllm_bind(2, 1) == "0-1"
+
+
+def test_peer_targets_pair_rounds_and_name_missing_peers():
+    from dataclasses import asdict
+
+    from seqpar_bench.engine import Timing, faster
+    mine = Timing("decode", "seqpar", 1, 10, "tokens", [1.0, 2.0, 1.0])
+    theirs = Timing("decode", "vllm tp=1", 1, 10, "tokens", [2.0, 2.0, 3.0])
+    result = {"timings": [asdict(mine), asdict(theirs)],
+              "peers": {"vllm": {"status": "measured"},
+                        "llama.cpp": {"status": "not installed", "reason": "how: pip ..."}}}
+    name, status, numbers = faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 1.2, "tp1",
+                                   "vllm")
+    assert status == "met" and numbers.startswith("2.00x")  # rounds paired: 2/1, 2/2, 3/1
+    assert faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 2.5, "tp1")[1] == "missed"
+    assert faster(result, "y", "decode", 1, "seqpar", "llama.cpp F16", 1.0, "tp1",
+                  "llama.cpp") == ("y", "not installed", "how: pip ...")
+
+
+def test_gpu_check_without_cuda_passes_saying_so(capsys):
+    from seqpar_bench.gpu_check import main
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: `make gpu-check` runs the real checks")
+    assert main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
