@@ -172,8 +172,9 @@ def test_engine_bench_records(tiny_llama, tmp_path):
     block = 2 * 2 * 2 * 16 * 16 * 2  # K+V x 2 layers x 2 KV heads x 16 tokens x head_dim 16 x bf16
     s = engine.EngineSettings(model=str(tiny_llama), threads=1, batches=[1, 2], prompt_len=8,
                               new_tokens=4, rounds=1, warmup=0, prefix_len=32, tail_len=8,
-                              prefill_tokens=48, bandwidth_bytes=2 ** 22,
-                              kv_cache_memory_bytes=20 * block + block - 1, log=lambda *a: None)
+                              prefill_tokens=[48], bandwidth_bytes=2 ** 22,
+                              kv_cache_memory_bytes=20 * block + block - 1, peers=["hf"],
+                              tp2_model="", log=lambda *a: None)
     result = engine.run(s)
     json.dumps(result)
     t = {(x["what"], x["engine"], x["size"]): x for x in result["timings"]}
@@ -201,8 +202,14 @@ def test_engine_bench_records(tiny_llama, tmp_path):
         2 * (48 * (2 * 64 * 192 + 2 * 3 * 64 * 128) + 4 * 4 * 16 * 48 * 49 // 2) + 2 * 64 * 512
     status = {name: st for name, st, _ in result["targets"]}
     assert status["KV memory per rank = formula"] == "met"
-    assert set(status.values()) <= {"met", "missed", "not measured"}
-    assert len(status) == 8 and "batch-1 decode step <= 2.0x the roofline" in status
+    assert set(status.values()) <= {"met", "missed", "not run"}
+    assert "batch-1 decode step <= 2.0x the roofline" in status
+    # Peers left out are reported, with every target that needs them, never dropped.
+    assert result["peers"]["vllm"]["status"] == result["peers"]["llama.cpp"]["status"] == "not run"
+    assert [n for n, st in status.items() if st == "not run"] == [
+        "batch-1 decode >= llama.cpp tok/s (F16 GGUF)",
+        "prefill 48 tokens >= 2x faster than llama.cpp (F16)", "tp=1 batch-1 decode >= 1.2x vLLM",
+        "tp=1 prefill 48 tokens >= 1.2x vLLM", "tp=1 decode batch 2 >= 1.2x vLLM"]
     # The section replaces its earlier self and leaves the rest of the page alone.
     page = tmp_path / "b.md"
     page.write_text("# Benchmarks\n\nhand-written\n")
@@ -210,13 +217,14 @@ def test_engine_bench_records(tiny_llama, tmp_path):
         engine.write_section({**result, "command": "seqpar bench engine (test)"}, page)
     text = page.read_text()
     assert text.count("## Engine core") == 1 and "hand-written" in text
+    assert "vllm: not run" in text
 
 
 def test_f16_gguf_for_llamacpp(tmp_path):
     # llama.cpp's copy of a quantized GGUF: the same values in F16 (vectors F32), the same metadata.
     import gguf
     import numpy as np
-    from seqpar_bench.engine import write_f16_gguf
+    from seqpar_bench.peers import write_f16_gguf
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 64)).astype(np.float32)
     norm = rng.standard_normal(64).astype(np.float32)
@@ -319,7 +327,8 @@ def test_peer_targets_pair_rounds_and_name_missing_peers():
     theirs = Timing("decode", "vllm tp=1", 1, 10, "tokens", [2.0, 2.0, 3.0])
     result = {"timings": [asdict(mine), asdict(theirs)],
               "peers": {"vllm": {"status": "measured"},
-                        "llama.cpp": {"status": "not installed", "reason": "no llama_cpp; to install: pip ..."}}}
+                        "llama.cpp": {"status": "not installed",
+                                      "reason": "no llama_cpp; to install: pip ..."}}}
     name, status, numbers = faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 1.2, "tp1",
                                    "vllm")
     assert status == "met" and numbers.startswith("2.00x")  # rounds paired: 2/1, 2/2, 3/1
