@@ -21,7 +21,7 @@ SYNTHETIC = {
     # 64-dim heads (vLLM's CPU attention has no kernel for 72) over hidden 512, for tp=2 beside vLLM.
     "smollm2-64d": dict(SMOLLM2_SHAPE, hidden_size=512, num_attention_heads=8,
                         num_key_value_heads=2, head_dim=64),
-    # Every MLP replaced by 8 experts of the MLP's width, top-2 (bench/moe.py).
+    # Every MLP replaced by 8 experts of the MLP's width, top-2 (seqpar_bench/moe.py).
     "smollm2-moe": dict(SMOLLM2_SHAPE, model_type="mixtral", num_attention_heads=8,
                         num_key_value_heads=2, head_dim=72, num_local_experts=8,
                         num_experts_per_tok=2),
