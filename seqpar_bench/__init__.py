@@ -5,7 +5,8 @@ Modules: suite (runs the modes), catalog (which models), results (tables, plots,
 markdown (the results page). `seqpar bench engine` (engine.py): the serving engine core against
 HF, the machine's bandwidth and matmul rate, prefix-cache TTFT and the KV formula (issue 11), with
 llama.cpp and vLLM's CPU engine as peers in processes of their own (peers.py); `seqpar bench serve`
-(serve.py): `seqpar serve` over HTTP; `seqpar bench gpu-check` (gpu_check.py): the CUDA smoke checks.
+(serve.py): `seqpar serve` over HTTP; `seqpar bench gpu-check` (gpu_check.py): the CUDA smoke
+checks.
 
 A package beside the engine, not inside it: nothing in `seqpar` imports it (`seqpar bench` and
 `seqpar plan` import it on use). It drives the engine through LLM / SamplingParams / EngineArgs'

@@ -5,7 +5,8 @@ is a random Llama of SmolLM2's shape (hidden 576, 30 layers, MLP 1536, vocab 491
 embeddings, rope theta 1e5) with 8 heads of 72 and 2 KV heads, so tp=2 works: the same matmul
 FLOPs per token as SmolLM2 (q/o projections 576 x 576), K/V projections 144 wide instead of 192.
 "smollm2-64d" (hidden 512, 8 heads of 64) is the tp=2 model beside vLLM, whose CPU attention has
-no 72-dim kernel. Timing does not depend on the weights' values (generation ignores EOS), so random weights serve.
+no 72-dim kernel. Timing does not depend on the weights' values (generation ignores EOS), so
+random weights serve.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 SYNTHETIC = {
     "smollm2-8h": dict(SMOLLM2_SHAPE, num_attention_heads=8, num_key_value_heads=2, head_dim=72),
-    # 64-dim heads (vLLM's CPU attention has no kernel for 72) over hidden 512, for tp=2 beside vLLM.
+    # 64-dim heads (vLLM's CPU attention has no kernel for 72) over hidden 512: tp=2 beside vLLM.
     "smollm2-64d": dict(SMOLLM2_SHAPE, hidden_size=512, num_attention_heads=8,
                         num_key_value_heads=2, head_dim=64),
     # Every MLP replaced by 8 experts of the MLP's width, top-2 (seqpar_bench/moe.py).

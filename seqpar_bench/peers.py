@@ -113,7 +113,7 @@ def vllm_host(python: str, model_dir: Path, tp: int, dtype: str, threads: int,
     """vLLM's CPU engine on the same HF directory and dtype as seqpar, prefix caching off (the
     bench never sends a prompt twice anyway), at its own defaults otherwise; at tp > 1 its ranks'
     OpenMP threads bound by hand to cores 0..threads-1 (vllm_bind)."""
-    tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
+    tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     config = dict(model=str(model_dir), tensor_parallel_size=tp, dtype=dtype,
                   max_model_len=max_model_len, enable_prefix_caching=False, seed=0,
                   skip_tokenizer_init=not tokenizer)  # the random models have no tokenizer
