@@ -609,9 +609,10 @@ def targets(result: dict) -> list[tuple[str, str, str]]:
         if section == "tp2" and not result["tp2_model"]:
             continue
         mine = "seqpar" if tp == 1 else "seqpar tp=2"
-        for what, size, label in (("decode", 1, "batch-1 decode"),
-                                  ("prefill", shortest, f"prefill {shortest} tokens"),
-                                  ("decode", batch, f"decode batch {batch}")):
+        rows = [("decode", 1, "batch-1 decode"),
+                ("prefill", shortest, f"prefill {shortest} tokens")]
+        rows += [("decode", batch, f"decode batch {batch}")] if batch > 1 else []
+        for what, size, label in rows:
             out.append(faster(result, f"tp={tp} {label} >= 1.2x vLLM", what, size, mine,
                               f"vllm tp={tp}", 1.2, section, "vllm"))
     if result["tp2_model"]:
