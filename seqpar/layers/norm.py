@@ -15,13 +15,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        # Statistics in float32 whatever the model dtype, as the reference implementations do;
-        # the float32 copy is scaled in place and the product written into out (fewer ops and
-        # buffers per call, the same roundings).
-        xf = x.to(torch.float32, copy=True)
-        xf.mul_(xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_())
-        return torch.mul(xf.to(x.dtype), self.weight, out=out)
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the model dtype, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x) if no residual, else (norm(x + residual), x + residual). x: [rows, ..., dim]."""
@@ -38,4 +36,4 @@ class RMSNorm(nn.Module):
         of a new pair per norm (the transients of _norm are freed before the next matmul).
         """
         residual += x
-        return self._norm(residual, out), residual
+        return out.copy_(self._norm(residual)), residual
