@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
-from seqpar.layers.linear import check_shape
+from seqpar.layers.linear import check_shape, dense_linear
 from seqpar.layers.quant import PackedInt4, merge_rows, requantize
 from seqpar.loader.ggml_blocks import Affine
 
@@ -94,6 +94,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, x: torch.Tensor, plan=None) -> torch.Tensor | None:
         # [S, V_pad / N]
-        logits = F.linear(x, self.weight) if self.qweight is None else self.qweight(x)
+        logits = dense_linear(x, self.weight) if self.qweight is None else self.qweight(x)
         full = self.comm.gather_vocab(logits)
         return None if full is None else full[:, :self.vocab_size]

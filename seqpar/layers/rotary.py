@@ -1,6 +1,7 @@
 """Rotary position embedding (rotate-half layout), with Llama-3 frequency scaling."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,12 +35,44 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._step: list | None = None
+        """Inside `step()`: [] or [positions, dtype, cos, sin] of the step's first call; outside,
+        None (nothing is kept)."""
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions: [T]; q: [T, hq, D]; k: [T, hkv, D] -> rotated (q, k)."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    @contextlib.contextmanager
+    def step(self):
+        """One eager forward: its layers share this module and the step's positions, so the
+        [T, 1, D] cos / sin rows are gathered and cast once, not once per layer. Dropped on exit,
+        so a later step (whatever its positions tensor) builds its own."""
+        self._step = []
+        try:
+            yield
+        finally:
+            self._step = None
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None = None):
+        """positions: [T]; q: [T, hq, D]; k: [T, hkv, D] -> rotated (q, k). Without k: q alone
+        rotated (q and k as one [T, hq + hkv, D] tensor: half the ops of two calls)."""
+        cos, sin = self.tables(positions, q.dtype)
+        if k is None:
+            return rotate(q, cos, sin)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [T, 1, D] in dtype for positions [T] (reused within a `step()`)."""
+        cached = self._step
+        if cached and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        if cached is not None and not torch.compiler.is_compiling():
+            cached[:] = [positions, dtype, cos, sin]
+        return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos, sin [T, 1, D] (rotate-half pairs: i with i + D/2)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

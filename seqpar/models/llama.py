@@ -11,6 +11,7 @@ layers, plus the embedding on the first stage and the final norm and LM head on 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -40,7 +41,6 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, comm, bias=cfg.o_bias,
                                         dtype=dtype)
         hq, hkv = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.split = [hq * d, hkv * d, hkv * d]
         self.rotary = rotary
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -60,11 +60,15 @@ class LlamaAttention(nn.Module):
         rotary with it and calls `self.attn` (the KV cache and SDPA) as an opaque op
         (compile/runner.py), so eager and compiled steps share all of it."""
         t, d = qkv.shape[0], self.attn.head_dim
-        q, k, v = qkv.split(self.split, dim=-1)
-        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(plan.positions, q, k)
+        hq, hkv = self.attn.num_heads, self.attn.num_kv_heads
+        v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+        if self.q_norm is None:
+            # q and k lie side by side in each row of qkv: rotated as one [T, hq + hkv, D].
+            qk = self.rotary(plan.positions, qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d))
+            q, k = qk.split([hq, hkv], dim=1)
+        else:
+            q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+            q, k = self.rotary(plan.positions, self.q_norm(q), self.k_norm(k))
         return self.attn(q, k, v, plan)
 
 
@@ -138,6 +142,8 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, comm, rotary, dtype, mlp_for(i))
                                     for i in layers)
+        self.rotary_step = rotary.step
+        """An eager forward runs its layers inside rotary_step(): cos / sin once per step."""
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype) if last else None
 
 
@@ -186,8 +192,10 @@ class LlamaForCausalLM(nn.Module):
         compile=True this is the part torch.compile traces (compile/runner.py)."""
         if self.model.embed_tokens is not None:
             h = self.model.embed_tokens(plan.token_ids, plan)  # [rows, H]
-        for layer in self.model.layers:
-            h, residual = layer(h, residual, plan)
+        # Compiled, the graph computes the tables once itself.
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else self.model.rotary_step():
+            for layer in self.model.layers:
+                h, residual = layer(h, residual, plan)
         return h, residual
 
     def logits(self, plan, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
