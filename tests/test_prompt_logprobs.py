@@ -26,8 +26,6 @@ def _check(model, prompt: list[int], entries, k: int) -> None:
         assert [entry[t] for t in want] == pytest.approx(list(want.values()), abs=2e-4), i
 
 
-@pytest.mark.xfail(strict=True, reason="prompt logprobs are computed on the last stage once the "
-                                       "model runner does (issue 21, after the sampler rework)")
 def test_prompt_logprobs_equal_hf_at_tp2_with_sp(tiny):
     model = tiny("llama-gqa")
     long, short = list(range(5, 26)), [7, 300, 12, 999]

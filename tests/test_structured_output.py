@@ -326,8 +326,6 @@ def test_json_whitespace_runs_are_bounded(factory, tokenizer):
     assert max(map(len, runs)) <= MAX_JSON_WHITESPACE < max(map(len, runs)) + 8, runs
 
 
-@pytest.mark.xfail(strict=True, reason="the grammar's mask is applied on the sampler rank once "
-                                       "its rework lands (issue 21)")
 def test_llm_outputs_follow_their_grammars(model, tokenizer):
     """LLM.generate at tp 1: a batch of grammar requests (json schema, regex, choice; greedy and
     sampled) beside a plain greedy one, whose tokens stay HF's (its row is not masked)."""
