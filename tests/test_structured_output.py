@@ -326,9 +326,11 @@ def test_json_whitespace_runs_are_bounded(factory, tokenizer):
     assert max(map(len, runs)) <= MAX_JSON_WHITESPACE < max(map(len, runs)) + 8, runs
 
 
-def test_llm_outputs_follow_their_grammars(model, tokenizer):
+@pytest.mark.parametrize("pp", [1, 2])
+def test_llm_outputs_follow_their_grammars(model, tokenizer, pp):
     """LLM.generate at tp 1: a batch of grammar requests (json schema, regex, choice; greedy and
-    sampled) beside a plain greedy one, whose tokens stay HF's (its row is not masked)."""
+    sampled) beside a plain greedy one, whose tokens stay HF's (its row is not masked). pp 2:
+    the masks are applied on the last stage's sampler rank."""
     from models import hf_reference
     from seqpar import LLM
 
@@ -338,7 +340,8 @@ def test_llm_outputs_follow_their_grammars(model, tokenizer):
     params = [SamplingParams(max_tokens=120, temperature=t, seed=s, structured_outputs=spec)
               for spec in specs for t, s in [(0.0, None), (1.0, 1), (1.0, 2)]]
     plain = SamplingParams(max_tokens=8, temperature=0)
-    with LLM(str(model), threads_per_rank=1, max_model_len=256) as llm:
+    with LLM(str(model), threads_per_rank=1, max_model_len=256,
+             pipeline_parallel_size=pp) as llm:
         outs = llm.generate([prompt] * (len(params) + 1), params + [plain])
     for out, p in zip(outs, params):
         spec = p.structured_outputs
