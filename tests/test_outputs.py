@@ -236,20 +236,17 @@ def test_a_long_request_costs_linear_work(long_model, tokenizer):
     assert late <= 1.2 * early + 64, f"a step allocates {early} B at token ~200, {late} B at ~1900"
 
 
-def test_what_the_engine_cannot_honour_yet_is_refused(long_model, tokenizer):
-    """Until the sampler rank applies grammar masks and the last stage computes prompt logprobs,
-    asking for them is a ValueError naming it (a grammar xgrammar cannot build names why)."""
+def test_what_the_engine_cannot_honour_is_refused(long_model, tokenizer):
+    """Settings the engine cannot honour are a ValueError naming them (a grammar xgrammar cannot
+    build names why)."""
     from seqpar.sampling_params import StructuredOutputsParams
 
     cfg = EngineConfig(long_model, ModelConfig.from_dir(long_model), ParallelConfig(),
                        max_model_len=64, kv_cache_memory_bytes=1 << 20)
     engine = Engine(cfg, cluster=None, policy=None, tokenizer=tokenizer, eos_ids={2})
     for params, said in [
-            (SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+")),
-             "does not apply grammar masks yet"),
             (SamplingParams(structured_outputs=StructuredOutputsParams(regex="(?<=a)b")),
              "Lookbehind is not supported"),
-            (SamplingParams(prompt_logprobs=1), "does not compute prompt logprobs yet"),
             # More top tokens than any client reads: each is two columns of the sampler's rows.
             (SamplingParams(logprobs=5000), "logprobs=5000: at most 20 top tokens"),
             (SamplingParams(prompt_logprobs=21), "prompt_logprobs=21: at most 20")]:

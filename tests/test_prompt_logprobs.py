@@ -26,8 +26,6 @@ def _check(model, prompt: list[int], entries, k: int) -> None:
         assert [entry[t] for t in want] == pytest.approx(list(want.values()), abs=2e-4), i
 
 
-@pytest.mark.xfail(strict=True, reason="prompt logprobs are computed on the last stage once the "
-                                       "model runner does (issue 21, after the sampler rework)")
 def test_prompt_logprobs_equal_hf_at_tp2_with_sp(tiny):
     model = tiny("llama-gqa")
     long, short = list(range(5, 26)), [7, 300, 12, 999]
@@ -47,3 +45,20 @@ def test_prompt_logprobs_equal_hf_at_tp2_with_sp(tiny):
         [again] = llm.generate([long], SamplingParams(max_tokens=1, prompt_logprobs=K))
         assert again.num_cached_tokens == 0
         _check(model, long, again.prompt_logprobs, K)
+
+
+def test_prompt_logprobs_reach_rank_0_from_the_last_stage(tiny):
+    """pp 2: the sampler rank is the last stage's; its prompt-logprob rows travel to rank 0 with
+    the drawn tokens (a receive rank 0 sizes before the step runs), chunk after chunk."""
+    model = tiny("llama-gqa")
+    long, short = list(range(5, 26)), [7, 300, 12, 999]
+    with LLM(str(model), pipeline_parallel_size=2, threads_per_rank=1, max_model_len=64,
+             max_num_batched_tokens=8, block_size=4) as llm:
+        outs = llm.generate([long, short, short], [
+            SamplingParams(max_tokens=3, prompt_logprobs=K, logprobs=1),
+            SamplingParams(max_tokens=3, prompt_logprobs=0, temperature=0),
+            SamplingParams(max_tokens=3, temperature=0)])
+    _check(model, long, outs[0].prompt_logprobs, K)
+    _check(model, short, outs[1].prompt_logprobs, 0)
+    assert outs[2].prompt_logprobs is None
+    assert outs[1].token_ids == outs[2].token_ids  # greedy, with and without prompt rows

@@ -434,8 +434,6 @@ def test_echo_returns_the_prompt_first(server, model, tokenizer):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt + text
 
 
-@pytest.mark.xfail(strict=True, reason="prompt logprobs are computed on the last stage once the "
-                                       "model runner does (issue 21, after the sampler rework)")
 def test_echo_logprobs_equal_hf_log_softmax(server, model, tokenizer):
     """echo + logprobs: the prompt's tokens and logprobs (the first null) then the generated
     token's, as OpenAI's legacy completions; a prompt of 12 tokens, so its prefill runs SP at
@@ -501,8 +499,6 @@ def _lm_eval(model: str, model_args: str, task_dir: Path) -> tuple[float, list[l
             [[resp[0][0] for resp in s["resps"]] for s in samples])
 
 
-@pytest.mark.xfail(strict=True, reason="echo with logprobs needs prompt logprobs from the last "
-                                       "stage (issue 21, after the sampler rework)")
 def test_lm_eval_log_likelihood_matches_hf(server, model, tmp_path, monkeypatch):
     """lm-evaluation-harness (nobody here wrote it) scores a small local log-likelihood task
     (tests/data, no hub download) through `local-completions` (echo + logprobs) against this
@@ -565,8 +561,6 @@ def _text_and_reason(client, endpoint: str, stream: bool, **kwargs) -> tuple[str
     return text, chunks[-1].finish_reason
 
 
-@pytest.mark.xfail(strict=True, reason="the grammar's mask is applied on the sampler rank once "
-                                       "its rework lands (issue 21)")
 @pytest.mark.parametrize("stream", [False, True])
 def test_structured_outputs_validate(tool_server, stream):
     """Only the grammar makes this model's output valid (its own answer is a tool call): a JSON
@@ -638,8 +632,6 @@ def test_auto_tool_choice_parses_the_model_s_hermes_call(tool_server):
     assert r.choices[0].message.tool_calls in (None, [])  # "none": the text is content
 
 
-@pytest.mark.xfail(strict=True, reason="required and named tool choices are forced by the grammar "
-                                       "mask on the sampler rank (issue 21, after its rework)")
 def test_required_and_named_tool_choice_always_call(tool_server):
     """The grammar forces a call whose arguments validate, greedy and sampled, streamed and not.
     The schema bounds its string: this model, inside a free string, keeps choosing its added

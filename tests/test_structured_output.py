@@ -326,11 +326,11 @@ def test_json_whitespace_runs_are_bounded(factory, tokenizer):
     assert max(map(len, runs)) <= MAX_JSON_WHITESPACE < max(map(len, runs)) + 8, runs
 
 
-@pytest.mark.xfail(strict=True, reason="the grammar's mask is applied on the sampler rank once "
-                                       "its rework lands (issue 21)")
-def test_llm_outputs_follow_their_grammars(model, tokenizer):
+@pytest.mark.parametrize("pp", [1, 2])
+def test_llm_outputs_follow_their_grammars(model, tokenizer, pp):
     """LLM.generate at tp 1: a batch of grammar requests (json schema, regex, choice; greedy and
-    sampled) beside a plain greedy one, whose tokens stay HF's (its row is not masked)."""
+    sampled) beside a plain greedy one, whose tokens stay HF's (its row is not masked). pp 2:
+    the masks are applied on the last stage's sampler rank."""
     from models import hf_reference
     from seqpar import LLM
 
@@ -340,7 +340,8 @@ def test_llm_outputs_follow_their_grammars(model, tokenizer):
     params = [SamplingParams(max_tokens=120, temperature=t, seed=s, structured_outputs=spec)
               for spec in specs for t, s in [(0.0, None), (1.0, 1), (1.0, 2)]]
     plain = SamplingParams(max_tokens=8, temperature=0)
-    with LLM(str(model), threads_per_rank=1, max_model_len=256) as llm:
+    with LLM(str(model), threads_per_rank=1, max_model_len=256,
+             pipeline_parallel_size=pp) as llm:
         outs = llm.generate([prompt] * (len(params) + 1), params + [plain])
     for out, p in zip(outs, params):
         spec = p.structured_outputs
@@ -417,3 +418,38 @@ def test_the_sampler_masks_with_the_factory_s_matchers(factory, tokenizer, tempe
         out += sampler.sample(torch.randn(1, PADDED, generator=gen), [7]).tokens.tolist()
         assert len(out) < 20
     assert _text(tokenizer, out) in CHOICE
+
+
+def test_preempted_grammar_requests_keep_their_grammar_state(model, tokenizer):
+    """A KV pool of 32 blocks of 4 tokens for eight grammar requests of ~50 tokens each: decoding
+    runs out of blocks and the newest are preempted mid-output, then recomputed. The sampler
+    rank keeps a returning request's matcher and generator where they were (a preemption is not
+    a release), so every output still validates, and each request's tokens, greedy or seeded,
+    are the ones it writes with room for all (no preemption). One asks for prompt logprobs too:
+    its recompute after the first token has no prompt rows (the sampler would refuse them)."""
+    from seqpar import LLM
+    from seqpar.config import EngineConfig, ModelConfig, ParallelConfig
+
+    prompt = tokenizer("the capital of france is")["input_ids"]
+    params = [SamplingParams(max_tokens=100, temperature=t, seed=s,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMA),
+                             prompt_logprobs=2 if i == 7 else None)
+              for i, (t, s) in enumerate([(0.0, None), (1.0, 1), (0.7, 2), (1.0, 3)] * 2)]
+    block = EngineConfig(model, ModelConfig.from_dir(model), ParallelConfig(),
+                         block_size=4).kv_block_bytes
+    outs = {}
+    for blocks in (32, 400):
+        with LLM(str(model), threads_per_rank=1, max_model_len=128, block_size=4,
+                 kv_cache_memory_bytes=blocks * block) as llm:
+            outs[blocks] = llm.generate([prompt] * len(params), params)
+            preemptions = llm.cache_stats()["preemptions"]
+        assert (preemptions > 0) == (blocks == 32), (blocks, preemptions)
+    for tight, roomy in zip(outs[32], outs[400]):
+        assert tight.finish_reason == "stop", tight.text
+        jsonschema.validate(_json(tight.text), SCHEMA)
+        assert tight.token_ids == roomy.token_ids
+    tight, roomy = outs[32][7].prompt_logprobs, outs[400][7].prompt_logprobs
+    assert len(tight) == len(prompt) and tight[0] is None
+    for a, b in zip(tight[1:], roomy[1:]):
+        assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()),
+                                                                          abs=1e-5)

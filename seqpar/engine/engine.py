@@ -24,7 +24,7 @@ from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import validate as validate_grammar
 from seqpar.worker.sampler import SEED_MIX
-from seqpar.worker.worker import unpack_sampled
+from seqpar.worker.worker import prompt_logprob_rows, unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 
@@ -69,10 +69,7 @@ class Engine:
 
     def check_params(self, params: SamplingParams) -> None:
         """ValueError for settings this engine cannot honour, its message beginning with the
-        field's name: more than MAX_LOGPROBS top tokens, a grammar xgrammar cannot build; and,
-        until the sampler rank applies grammar masks and the last stage computes prompt
-        logprobs (issue 21, after the sampler's rework), structured outputs and prompt logprobs
-        at all: refused, never silently ignored."""
+        field's name: more than MAX_LOGPROBS top tokens, a grammar xgrammar cannot build."""
         for field in ("logprobs", "prompt_logprobs"):
             k = getattr(params, field)
             if k is not None and k > MAX_LOGPROBS:
@@ -82,10 +79,6 @@ class Engine:
                 raise ValueError("structured_outputs needs the model's tokenizer; "
                                  f"{self.cfg.model_dir} has no tokenizer files")
             validate_grammar(params.structured_outputs)
-            raise ValueError("structured_outputs: the grammar is valid, but this engine's sampler "
-                             "does not apply grammar masks yet")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: this engine does not compute prompt logprobs yet")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
@@ -133,12 +126,13 @@ class Engine:
                     raise RuntimeError(f"no step could be scheduled for {len(self.requests)} "
                                        f"requests ({self.cache_stats()})")
                 return []
-            draws, seqs, counts, pending = self.in_flight.popleft()
+            draws, seqs, counts, prompt, pending = self.in_flight.popleft()
             sampled = pending.wait()
             self.scheduler.complete(seqs, counts)
             outputs = []
             chosen = [seq for seq, draw in zip(seqs, draws) if draw]
             drawn = unpack_sampled(sampled, [seq.params.logprobs for seq in chosen])
+            self._add_prompt_logprobs(prompt, sampled[len(chosen):])
             for seq, (token, logprob) in zip(chosen, drawn):
                 if not seq.finished:  # an abort while its step was in flight: drop the token
                     outputs.append(self._append(seq, token, logprob))
@@ -158,12 +152,31 @@ class Engine:
             total = sum(counts)
             # One logit row per sequence whose chunk reaches its last token: its next is drawn.
             draws = [seq.scheduled + n == seq.num_tokens for seq, n in zip(seqs, counts)]
+            # Every row of a prompt chunk for prompt logprobs, until the first token is out.
+            rows = [n if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
+                    else int(d) for seq, n, d in zip(seqs, counts, draws)]
+            prompt = [(seq, *scored) for seq, n, m in zip(seqs, counts, rows) if (
+                scored := prompt_logprob_rows(seq.params, seq.num_prompt_tokens, seq.scheduled,
+                                              n, m)) is not None]
             sp, overlap = self.policy.decide(total)
-            delta = self.scheduler.write_step(seqs, counts, [int(d) for d in draws], sp, overlap)
+            delta = self.scheduler.write_step(seqs, counts, rows, sp, overlap)
             self.steps["sp" if sp else "tp"] += 1
             self.steps["padded_tokens"] += round_up(total, self.cfg.parallel.tensor_parallel_size
                                                     if sp else 1) - total
-            self.in_flight.append((draws, seqs, counts, self.cluster.run_step(delta)))
+            self.in_flight.append((draws, seqs, counts, prompt, self.cluster.run_step(delta)))
+
+    def _add_prompt_logprobs(self, prompt: list, rows) -> None:
+        """Hand a step's prompt-logprob rows (after its drawn rows; pack_entries) to the output
+        processor, before the first tokens are appended. prompt: per sequence with such rows
+        (seq, first_pos, rows), in step order."""
+        at = 0
+        for seq, first_pos, n in prompt:
+            entries = [entry for _, entry in unpack_sampled(rows[at:at + n],
+                                                            [seq.params.prompt_logprobs] * n)]
+            at += n
+            if not seq.finished:  # aborted while its step was in flight
+                self.output.add_prompt_logprobs(seq, first_pos,
+                                                [None] * (first_pos == 0) + entries)
 
     def _append(self, seq: Sequence, token: int, logprob: dict | None) -> DeltaOutput:
         seq.token_ids.append(token)

@@ -25,6 +25,7 @@ from seqpar.worker.batch import BatchState
 from seqpar.worker.plan import StepDelta, StepPlan
 from seqpar.engine.policy import measure_thresholds
 from seqpar.worker.sampler import Sampler, SamplerOutput
+from seqpar.structured_output import GrammarFactory
 from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
@@ -56,8 +57,8 @@ def rank_device(device: str, rank: int) -> torch.device:
 
 
 class Sampled:
-    """A step's drawn tokens on rank 0 ([D, 2 + 2K] float64, see pack_sampled), maybe still
-    arriving from the last stage."""
+    """A step's drawn tokens on rank 0 ([D, 2 + 2K] float64, see pack_sampled; then the step's
+    prompt-logprob rows, pack_entries), maybe still arriving from the last stage."""
 
     def __init__(self, tensor: torch.Tensor | None, work=None):
         self.tensor, self.work = tensor, work
@@ -90,7 +91,9 @@ class Worker:
                                                       self.layers)
         self.model.load_weights(cfg.model_dir, cfg.quantization, cfg.gguf_file)
         self.model.eval()
-        self.sampler = Sampler(cfg.seed) if topo.rank == topo.sampler_source else None
+        self.sampler = None
+        if topo.rank == topo.sampler_source:  # the grammar compiler is built on first use
+            self.sampler = Sampler(cfg.seed, grammar=GrammarFactory(cfg.model_dir, cfg.model))
         self.sampler_keys: set[int] = set()
         """Keys the sampler holds state for (kept over a preemption, dropped when released)."""
         self.batch = BatchState(cfg.max_num_seqs, round_up(cfg.max_model_len, cfg.block_size)
@@ -187,24 +190,53 @@ class Worker:
 
     def _sample(self, logits: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """The sampler rank: logits [R, V] of the step's logit rows -> the drawn rows' tokens,
-        packed for rank 0 (pack_sampled)."""
+        then the prompt-logprob rows, packed for rank 0 (pack_sampled)."""
         keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
-        width = self.top_logprobs(keys)
-        if not keys:
-            return pack_sampled(None, 0, width)
-        if len(keys) < logits.shape[0]:  # some rows are not drawn from (verification, prompts)
-            logits = logits[plan.draw_rows]
-        return pack_sampled(self.sampler.sample(logits, keys), len(keys), width)
+        prompt = self.prompt_rows(plan)
+        width = self.top_logprobs(keys, prompt)
+        drawn = logits if len(keys) == logits.shape[0] else logits[plan.draw_rows]
+        packed = pack_sampled(self.sampler.sample(drawn, keys) if keys else None, len(keys),
+                              width)
+        if not prompt:
+            return packed
+        offsets = [0]  # per sequence: its first row of the R logit rows
+        for m in plan.logit_rows:
+            offsets.append(offsets[-1] + m)
+        parts = [packed]
+        for i, first_pos, _, k in prompt:
+            entries = self.sampler.prompt_logprobs(logits[offsets[i]:offsets[i + 1]],
+                                                   plan.keys[i], first_pos)
+            prompt_ids = self.batch.requests[plan.keys[i]].token_ids
+            parts.append(pack_entries([e for e in entries if e is not None],
+                                      prompt_ids[first_pos + 1:], k, width))
+        return torch.cat(parts)
 
-    def top_logprobs(self, keys: list[int]) -> int:
-        """K: the most top log-probabilities any of these requests asks for (0: none)."""
-        asked = (self.batch.requests[k].params.logprobs for k in keys)
-        return max([0, *(n for n in asked if n is not None)])
+    def prompt_rows(self, plan: StepPlan) -> list[tuple[int, int, int, int]]:
+        """The step's sequences with prompt-logprob rows: (index, first_pos, prompt tokens
+        scored, top tokens asked), see prompt_logprob_rows."""
+        rows = []
+        for i, (key, start, n, m) in enumerate(zip(plan.keys, plan.starts, plan.lens,
+                                                   plan.logit_rows)):
+            held = self.batch.requests[key]
+            scored = prompt_logprob_rows(held.params, held.num_prompt_tokens, start, n, m)
+            if scored is not None:
+                rows.append((i, *scored, held.params.prompt_logprobs))
+        return rows
+
+    def top_logprobs(self, keys: list[int], prompt=()) -> int:
+        """K: the most top log-probabilities any of these requests asks for, for its drawn row or
+        its prompt rows (prompt: prompt_rows) (0: none)."""
+        asked = [self.batch.requests[k].params.logprobs for k in keys]
+        return max([0, *(n for n in asked if n is not None), *(k for *_, k in prompt)])
 
     def _expect_sampled(self, plan: StepPlan) -> Sampled:
-        """Rank 0: post the receive of a step's drawn tokens before running its first stage."""
+        """Rank 0: post the receive of a step's drawn tokens (and prompt-logprob rows) before
+        running its first stage."""
         keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
-        sampled = torch.empty(len(keys), 2 + 2 * self.top_logprobs(keys), dtype=torch.float64)
+        prompt = self.prompt_rows(plan)
+        rows = len(keys) + sum(scored for _, _, scored, _ in prompt)
+        sampled = torch.empty(rows, 2 + 2 * self.top_logprobs(keys, prompt),
+                              dtype=torch.float64)
         if sampled.shape[0] == 0:
             return Sampled(sampled)
         return Sampled(sampled, self.comm.recv(sampled, self.topo.sampler_source, TAG_SAMPLED))
@@ -324,6 +356,33 @@ def pack_sampled(out: SamplerOutput | None, rows: int, k: int) -> torch.Tensor:
         have = min(k, out.top_ids.shape[1])
         packed[:, 2:2 + have] = out.top_ids[:, :have].cpu().double()
         packed[:, 2 + k:2 + k + have] = out.top_logprobs[:, :have].cpu().double()
+    return packed
+
+
+def prompt_logprob_rows(params, num_prompt_tokens: int, start: int, n: int,
+                        m: int) -> tuple[int, int] | None:
+    """A sequence running tokens [start, start + n) with m logit rows: (first_pos, prompt tokens
+    its rows score) when it asks for prompt logprobs and its logit rows begin inside the prompt,
+    else None. Row j (position first_pos + j) scores prompt token first_pos + j + 1; the row of
+    the prompt's last token scores nothing (it is sampled from). A recompute after a preemption
+    that already sampled has one logit row, past the prompt: None."""
+    first_pos = start + n - m
+    if params.prompt_logprobs is None or m == 0 or first_pos >= num_prompt_tokens:
+        return None
+    return first_pos, min(m, num_prompt_tokens - 1 - first_pos)
+
+
+def pack_entries(entries: list[dict[int, float]], targets: list[int], k: int,
+                 width: int) -> torch.Tensor:
+    """Prompt-logprob entries (Sampler.prompt_logprobs', without the leading None) for the prompt
+    tokens `targets` as rows laid out like pack_sampled's ([E, 2 + 2 * width] float64): the
+    prompt token and its logprob, then the k top ids and logprobs (an entry lists its top k
+    first, then the prompt token when it is not among them)."""
+    packed = torch.full((len(entries), 2 + 2 * width), float("nan"), dtype=torch.float64)
+    for row, entry, target in zip(packed, entries, targets):
+        row[0], row[1] = target, entry[target]
+        for j, (t, v) in enumerate(list(entry.items())[:k]):
+            row[2 + j], row[2 + width + j] = t, v
     return packed
 
 
