@@ -129,7 +129,7 @@ def _thresholds(cluster: Cluster, cfg: EngineConfig, mode: str) -> tuple[int | N
     if parallel.sp_min_tokens is not None:
         log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
         return parallel.sp_min_tokens, parallel.sp_min_tokens
-    sp, overlap = cluster.call("measure")
+    sp, overlap = cluster.call("diagnose", "measure")
     said = lambda t: "never" if t >= NEVER else f"{t} tokens"  # noqa: E731
     log.info(f"seqpar: measured thresholds: SP from {said(sp)}"
              + (f", SP + overlap from {said(overlap)}" if parallel.overlap else ""))

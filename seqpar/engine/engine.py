@@ -146,7 +146,7 @@ class Engine:
             if not self.has_unfinished():
                 self.cluster.flush()  # every send has been received by now: release them
                 if self.cfg.parallel.pipeline_parallel_size > 1:
-                    for i, v in enumerate(self.cluster.call("report_p2p").tolist()):
+                    for i, v in enumerate(self.cluster.call("diagnose", "report_p2p").tolist()):
                         self.p2p[i] += v
         return outputs
 
@@ -195,7 +195,7 @@ class Engine:
         return stats
 
     def reset_comm_stats(self) -> None:
-        self.cluster.call("reset_stats")
+        self.cluster.call("diagnose", "reset_stats")
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
         self.p2p = [0, 0, 0, 0]
 

@@ -14,7 +14,7 @@ from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.layers.quant import weight_rows
 from seqpar.sampling_params import SamplingParams
 from seqpar.spec.speculator import spec_stats
-from seqpar.worker.worker import TIMED_COLLECTIVES
+from seqpar.worker.diagnostics import TIMED_COLLECTIVES
 
 
 class LLM:
@@ -187,18 +187,18 @@ class LLM:
         self._check_open()
         if self.cluster.torchrun:
             raise RuntimeError("profile_memory runs with spawned ranks, not under torchrun")
-        self.cluster.call("memory_on")
+        self.cluster.call("diagnose", "memory_on")
         self.generate(prompts, sampling_params)
         with self.cluster.guard():
-            return self.cluster.call("report_memory")
+            return self.cluster.call("diagnose", "report_memory")
 
     def time_collectives(self, ops: list[tuple[str, int, int]]) -> tuple[float, float]:
         """Run `ops` alone on stage 0's TP group, back to back, no compute: (wall seconds, CPU
         seconds its ranks spent). For benchmarks: the communication part of a step.
 
-        ops: (name, rows, cols) per collective, the name of one of worker.TIMED_COLLECTIVES and
-        [rows, cols] the logical tensor comm_stats() counts for it (bench/analytic.py
-        step_collectives lists a step's). Leaves comm_stats() as it was.
+        ops: (name, rows, cols) per collective, the name of one of
+        diagnostics.TIMED_COLLECTIVES and [rows, cols] the logical tensor comm_stats() counts for
+        it (bench/analytic.py step_collectives lists a step's). Leaves comm_stats() as it was.
         """
         self._check_open()
         if self.cluster.torchrun:
@@ -212,7 +212,7 @@ class LLM:
         payload = torch.tensor([[Collective(op).code, rows, cols] for op, rows, cols in ops],
                                dtype=torch.int64).view(-1)
         with self.cluster.guard():
-            wall, cpu = self.cluster.call("time_collectives", payload)
+            wall, cpu = self.cluster.call("diagnose", "time_collectives", payload)
         return wall, cpu
 
     def reset_comm_stats(self) -> None:

@@ -7,31 +7,25 @@ stream: on an SP step its token shard, [T_pad / N, H] each; on a TP step the ful
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import time
 
 import torch
 import torch.distributed as dist
 
 from seqpar.config import EngineConfig, round_up
-from seqpar.distributed.collectives import Collective
-from seqpar.distributed.comm import Comm, group_dst
+from seqpar.distributed.comm import Comm
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, ControlChannel, Outbox,
                                        backend_for, init_groups)
-from seqpar.worker.memory import PeakMemory, allocate_kv_pool, keep_freed_memory
+from seqpar.worker.memory import allocate_kv_pool, keep_freed_memory
 from seqpar.worker.batch import BatchState
+from seqpar.worker.diagnostics import Diagnostics
 from seqpar.worker.plan import StepDelta, StepPlan
-from seqpar.engine.policy import measure_thresholds
 from seqpar.worker.sampler import Sampler, SamplerOutput
 from seqpar.models import MODELS
 
 # Point-to-point tags: activations between stages, sampled tokens from the last stage to rank 0.
 TAG_HIDDEN, TAG_SAMPLED = 1, 2
-TIMED_COLLECTIVES = (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER, Collective.ALL_GATHER,
-                     Collective.GATHER)
-"""The collectives time_collectives runs."""
 
 
 def rank_threads(cfg: EngineConfig) -> int:
@@ -105,9 +99,8 @@ class Worker:
         if cfg.num_blocks is None:  # CUDA default: what the device has left after a test step
             cfg.num_blocks = self._profile_num_blocks()
         self.kv_pool = self._allocate_kv(cfg.num_blocks)
-        self.sp_threshold: int | None = None
-        self.peak_bytes: int | None = None
-        """While not None: the largest peak activation memory of the steps run since memory_on()."""
+        self.diagnostics = Diagnostics(cfg, self.model, self.comm, topo, self.channel.group,
+                                       self.device)
         if parallel.world_size > 1:
             dist.barrier()  # every rank loaded: a failed load surfaces here
 
@@ -210,88 +203,11 @@ class Worker:
         return Sampled(sampled, self.comm.recv(sampled, self.topo.sampler_source, TAG_SAMPLED))
 
     def _memory(self):
-        return contextlib.nullcontext() if self.peak_bytes is None else _PeakTracker(self)
+        return self.diagnostics.memory()
 
-    def report_memory(self) -> list[int] | None:
-        """Gather every rank's peak since memory_on() to rank 0 (a list there, None elsewhere)."""
-        mine = torch.tensor([self.peak_bytes or 0], dtype=torch.int64)
-        self.peak_bytes = None
-        group = self.channel.group
-        if group is None:
-            return [int(mine)]
-        world = dist.get_world_size(group)
-        parts = [torch.zeros_like(mine) for _ in range(world)] if self.topo.rank == 0 else None
-        dist.gather(mine, parts, dst=0, group=group)
-        return None if parts is None else [int(p) for p in parts]
-
-    def report_p2p(self) -> torch.Tensor:
-        """Sum every rank's [send calls, send bytes, recv calls, recv bytes] on rank 0 (returned
-        there) and zero those counters on every rank."""
-        counts = [x for op in (Collective.SEND, Collective.RECV)
-                  for x in self.comm.stats.pop(op.value, (0, 0))]
-        total = torch.tensor(counts, dtype=torch.int64)
-        dist.reduce(total, 0, group=self.channel.group)
-        return total
-
-    def measure(self) -> tuple[int, int]:
-        """Time TP / SP / SP + overlap on this group (every rank together); see engine/policy.py."""
-        layer = self.model.model.layers[0]  # this stage's first decoder layer, as a step runs it
-        self.sp_threshold, self.overlap_threshold, self.sp_table = measure_thresholds(
-            layer.post_attention_layernorm, layer.mlp, self.comm,
-            with_overlap=self.cfg.parallel.overlap)
-        return self.sp_threshold, self.overlap_threshold
-
-    def time_collectives(self, payload: torch.Tensor) -> list[float] | None:
-        """Run a list of collectives alone, back to back on stage 0's TP group with no compute
-        between them, and time them (the bench's "communication alone").
-
-        payload: int64 (Collective.code, rows, cols) per collective of TIMED_COLLECTIVES;
-        [rows, cols] is its
-        logical tensor as comm_stats() counts it: all_gather joins [rows / N, cols] shards, gather
-        joins [rows, cols / N] vocab shards. Inputs are made before the clock starts, as a step
-        has them; outputs are allocated inside, as in a step. The ranks start together (a
-        barrier); the communication counters are left as they were. Other stages do nothing.
-
-        Returns on rank 0 [wall seconds, CPU seconds all the group's processes spent (every thread:
-        gloo's too)]; None on the other ranks.
-        """
-        comm = self.comm
-        if self.topo.stage != 0 or comm.world_size == 1:
-            return [0.0, 0.0] if self.topo.rank == 0 else None
-        n, gen = comm.world_size, torch.Generator().manual_seed(0)
-        runs = {Collective.ALL_REDUCE: comm.all_reduce, Collective.ALL_GATHER: comm.all_gather_tokens,
-                Collective.REDUCE_SCATTER: lambda x: comm.reduce_scatter_tokens(x, x.shape[0]),
-                Collective.GATHER: comm.gather_vocab}
-        inputs, calls = {}, []
-        for code, rows, cols in payload.view(-1, 3).tolist():
-            op = Collective.from_code(code)
-            # This rank's input: all_gather's token shard, gather's vocab shard, else the whole.
-            shape = (rows // n if op is Collective.ALL_GATHER else rows,
-                     cols // n if op is Collective.GATHER else cols)
-            if (op, shape) not in inputs:  # one per shape (all_reduce sums into it: values only)
-                inputs[op, shape] = torch.randn(shape, generator=gen).to(self.device,
-                                                                         self.cfg.torch_dtype)
-            calls.append((runs[op], inputs[op, shape]))
-        counters = {op: list(v) for op, v in comm.stats.items()}
-        dist.barrier(group=comm.group)
-        wall, cpu = time.perf_counter(), time.process_time()
-        for run, x in calls:
-            run(x)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        comm.stats.clear()
-        comm.stats.update(counters)
-        cpu_all = torch.tensor([cpu], dtype=torch.float64, device=self.device)
-        dist.reduce(cpu_all, group_dst(comm.group, 0), group=comm.group)
-        return [wall, cpu_all.item()] if self.topo.rank == 0 else None
-
-    def memory_on(self) -> None:
-        """Start tracking the peak activation memory of the steps that follow."""
-        self.peak_bytes = 0
-
-    def reset_stats(self) -> None:
-        self.comm.reset()
+    def diagnose(self, what: str, *args):
+        """Run a diagnosis (worker/diagnostics.py DIAGNOSES) on this rank: the one RPC for them."""
+        return self.diagnostics.run(what, *args)
 
     def follow(self) -> None:
         """Run rank 0's commands until it ends the call (torchrun) or shuts down."""
@@ -356,19 +272,6 @@ def encode_call(method: str, args: tuple) -> torch.Tensor:
 def decode_call(payload: torch.Tensor) -> tuple[str, tuple]:
     size = int(payload[0])
     return pickle.loads(payload[1:].view(torch.uint8)[:size].numpy().tobytes())
-
-
-class _PeakTracker(PeakMemory):
-    """PeakMemory of one step, folded into the worker's running peak."""
-
-    def __init__(self, worker: Worker):
-        super().__init__(worker.device)
-        self.worker = worker
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self.worker.peak_bytes = max(self.worker.peak_bytes, self.peak)
-        return False
 
 
 def follower(rank: int, cfg: EngineConfig, init_method: str) -> None:
