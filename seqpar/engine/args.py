@@ -3,7 +3,7 @@ call EngineArgs.create_engine)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -101,6 +101,8 @@ class EngineArgs:
                             + "; ".join(blockers))
                 mode = "off"
             thresholds = _thresholds(cluster, cfg, mode)
+            if cfg.num_blocks is None:  # profiled by the ranks (CUDA without a budget)
+                cfg = replace(cfg, num_blocks=cluster.worker.num_blocks)
         policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
                           overlap_threshold=thresholds[1])
         return Engine(cfg, cluster, policy, tokenizer, eos_ids)

@@ -96,9 +96,11 @@ class Worker:
         if cfg.compile:
             from seqpar.compile.runner import CompiledModel
             self.compiled = CompiledModel(self.model)
-        if cfg.num_blocks is None:  # CUDA default: what the device has left after a test step
-            cfg.num_blocks = self._profile_num_blocks()
-        self.kv_pool = self._allocate_kv(cfg.num_blocks)
+        self.num_blocks = cfg.num_blocks
+        """Blocks in this rank's pool, the same on every rank (the engine's config carries it)."""
+        if self.num_blocks is None:  # CUDA default: what the device has left after a test step
+            self.num_blocks = self._profile_num_blocks()
+        self.kv_pool = self._allocate_kv(self.num_blocks)
         self.diagnostics = Diagnostics(cfg, self.model, self.comm, topo, self.channel.group,
                                        self.device)
         if parallel.world_size > 1:
@@ -134,8 +136,7 @@ class Worker:
         count = torch.tensor([max(0, budget // cfg.kv_block_bytes)], device=self.device)
         if self.cfg.parallel.world_size > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        cfg.set_num_blocks(int(count.item()))
-        return cfg.num_blocks
+        return cfg.check_num_blocks(int(count.item()))
 
     def step(self, delta: StepDelta) -> Sampled | None:
         """Apply one step's delta to this rank's batch state and run the step (execute)."""
