@@ -95,14 +95,14 @@ class EngineArgs:
         cluster = Cluster(cfg)
         mode = self.sequence_parallel
         with cluster.guard():
-            blockers = sp_blockers(cluster.worker.model)
+            blockers = sp_blockers(cluster.worker.runner.model)
             if blockers and mode != "off":
                 log.warning("seqpar: this model runs without sequence parallelism: "
                             + "; ".join(blockers))
                 mode = "off"
             thresholds = _thresholds(cluster, cfg, mode)
             if cfg.num_blocks is None:  # profiled by the ranks (CUDA without a budget)
-                cfg = replace(cfg, num_blocks=cluster.worker.num_blocks)
+                cfg = replace(cfg, num_blocks=cluster.worker.runner.num_blocks)
         policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
                           overlap_threshold=thresholds[1])
         return Engine(cfg, cluster, policy, tokenizer, eos_ids)

@@ -24,7 +24,7 @@ from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import validate as validate_grammar
 from seqpar.worker.sampler import SEED_MIX
-from seqpar.worker.worker import unpack_sampled
+from seqpar.worker.model_runner import unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 

@@ -47,7 +47,7 @@ class LLM:
 
     @property
     def worker(self):
-        """Rank 0's Worker (its model, Comm and KV pool)."""
+        """Rank 0's Worker (its Comm; its runner: the model shard and KV pool)."""
         return self.cluster.worker
 
     @property
@@ -157,7 +157,7 @@ class LLM:
         bytes; other stages hold their own layers): one dict per (name, checkpoint type, format)
         with "count", "kernel" and "bytes" (layers/quant.py weight_rows)."""
         self._check_open()
-        return weight_rows(self.worker.model)
+        return weight_rows(self.worker.runner.model)
 
     def cache_stats(self) -> dict:
         """The paged KV cache: {"num_blocks", "block_size", "used_blocks" (held by unfinished
@@ -179,7 +179,7 @@ class LLM:
         """Seconds this rank spent in torch.compile (Dynamo + the SP pass + Inductor), over every
         graph compiled so far; 0.0 without compile. The other ranks compile the same graphs
         at the same time. Steps that compiled include this time in their wall time."""
-        compiled = self.worker.compiled
+        compiled = self.worker.runner.compiled
         return 0.0 if compiled is None else compiled.compile_s
 
     def profile_memory(self, prompts, sampling_params: SamplingParams | None = None) -> list[int]:
