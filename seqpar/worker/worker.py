@@ -46,7 +46,6 @@ class Worker:
 
     def __init__(self, cfg: EngineConfig, rank: int, init_method: str | None = None):
         parallel = cfg.parallel
-        self.cfg = cfg
         self.device = rank_device(cfg.device, rank)
         if self.device.type == "cpu":
             keep_freed_memory()  # activations live in host memory (memory.py says why)
