@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -517,9 +518,11 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
     return mode
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """Everything one LLM instance needs, validated together."""
+    """Everything one LLM instance needs, validated together. Frozen: __post_init__ resolves the
+    "auto" fields and the defaults once; a changed config is a new one (dataclasses.replace, which
+    validates again), e.g. the engine's, once the ranks have profiled the block count."""
 
     model_dir: Path
     model: ModelConfig
@@ -553,16 +556,19 @@ class EngineConfig:
     __post_init__ to gguf, int8, int4 or none (resolve_quantization)."""
     gguf_file: Path | None = None
     """The GGUF file model_dir was converted from, if any: quantization "gguf" reads it."""
-    num_blocks: int | None = field(default=None, init=False)
-    """Blocks in every rank's pool: from the budget here, or (CUDA default) set by the ranks."""
+    num_blocks: int | None = None
+    """Blocks in every rank's pool: given, or from kv_cache_memory_bytes here; None on CUDA
+    without a budget until the ranks have profiled the device (the engine's config then carries
+    their count)."""
 
     def __post_init__(self):
+        resolve = functools.partial(object.__setattr__, self)  # frozen: set once, here
         asked = self.dtype
-        self.dtype = resolve_dtype(self.dtype, self.model.checkpoint_dtype, self.device)
+        resolve("dtype", resolve_dtype(self.dtype, self.model.checkpoint_dtype, self.device))
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = self.max_model_len
+            resolve("max_num_batched_tokens", self.max_model_len)
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.block_size < 1:
@@ -571,30 +577,33 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
-        self.quantization = resolve_quantization(self)
+        resolve("quantization", resolve_quantization(self))
         if (asked == "auto" and self.quantization in ("int8", "int4") and self.dtype == "float32"
                 and self.device.startswith("cpu") and cpu_has_native_bf16()):
             # The packed kernels are fast in bfloat16 only: auto picks it for them.
             _say_once("dtype-auto-quant", f"seqpar: dtype auto with quantization="
                       f"{self.quantization!r}: activations in bfloat16, where the kernels are fast")
-            self.dtype = "bfloat16"
+            resolve("dtype", "bfloat16")
         if self.compile and self.model.is_moe:  # the compiled forward has no MoE block yet
             raise ValueError(f"compile=True does not support mixture-of-experts models "
                              f"({self.model.model_type}, {self.model.num_experts} experts); "
                              f"run it eager")
         if self.model.expert_parallel != self.parallel.enable_expert_parallel:
-            self.model = dataclasses.replace(
-                self.model, expert_parallel=self.parallel.enable_expert_parallel)
+            resolve("model", dataclasses.replace(
+                self.model, expert_parallel=self.parallel.enable_expert_parallel))
         budget = self.kv_cache_memory_bytes
         if budget is not None and budget < 1:
             raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {budget}")
+        if self.num_blocks is not None:
+            self.check_num_blocks(self.num_blocks)
+            return
         if budget is None and not self.device.startswith("cuda"):
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", self.parallel.world_size))
             budget = int(available_memory_bytes() * KV_SHARE_OF_FREE_MEMORY) // ranks_here
             useful = self.max_num_seqs * round_up(self.max_model_len, self.block_size)
             budget = min(budget, useful // self.block_size * self.kv_block_bytes)
         if budget is not None:
-            self.set_num_blocks(budget // self.kv_block_bytes)
+            resolve("num_blocks", self.check_num_blocks(budget // self.kv_block_bytes))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -611,8 +620,9 @@ class EngineConfig:
         kv_heads = max(1, m.num_kv_heads // parallel.tensor_parallel_size)
         return 2 * layers * kv_heads * self.block_size * m.head_dim * self.torch_dtype.itemsize
 
-    def set_num_blocks(self, num_blocks: int) -> None:
-        """Fix the pool size; a pool that cannot hold one max_model_len sequence is an error."""
+    def check_num_blocks(self, num_blocks: int) -> int:
+        """num_blocks, or a ValueError when a pool of that many blocks cannot hold one
+        max_model_len sequence."""
         capacity = num_blocks * self.block_size
         if capacity < self.max_model_len:
             need = round_up(self.max_model_len, self.block_size) // self.block_size
@@ -621,4 +631,4 @@ class EngineConfig:
                 f"tokens per rank, fewer than max_model_len={self.max_model_len} tokens of one "
                 f"sequence: raise kv_cache_memory_bytes to at least {need * self.kv_block_bytes} "
                 f"({self.kv_block_bytes} bytes per block) or lower max_model_len to {capacity}")
-        self.num_blocks = num_blocks
+        return num_blocks

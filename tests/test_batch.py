@@ -128,7 +128,7 @@ def test_engine_rank_missing_a_delta_raises(tiny):
     """tp=2: rank 0's own worker skips one step's delta (the other rank applies it); the next
     step raises a clear error, not a wrong answer, and the LLM is closed."""
     llm = LLM(str(tiny("qwen2")), tensor_parallel_size=2, threads_per_rank=1, max_model_len=64)
-    worker = llm.engine.cluster.worker
+    worker = llm.engine.cluster.worker.runner
     applied = worker.batch.apply
     skipped = []
 

@@ -59,7 +59,7 @@ def test_compiled_matches_eager_and_hf(tiny, family, overlap):
         compiled = llm.generate(PROMPTS, params)
         alone = [llm.generate([p], params)[0] for p in PROMPTS[:2]]  # steps of 1..3 tokens
         stats = llm.comm_stats()
-        forwards = llm.worker.compiled.forwards
+        forwards = llm.worker.runner.compiled.forwards
         kinds_on = set(forwards)
         sp_runner = forwards[(True, overlap)]
         sp_graphs, sp_steps_on = len(sp_runner.backend.graphs), sp_runner.steps

@@ -83,7 +83,7 @@ def test_measured_thresholds_are_sane(llm2):
     """The start-up measurement (timings on a shared machine, so only its form is checked): both
     thresholds are swept token counts or NEVER, and the SP one is where the table says SP (with
     or without overlap) starts to beat TP for good."""
-    worker = llm2.worker
+    worker = llm2.worker.diagnostics
     table = worker.sp_table
     assert [row["tokens"] for row in table] == list(SWEEP)
     assert all(row["tp_s"] > 0 and row["sp_s"] > 0 for row in table)

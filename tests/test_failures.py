@@ -96,14 +96,14 @@ SITECUSTOMIZE = textwrap.dedent("""
     # Test-only: make rank 1 raise inside its third step (loaded by spawned ranks via PYTHONPATH).
     import os
     if os.environ.get("SEQPAR_TEST_FAIL_RANK"):
-        import seqpar.worker.worker as worker
-        original = worker.Worker.execute
+        import seqpar.worker.model_runner as runner
+        original = runner.ModelRunner.execute
         def execute(self, plan):
             self.steps_seen = getattr(self, "steps_seen", 0) + 1
             if self.comm.rank == int(os.environ["SEQPAR_TEST_FAIL_RANK"]) and self.steps_seen == 3:
                 raise ArithmeticError("injected failure in rank 1")
             return original(self, plan)
-        worker.Worker.execute = execute
+        runner.ModelRunner.execute = execute
 """)
 
 

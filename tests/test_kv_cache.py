@@ -1,6 +1,8 @@
 """The paged KV cache against HF transformers: a pool of a dozen blocks under many requests
 (queueing, preemption), shared prefixes (hits counted, outputs unchanged), the budget formula, the
 pool-too-small error, and the Engine API (add / step / abort) underneath LLM.generate."""
+import dataclasses
+
 import pytest
 
 from models import chosen_logprobs, hf_reference
@@ -81,6 +83,12 @@ def test_kv_budget_formula_and_too_small_pool(tiny):
     engine = EngineConfig(model_dir, cfg, ParallelConfig(2), "float32", 64, block_size=8,
                           kv_cache_memory_bytes=100 * per_block + per_block - 1)
     assert engine.kv_block_bytes == per_block and engine.num_blocks == 100
+    # Frozen: a config with another block count is a new one, validated again.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        engine.num_blocks = 12
+    assert dataclasses.replace(engine, num_blocks=12).num_blocks == 12
+    with pytest.raises(ValueError, match=r"3 blocks x 8 tokens = 24 tokens .* fewer than "):
+        dataclasses.replace(engine, num_blocks=3)
     # 3 blocks of 16 = 48 tokens < max_model_len 64: the error names both and the fix.
     with pytest.raises(ValueError, match=r"3 blocks x 16 tokens = 48 tokens .* fewer than "
                                          r"max_model_len=64 .* at least \d+ .*lower max_model_len"):

@@ -17,7 +17,7 @@ def test_random_plans_across_three_ranks(tiny):
                        for _ in range(rng.randint(1, 6))]
             params = SamplingParams(max_tokens=rng.randint(1, 8), temperature=0, logprobs=0,
                                     ignore_eos=True)
-            llm.cfg.max_num_batched_tokens = rng.randint(1, 24)
+            llm.engine.scheduler.max_tokens = rng.randint(1, 24)  # chunked prefills
             llm.policy.mode = "off"
             expected = llm.generate(prompts, params)
             choose = random.Random(rng.random())

@@ -37,10 +37,10 @@ class CumulativeMix(nn.Module):
 def test_undeclared_module_in_the_forward_blocks_sp(tiny):
     # tp=1: rank 0's model lives in this process, so the test can swap a layer's MLP for the mix.
     with LLM(str(tiny("llama-gqa")), threads_per_rank=1) as llm:
-        mix = llm.worker.model.model.layers[1].mlp = CumulativeMix()
+        mix = llm.worker.runner.model.model.layers[1].mlp = CumulativeMix()
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0))
         assert mix.calls == 1, "the test's token-mixing module must sit on the forward path"
-        assert sp_blockers(llm.worker.model) == [
+        assert sp_blockers(llm.worker.runner.model) == [
             "CumulativeMix: not declared token-wise, so SP would be unsafe"]
 
 

@@ -289,8 +289,7 @@ def test_draft_pool_pressure_evicts_least_recent(tiny, tiny_root):
     again (the same proposals as HF's)."""
     target = tiny("llama-gqa")
     draft_dir = build("llama-gqa", tiny_root, num_hidden_layers=1)
-    cfg = target_config(target, max_num_seqs=1, kv_cache_memory_bytes=None)
-    cfg.set_num_blocks(4)
+    cfg = target_config(target, max_num_seqs=1, kv_cache_memory_bytes=None, num_blocks=4)
     proposer = DraftProposer(draft_dir, 2, cfg)
     assert proposer.blocks.num_blocks == 4 + 1 * (1 + 1)
     contexts = [list(range(3, 43)), list(range(50, 90)), list(range(100, 140))]

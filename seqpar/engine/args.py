@@ -3,7 +3,7 @@ call EngineArgs.create_engine)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -95,12 +95,14 @@ class EngineArgs:
         cluster = Cluster(cfg)
         mode = self.sequence_parallel
         with cluster.guard():
-            blockers = sp_blockers(cluster.worker.model)
+            blockers = sp_blockers(cluster.worker.runner.model)
             if blockers and mode != "off":
                 log.warning("seqpar: this model runs without sequence parallelism: "
                             + "; ".join(blockers))
                 mode = "off"
             thresholds = _thresholds(cluster, cfg, mode)
+            if cfg.num_blocks is None:  # profiled by the ranks (CUDA without a budget)
+                cfg = replace(cfg, num_blocks=cluster.worker.runner.num_blocks)
         policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
                           overlap_threshold=thresholds[1])
         return Engine(cfg, cluster, policy, tokenizer, eos_ids)
@@ -129,7 +131,7 @@ def _thresholds(cluster: Cluster, cfg: EngineConfig, mode: str) -> tuple[int | N
     if parallel.sp_min_tokens is not None:
         log.info(f"seqpar: SP threshold {parallel.sp_min_tokens} tokens (sp_min_tokens)")
         return parallel.sp_min_tokens, parallel.sp_min_tokens
-    sp, overlap = cluster.call("measure")
+    sp, overlap = cluster.call("diagnose", "measure")
     said = lambda t: "never" if t >= NEVER else f"{t} tokens"  # noqa: E731
     log.info(f"seqpar: measured thresholds: SP from {said(sp)}"
              + (f", SP + overlap from {said(overlap)}" if parallel.overlap else ""))

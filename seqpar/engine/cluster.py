@@ -18,7 +18,8 @@ from seqpar.config import EngineConfig
 from seqpar.distributed.launch import (END_CALL, RPC, SHUTDOWN, STEP, Spawner, free_port,
                                        in_torchrun)
 from seqpar.worker.plan import StepDelta
-from seqpar.worker.worker import Sampled, Worker, encode_call, follower, rank_threads
+from seqpar.worker.model_runner import Sampled
+from seqpar.worker.worker import Worker, encode_call, follower, rank_threads
 
 log = logging.getLogger("seqpar")
 
@@ -69,7 +70,7 @@ class Cluster:
         """Start one step on every rank (each applies the delta to its batch state); rank 0's
         handle to its drawn tokens."""
         self.channel.send(STEP, delta.encode())
-        return self.worker.step(delta)
+        return self.worker.runner.step(delta)
 
     def call(self, method: str, *args):
         """Run Worker.method(*args) on every rank; rank 0's result. Under torchrun outside a call

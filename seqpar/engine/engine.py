@@ -24,7 +24,7 @@ from seqpar.engine.policy import SPPolicy
 from seqpar.sampling_params import SamplingParams
 from seqpar.structured_output import validate as validate_grammar
 from seqpar.worker.sampler import SEED_MIX
-from seqpar.worker.worker import prompt_logprob_rows, unpack_sampled
+from seqpar.worker.model_runner import prompt_logprob_rows, unpack_sampled
 from seqpar.engine.scheduler import Scheduler
 from seqpar.engine.sequence import Sequence
 
@@ -140,7 +140,7 @@ class Engine:
             if not self.has_unfinished():
                 self.cluster.flush()  # every send has been received by now: release them
                 if self.cfg.parallel.pipeline_parallel_size > 1:
-                    for i, v in enumerate(self.cluster.call("report_p2p").tolist()):
+                    for i, v in enumerate(self.cluster.call("diagnose", "report_p2p").tolist()):
                         self.p2p[i] += v
         return outputs
 
@@ -208,7 +208,7 @@ class Engine:
         return stats
 
     def reset_comm_stats(self) -> None:
-        self.cluster.call("reset_stats")
+        self.cluster.call("diagnose", "reset_stats")
         self.steps = {"sp": 0, "tp": 0, "padded_tokens": 0}
         self.p2p = [0, 0, 0, 0]
 

@@ -14,7 +14,7 @@ from seqpar.engine.tokenizer import chat_prompt_ids, encode
 from seqpar.layers.quant import weight_rows
 from seqpar.sampling_params import SamplingParams
 from seqpar.spec.speculator import spec_stats
-from seqpar.worker.worker import TIMED_COLLECTIVES
+from seqpar.worker.diagnostics import TIMED_COLLECTIVES
 
 
 class LLM:
@@ -47,7 +47,7 @@ class LLM:
 
     @property
     def worker(self):
-        """Rank 0's Worker (its model, Comm and KV pool)."""
+        """Rank 0's Worker (its Comm; its runner: the model shard and KV pool)."""
         return self.cluster.worker
 
     @property
@@ -157,7 +157,7 @@ class LLM:
         bytes; other stages hold their own layers): one dict per (name, checkpoint type, format)
         with "count", "kernel" and "bytes" (layers/quant.py weight_rows)."""
         self._check_open()
-        return weight_rows(self.worker.model)
+        return weight_rows(self.worker.runner.model)
 
     def cache_stats(self) -> dict:
         """The paged KV cache: {"num_blocks", "block_size", "used_blocks" (held by unfinished
@@ -179,7 +179,7 @@ class LLM:
         """Seconds this rank spent in torch.compile (Dynamo + the SP pass + Inductor), over every
         graph compiled so far; 0.0 without compile. The other ranks compile the same graphs
         at the same time. Steps that compiled include this time in their wall time."""
-        compiled = self.worker.compiled
+        compiled = self.worker.runner.compiled
         return 0.0 if compiled is None else compiled.compile_s
 
     def profile_memory(self, prompts, sampling_params: SamplingParams | None = None) -> list[int]:
@@ -187,18 +187,18 @@ class LLM:
         self._check_open()
         if self.cluster.torchrun:
             raise RuntimeError("profile_memory runs with spawned ranks, not under torchrun")
-        self.cluster.call("memory_on")
+        self.cluster.call("diagnose", "memory_on")
         self.generate(prompts, sampling_params)
         with self.cluster.guard():
-            return self.cluster.call("report_memory")
+            return self.cluster.call("diagnose", "report_memory")
 
     def time_collectives(self, ops: list[tuple[str, int, int]]) -> tuple[float, float]:
         """Run `ops` alone on stage 0's TP group, back to back, no compute: (wall seconds, CPU
         seconds its ranks spent). For benchmarks: the communication part of a step.
 
-        ops: (name, rows, cols) per collective, the name of one of worker.TIMED_COLLECTIVES and
-        [rows, cols] the logical tensor comm_stats() counts for it (bench/analytic.py
-        step_collectives lists a step's). Leaves comm_stats() as it was.
+        ops: (name, rows, cols) per collective, the name of one of
+        diagnostics.TIMED_COLLECTIVES and [rows, cols] the logical tensor comm_stats() counts for
+        it (bench/analytic.py step_collectives lists a step's). Leaves comm_stats() as it was.
         """
         self._check_open()
         if self.cluster.torchrun:
@@ -212,7 +212,7 @@ class LLM:
         payload = torch.tensor([[Collective(op).code, rows, cols] for op, rows, cols in ops],
                                dtype=torch.int64).view(-1)
         with self.cluster.guard():
-            wall, cpu = self.cluster.call("time_collectives", payload)
+            wall, cpu = self.cluster.call("diagnose", "time_collectives", payload)
         return wall, cpu
 
     def reset_comm_stats(self) -> None:

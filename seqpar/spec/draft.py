@@ -65,14 +65,14 @@ class DraftProposer:
         self.device = torch.device(device)
         model_dir = resolve_model(model)
         bs = target.block_size
+        # The target's pool holds every running sequence's context; the draft's holds the same
+        # plus, per sequence, its k - 1 fed drafts and a partly filled block.
+        num_blocks = target.num_blocks + target.max_num_seqs * (round_up(self.k, bs) // bs + 1)
         cfg = EngineConfig(model_dir, ModelConfig.from_dir(model_dir), ParallelConfig(),
                            target.dtype, target.max_model_len, target.max_num_seqs,
                            device=target.device, block_size=bs, compile=False,
-                           quantization="auto", gguf_file=gguf_source(model))
-        # The target's pool holds every running sequence's context; the draft's holds the same
-        # plus, per sequence, its k - 1 fed drafts and a partly filled block.
-        cfg.set_num_blocks(target.num_blocks + target.max_num_seqs * (round_up(self.k, bs) // bs
-                                                                        + 1))
+                           quantization="auto", gguf_file=gguf_source(model),
+                           num_blocks=num_blocks)
         self.cfg, self.dtype = cfg.model, cfg.torch_dtype
         with torch.device(self.device):
             self.model = MODELS[self.cfg.model_type](self.cfg, Comm(None, 0, 1), self.dtype,
