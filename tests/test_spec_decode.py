@@ -1,9 +1,9 @@
 """Speculative decoding (issue 22): speculative_config validation before any rank starts, the
 n-gram proposer against a brute-force search, the draft model against HF transformers' greedy
 tokens and sampling distribution, the block manager's rollback of rejected drafts, the back-off
-rule, statistics and server counters; and, marked xfail until the engine schedules verification
-steps, the end-to-end checks: greedy outputs equal HF's with speculation on (every family, tp 1-3,
-SP off / on / auto, preemption, prefix caching), a chi-square test of sampled tokens, blocks freed."""
+rule, statistics and server counters; and end to end: greedy outputs equal HF's with speculation
+on (every family, tp 1-3, SP off / on / auto, preemption, prefix caching), a chi-square test of
+sampled tokens, blocks freed."""
 from __future__ import annotations
 
 import multiprocessing
@@ -453,10 +453,8 @@ def test_metrics_expose_spec_counters():
     assert samples["seqpar:spec_decode_num_accepted_tokens_total"] == 7
 
 
-# ---- end to end: pending the engine's verification steps (issue 22, phase 2) -------------------
+# ---- end to end: the engine's verification steps ----------------------------------------------
 
-PHASE2 = pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError, KeyError),
-                           reason="issue 22: the engine does not schedule verification steps yet")
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 # Repetitive prompts, so that n-gram lookups propose, and one plain prompt.
 PROMPTS = [[7, 8, 9, 10] * 4 + [7, 8], [30 + i % 5 for i in range(23)], [100, 200, 300]]
@@ -481,7 +479,6 @@ def spec_config(method: str, family: str, root) -> dict:
     return {"model": str(build(family, root, num_hidden_layers=1)), "num_speculative_tokens": 3}
 
 
-@PHASE2
 @pytest.mark.parametrize("family,tp,pp,sp,method", e2e_cases())
 def test_greedy_outputs_equal_hf(tiny, tiny_root, family, tp, pp, sp, method):
     model_dir = tiny(family)
@@ -499,7 +496,6 @@ def test_greedy_outputs_equal_hf(tiny, tiny_root, family, tp, pp, sp, method):
         assert comm["steps"]["sp_verify"] > 0 and comm["steps"]["tp_verify"] == 0, comm["steps"]
 
 
-@PHASE2
 def test_engine_deltas_stream_accepted_tokens(tiny):
     """A verification step's delta carries every token it accepted (streaming emits them as they
     come); the deltas add up to HF's greedy tokens."""
@@ -516,7 +512,6 @@ def test_engine_deltas_stream_accepted_tokens(tiny):
     assert max(map(len, deltas)) > 1, "no step accepted a draft"
 
 
-@PHASE2
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_greedy_under_preemption_and_prefix_caching(tiny, tiny_root, method):
     """12 blocks of 16 for 10 requests: decoding with drafts runs out of blocks, sequences are
@@ -540,7 +535,6 @@ def test_greedy_under_preemption_and_prefix_caching(tiny, tiny_root, method):
     assert stats["num_accepted_tokens"] > 0
 
 
-@PHASE2
 def test_sampled_tokens_follow_the_target_distribution(tiny, tiny_root):
     """Rejection sampling keeps the target's distribution: the (first, second) token pairs of
     3000 seeded requests (the second comes from a verification of draft-model proposals) fit

@@ -115,10 +115,12 @@ class Scheduler:
         self.preemptions += 1
 
     def write_step(self, seqs: list[Sequence], counts: list[int], logit_rows: list[int],
-                   sp: bool, overlap: bool = False) -> StepDelta:
+                   sp: bool, overlap: bool = False, drafts: list[list[int]] | None = None
+                   ) -> StepDelta:
         """The delta of the step running `counts` more tokens of each of `seqs`, the last
-        logit_rows[i] rows of each with logits; hands those tokens over."""
-        delta = self.writer.write(seqs, counts, logit_rows, sp, sp and overlap)
+        logit_rows[i] rows of each with logits, drafts[i] the draft tokens ending seqs[i]'s
+        chunk (verification); hands those tokens over."""
+        delta = self.writer.write(seqs, counts, logit_rows, sp, sp and overlap, drafts)
         for seq, n in zip(seqs, counts):
             seq.scheduled += n
         return delta
