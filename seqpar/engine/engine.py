@@ -51,13 +51,14 @@ class Engine:
     def __init__(self, cfg: EngineConfig, cluster: Cluster, policy: SPPolicy, tokenizer,
                  eos_ids: set[int], spec: SpeculativeConfig | None = None):
         self.cfg, self.cluster, self.policy = cfg, cluster, policy
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.scheduler = Scheduler(cfg)
         self.spec = spec
         self.speculator = None
         """Proposes draft tokens (rank 0 only: the other ranks follow its deltas)."""
         if spec is not None and cluster.rank == 0:
             self.speculator = Speculator(spec, cfg, cluster.worker.device)
-        self.tokenizer, self.eos_ids = tokenizer, eos_ids
-        self.scheduler = Scheduler(cfg)
+            self.scheduler.lookahead = spec.num_speculative_tokens
         self.requests: dict[str, Sequence] = {}
         self.output = OutputProcessor(tokenizer, eos_ids, cfg.max_model_len)
         self.in_flight: deque = deque()

@@ -34,6 +34,10 @@ class Scheduler:
         self.preemptions = 0
         self.writer = StepWriter()
         """What the ranks hold of each request; writes each step's delta."""
+        self.lookahead = 0
+        """Speculative decoding's k: budget each decoding sequence keeps for its drafts, so that
+        whether a request verifies drafts does not depend on the prompts sharing its steps (a
+        seeded request draws the same tokens in any batch, KV pressure aside)."""
         self._draining: list[Sequence] = []
         """Finished sequences whose blocks a step in flight still writes."""
 
@@ -71,6 +75,8 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+            if seq.scheduled + n == seq.num_tokens and seq.num_output_tokens:  # decoding
+                budget -= min(budget, self.lookahead)
         # New requests only while every running sequence got its blocks: admitting one would
         # take blocks an older sequence waits for.
         while (not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs
