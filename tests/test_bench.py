@@ -2,13 +2,14 @@
 model and checks what it reports, not how fast anything is."""
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-from seqpar.bench import analytic, costmodel, costplan, markdown, results
-from seqpar.bench.record import Record
-from seqpar.bench.suite import MODES, Settings, run
+from seqpar_bench import analytic, costmodel, costplan, markdown, results
+from seqpar_bench.record import Record
+from seqpar_bench.suite import MODES, Settings, run
 from seqpar.config import ModelConfig
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -166,13 +167,14 @@ def test_plan_cli(capsys):
 
 def test_engine_bench_records(tiny_llama, tmp_path):
     # `seqpar bench engine` on the tiny model, one round of everything at tiny sizes.
-    from seqpar.bench import engine
+    from seqpar_bench import engine
     from transformers import AutoModelForCausalLM
     block = 2 * 2 * 2 * 16 * 16 * 2  # K+V x 2 layers x 2 KV heads x 16 tokens x head_dim 16 x bf16
     s = engine.EngineSettings(model=str(tiny_llama), threads=1, batches=[1, 2], prompt_len=8,
                               new_tokens=4, rounds=1, warmup=0, prefix_len=32, tail_len=8,
-                              prefill_tokens=48, bandwidth_bytes=2 ** 22,
-                              kv_cache_memory_bytes=20 * block + block - 1, log=lambda *a: None)
+                              prefill_tokens=[48], bandwidth_bytes=2 ** 22,
+                              kv_cache_memory_bytes=20 * block + block - 1, peers=["hf"],
+                              tp2_model="", log=lambda *a: None)
     result = engine.run(s)
     json.dumps(result)
     t = {(x["what"], x["engine"], x["size"]): x for x in result["timings"]}
@@ -200,8 +202,14 @@ def test_engine_bench_records(tiny_llama, tmp_path):
         2 * (48 * (2 * 64 * 192 + 2 * 3 * 64 * 128) + 4 * 4 * 16 * 48 * 49 // 2) + 2 * 64 * 512
     status = {name: st for name, st, _ in result["targets"]}
     assert status["KV memory per rank = formula"] == "met"
-    assert set(status.values()) <= {"met", "missed", "not measured"}
-    assert len(status) == 8 and "batch-1 decode step <= 2.0x the roofline" in status
+    assert set(status.values()) <= {"met", "missed", "not run"}
+    assert "batch-1 decode step <= 2.0x the roofline" in status
+    # Peers left out are reported, with every target that needs them, never dropped.
+    assert result["peers"]["vllm"]["status"] == result["peers"]["llama.cpp"]["status"] == "not run"
+    assert [n for n, st in status.items() if st == "not run"] == [
+        "batch-1 decode >= llama.cpp tok/s (F16 GGUF)",
+        "prefill 48 tokens >= 2x faster than llama.cpp (F16)", "tp=1 batch-1 decode >= 1.2x vLLM",
+        "tp=1 prefill 48 tokens >= 1.2x vLLM", "tp=1 decode batch 2 >= 1.2x vLLM"]
     # The section replaces its earlier self and leaves the rest of the page alone.
     page = tmp_path / "b.md"
     page.write_text("# Benchmarks\n\nhand-written\n")
@@ -209,13 +217,14 @@ def test_engine_bench_records(tiny_llama, tmp_path):
         engine.write_section({**result, "command": "seqpar bench engine (test)"}, page)
     text = page.read_text()
     assert text.count("## Engine core") == 1 and "hand-written" in text
+    assert "vllm: not run" in text
 
 
 def test_f16_gguf_for_llamacpp(tmp_path):
     # llama.cpp's copy of a quantized GGUF: the same values in F16 (vectors F32), the same metadata.
     import gguf
     import numpy as np
-    from seqpar.bench.engine import write_f16_gguf
+    from seqpar_bench.peers import write_f16_gguf
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 64)).astype(np.float32)
     norm = rng.standard_normal(64).astype(np.float32)
@@ -255,3 +264,82 @@ def test_record_json_round_trip():
     assert Record.from_dict(data) == rec
     with pytest.raises(ValueError, match=r"unknown fields \['speedup'\]"):
         Record.from_dict({**data, "speedup": 2.0})
+
+
+def test_bench_imports_only_public_seqpar():
+    # The benchmark lives beside the engine: it imports seqpar only through PUBLIC_MODULES (never
+    # seqpar.cli: `seqpar bench` dispatches to it), and the engine never imports it.
+    import ast
+    from pathlib import Path
+
+    import seqpar
+    import seqpar_bench
+
+    def seqpar_imports(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module
+
+    bench = Path(seqpar_bench.__file__).parent
+    bad = {(p.name, m) for p in bench.glob("*.py") for m in seqpar_imports(p)
+           if m.split(".")[0] == "seqpar" and m not in seqpar_bench.PUBLIC_MODULES}
+    assert not bad, bad
+    engine = Path(seqpar.__file__).parent
+    back = {(str(p.relative_to(engine)), m) for p in engine.rglob("*.py")
+            for m in seqpar_imports(p) if m.split(".")[0] == "seqpar_bench"}
+    assert back == {("cli.py", "seqpar_bench"), ("cli.py", "seqpar_bench.costplan")}, back
+
+
+def test_serve_args_map_onto_engine_args():
+    # `seqpar bench serve --offline` builds the same engine as `seqpar serve ARGS` from
+    # EngineArgs' own fields; a flag that is not one is an error, not dropped.
+    from seqpar_bench.serve import engine_options
+    got = engine_options("smollm2", "on", ["-tp", "2", "--dtype", "bfloat16", "--overlap",
+                                           "--no-enable-prefix-caching", "--port", "0",
+                                           "--max-model-len", "512", "-q", "int8"])
+    assert got == dict(model="smollm2", sequence_parallel="on", tensor_parallel_size=2,
+                       dtype="bfloat16", overlap=True, enable_prefix_caching=False,
+                       max_model_len=512, quantization="int8")
+    with pytest.raises(ValueError, match="--bogus"):
+        engine_options("smollm2", "off", ["--bogus", "1"])
+
+
+def test_missing_peer_is_reported_with_how_to_install(tmp_path):
+    from seqpar_bench import peers
+    python, status = peers.find_python("vllm", str(tmp_path / "no-python"))
+    assert python is None and status["status"] == "not installed"
+    assert "vllm_cpu_venv.sh" in status["reason"]
+    # A peer that fails to start says why (the driver's traceback), and leaves no process behind.
+    # (llama_cpp missing here, or present and the file missing)
+    with pytest.raises(peers.PeerError, match=r"llama_cpp|nothing\.gguf"):
+        peers.llamacpp_host(sys.executable, tmp_path / "nothing.gguf", "F16", 1, 64, tmp_path)
+    assert peers.vllm_bind(2, 2) == "0|1" and peers.vllm_bind(4, 2) == "0-1|2-3"
+    assert peers.vllm_bind(2, 1) == "0-1"
+
+
+def test_peer_targets_pair_rounds_and_name_missing_peers():
+    from dataclasses import asdict
+
+    from seqpar_bench.engine import Timing, faster
+    mine = Timing("decode", "seqpar", 1, 10, "tokens", [1.0, 2.0, 1.0])
+    theirs = Timing("decode", "vllm tp=1", 1, 10, "tokens", [2.0, 2.0, 3.0])
+    result = {"timings": [asdict(mine), asdict(theirs)],
+              "peers": {"vllm": {"status": "measured"},
+                        "llama.cpp": {"status": "not installed",
+                                      "reason": "no llama_cpp; to install: pip ..."}}}
+    name, status, numbers = faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 1.2, "tp1",
+                                   "vllm")
+    assert status == "met" and numbers.startswith("2.00x")  # rounds paired: 2/1, 2/2, 3/1
+    assert faster(result, "x", "decode", 1, "seqpar", "vllm tp=1", 2.5, "tp1")[1] == "missed"
+    assert faster(result, "y", "decode", 1, "seqpar", "llama.cpp F16", 1.0, "tp1",
+                  "llama.cpp") == ("y", "not installed", "no llama_cpp")
+
+
+def test_gpu_check_without_cuda_passes_saying_so(capsys):
+    from seqpar_bench.gpu_check import main
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: `make gpu-check` runs the real checks")
+    assert main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from dist_helpers import run_ranks
 from models import FAMILIES, chosen_logprobs, hf_reference, paged_kv
 from seqpar import LLM, SamplingParams
-from seqpar.bench.suite import MODES, Settings, _compiled_rounds
+from seqpar_bench.suite import MODES, Settings, _compiled_rounds
 
 MAX_TOKENS = 4
 SP_FROM = 5  # sp="auto": steps of at least this many tokens run SP

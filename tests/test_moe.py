@@ -10,7 +10,7 @@ import pytest
 
 from models import MOE_FAMILIES, assert_matches, build, hf_reference, valid_tp
 from seqpar import LLM, SamplingParams
-from seqpar.bench import analytic
+from seqpar_bench import analytic
 from seqpar.cli import main as cli
 
 MAX_TOKENS = 4

@@ -394,7 +394,7 @@ def test_models_health_and_metrics(server):
 
 
 def test_bench_serve_against_the_server(server, tmp_path):
-    from seqpar.bench.serve import main as bench_serve
+    from seqpar_bench.serve import main as bench_serve
     out = tmp_path / "bench.json"
     assert bench_serve(["--url", server.url, "--api-key", KEY, "--vocab-size", "1001",
                         "--num-prompts", "6", "--input-len", "5", "--output-len", "4",

@@ -256,7 +256,7 @@ def test_metrics_count_every_collective_like_comm_stats(tiny_root):
 
 # ---- imports point down ----------------------------------------------------------------------
 
-ABOVE = ("seqpar.engine", "seqpar.worker", "seqpar.entrypoints", "seqpar.compile", "seqpar.bench",
+ABOVE = ("seqpar.engine", "seqpar.worker", "seqpar.entrypoints", "seqpar.compile", "seqpar_bench",
          "seqpar.cli", "seqpar.report", "benchmarks")
 
 

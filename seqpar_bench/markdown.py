@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from seqpar.bench import results
-from seqpar.bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
-from seqpar.bench.public import PUBLIC_CONFIGS
-from seqpar.bench.record import Record
+from seqpar_bench import results
+from seqpar_bench.costmodel import PROFILES, layer_cost, load_profile, overlap_gain, sp_threshold
+from seqpar_bench.public import PUBLIC_CONFIGS
+from seqpar_bench.record import Record
 from seqpar.config import ModelConfig
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when regenerated -->", "<!-- end of notes -->"
@@ -169,7 +169,7 @@ def write(result: dict, path, plots_dir=None) -> None:
           "its room and is not counted; HF's and DTensor's forwards allocate theirs). On CPU the "
           "probe reads glibc's count of bytes in use (every thread's allocations and frees, gloo's "
           "included) after each aten op.", "",
-          "Prediction (`seqpar/bench/analytic.py`): the peak falls in an MLP: residual stream and "
+          "Prediction (`seqpar_bench/analytic.py`): the peak falls in an MLP: residual stream and "
           "norm output `2 x rows x H` (rows = T under TP, T/N under SP: what SP shrinks) + the MLP "
           "transient `T x (2I/N + H)` (gate_up with silu(gate) * up written over gate, next to "
           "the gathered input under SP or the down projection's output), the same in both "
@@ -211,7 +211,7 @@ def write(result: dict, path, plots_dir=None) -> None:
           "`seqpar plan --model M -tp N --hardware H` predicts each decoder layer's matmul, "
           "attention, token-wise, overhead and communication time under TP, SP and SP + overlap "
           "(best case), the SP token threshold and the overlap gain, from a hardware profile "
-          "(`seqpar/bench/costmodel.py`). `seqpar plan --calibrate -tp 2 --out FILE` measures "
+          "(`seqpar_bench/costmodel.py`). `seqpar plan --calibrate -tp 2 --out FILE` measures "
           "this machine's profile.", ""]
     hw_name = s.get("hardware")
     if hw_name:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqpar.bench import analytic
-from seqpar.bench.catalog import describe, resolve
-from seqpar.bench.hosts import Host
-from seqpar.bench.record import Record
-from seqpar.bench.subjects import DTensorSubject, HFSubject, SeqparSubject
+from seqpar_bench import analytic
+from seqpar_bench.catalog import describe, resolve
+from seqpar_bench.hosts import Host
+from seqpar_bench.record import Record
+from seqpar_bench.subjects import DTensorSubject, HFSubject, SeqparSubject
 from seqpar.config import DTYPES, ModelConfig, ParallelConfig
 
 
@@ -450,7 +450,7 @@ def _one_line(r: Record) -> str:
 
 def add_predictions(records: list[Record], hardware: str) -> None:
     """The cost model's seconds for each seqpar prefill record run at the profile's tp."""
-    from seqpar.bench.costmodel import load_profile, step_time
+    from seqpar_bench.costmodel import load_profile, step_time
     hw = load_profile(hardware)
     configs = {}
     for r in records:

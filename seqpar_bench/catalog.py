@@ -4,7 +4,9 @@ SmolLM2-135M has 9 query heads and 3 KV heads, so it splits over 1 or 3 ranks on
 is a random Llama of SmolLM2's shape (hidden 576, 30 layers, MLP 1536, vocab 49152, tied
 embeddings, rope theta 1e5) with 8 heads of 72 and 2 KV heads, so tp=2 works: the same matmul
 FLOPs per token as SmolLM2 (q/o projections 576 x 576), K/V projections 144 wide instead of 192.
-Timing does not depend on the weights' values (generation ignores EOS), so random weights serve.
+"smollm2-64d" (hidden 512, 8 heads of 64) is the tp=2 model beside vLLM, whose CPU attention has
+no 72-dim kernel. Timing does not depend on the weights' values (generation ignores EOS), so
+random weights serve.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 SYNTHETIC = {
     "smollm2-8h": dict(SMOLLM2_SHAPE, num_attention_heads=8, num_key_value_heads=2, head_dim=72),
-    # Every MLP replaced by 8 experts of the MLP's width, top-2 (bench/moe.py).
+    # 64-dim heads (vLLM's CPU attention has no kernel for 72) over hidden 512: tp=2 beside vLLM.
+    "smollm2-64d": dict(SMOLLM2_SHAPE, hidden_size=512, num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=64),
+    # Every MLP replaced by 8 experts of the MLP's width, top-2 (seqpar_bench/moe.py).
     "smollm2-moe": dict(SMOLLM2_SHAPE, model_type="mixtral", num_attention_heads=8,
                         num_key_value_heads=2, head_dim=72, num_local_experts=8,
                         num_experts_per_tok=2),
@@ -25,6 +30,8 @@ SYNTHETIC = {
 DESCRIPTIONS = {
     "smollm2": "SmolLM2-135M-Instruct (real weights; 9 heads / 3 KV heads: tp 1 or 3)",
     "smollm2-8h": "random Llama of SmolLM2's shape with 8 heads / 2 KV heads (head_dim 72), for tp 2",
+    "smollm2-64d": "random Llama of SmolLM2's class (30 layers, MLP 1536) with hidden 512, 8 heads "
+                   "of 64 / 2 KV heads, for tp 2 beside vLLM",
     "smollm2-moe": "random Mixtral of smollm2-8h's shape, 8 experts of width 1536 per layer, top-2",
 }
 

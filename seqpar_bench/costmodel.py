@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from seqpar.bench.analytic import local_heads
+from seqpar_bench.analytic import local_heads
 from seqpar.config import ModelConfig, round_up
 
 OPS_PER_LAYER_TP = 40

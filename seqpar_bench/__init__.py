@@ -3,7 +3,16 @@ and PyTorch DTensor TP+SP, interleaved in one run; peak memory, communication by
 analytic minimum, and the cost model's prediction. `seqpar plan` is the cost model (costplan.py).
 Modules: suite (runs the modes), catalog (which models), results (tables, plots, targets),
 markdown (the results page). `seqpar bench engine` (engine.py): the serving engine core against
-HF, the machine's bandwidth and matmul rate, prefix-cache TTFT and the KV formula (issue 11)."""
+HF, the machine's bandwidth and matmul rate, prefix-cache TTFT and the KV formula (issue 11), with
+llama.cpp and vLLM's CPU engine as peers in processes of their own (peers.py); `seqpar bench serve`
+(serve.py): `seqpar serve` over HTTP; `seqpar bench gpu-check` (gpu_check.py): the CUDA smoke
+checks.
+
+A package beside the engine, not inside it: nothing in `seqpar` imports it (`seqpar bench` and
+`seqpar plan` import it on use). It drives the engine through LLM / SamplingParams / EngineArgs'
+fields, their documented stats (comm_stats, cache_stats, weight_stats) and the server's HTTP API;
+besides those it reads only PUBLIC_MODULES (tests/test_bench.py checks every import). kernels/ is
+the exception by design: micro-benchmarks of one internal kernel."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +20,14 @@ import json
 import os
 import sys
 
-from seqpar.bench.record import Record
-from seqpar.bench.suite import MODES, Settings, run
+from seqpar_bench.record import Record
+from seqpar_bench.suite import MODES, Settings, run
+
+PUBLIC_MODULES = ("seqpar", "seqpar.engine.args", "seqpar.config", "seqpar.loader.resolve",
+                  "seqpar.distributed.launch", "seqpar.worker.memory", "seqpar.distributed.comm")
+"""The seqpar modules this package may import: the API (LLM, SamplingParams, EngineArgs), the model
+config and name resolution (what a model is), process helpers (free port, spawn), the peak-memory
+probe, and Comm, which only `seqpar plan --calibrate` uses to time the engine's own collectives."""
 
 DEFAULT_GROUPS = (("smollm2", 1), ("smollm2-8h", 2))
 """Without --model / -tp: SmolLM2's real weights at tp=1 (vs HF), its 8-head twin at tp=2."""
@@ -98,10 +113,16 @@ def _load(path: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from seqpar.bench import results
-    if argv and argv[0] == "engine":  # its own mode with its own flags
-        from seqpar.bench.engine import main as engine_main
+    from seqpar_bench import results
+    if argv and argv[0] == "engine":  # its own modes with their own flags
+        from seqpar_bench.engine import main as engine_main
         return engine_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from seqpar_bench.serve import main as serve_main
+        return serve_main(argv[1:])
+    if argv and argv[0] == "gpu-check":
+        from seqpar_bench.gpu_check import main as gpu_check_main
+        return gpu_check_main(argv[1:])
     args = parse(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory probe's profiler: quiet
     runs = settings_for(args)
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
         result["settings"]["modes"] = [m.name for m in runs[0].modes]
     records = result["records"]
     if args.hardware:
-        from seqpar.bench.suite import add_predictions
+        from seqpar_bench.suite import add_predictions
         add_predictions(records, args.hardware)
     print()
     print(results.table(records))
@@ -158,7 +179,7 @@ def main(argv=None) -> int:
         for path in results.plots(records, args.plots):
             print(f"wrote {path}")
     if args.markdown:
-        from seqpar.bench.markdown import write
+        from seqpar_bench.markdown import write
         write(result, args.markdown, plots_dir=args.plots)
         print(f"wrote {args.markdown}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from seqpar.bench.record import Record
+from seqpar_bench.record import Record
 
 MiB = 2 ** 20
 

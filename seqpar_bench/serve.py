@@ -149,7 +149,7 @@ class ServerUnderTest:
     """`seqpar serve` in a child process on a free loopback port, until stop()."""
 
     def __init__(self, model: str, sp: str, serve_args: list[str], log_path: str):
-        from seqpar.distributed.launch import free_port
+        from seqpar.distributed.launch import free_port  # a process helper, no engine state
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(log_path, "w")
         port = self.url.rsplit(":", 1)[1]
@@ -183,14 +183,54 @@ class ServerUnderTest:
         self.log.close()
 
 
+ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "q": "quantization",
+           "sp": "sequence_parallel"}
+"""`seqpar serve`'s short flags and their EngineArgs fields."""
+SERVER_ONLY = {"host", "port", "api_key", "served_model_name", "max_waiting",
+               "enable_auto_tool_choice", "tool_call_parser"}
+"""`seqpar serve` flags with no engine meaning: the offline run ignores them."""
+
+
+def engine_options(model: str, sp: str, serve_args: list[str]) -> dict:
+    """LLM(**options) for the same engine `seqpar serve MODEL --sp SP *serve_args` starts: each
+    `--flag value` (or a bare `--flag`: True) mapped onto the EngineArgs field of that name, with
+    the field's type. An unknown flag is an error, not dropped."""
+    import dataclasses
+    import typing
+
+    from seqpar.engine.args import EngineArgs
+    hints = typing.get_type_hints(EngineArgs)
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    out = {"model": model, "sequence_parallel": sp}
+    i = 0
+    while i < len(serve_args):
+        flag = serve_args[i]
+        name = flag.lstrip("-").replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in fields  # --no-enable-prefix-caching
+        name = ALIASES.get(name[3:] if negated else name, name[3:] if negated else name)
+        if not flag.startswith("-") or (name not in fields and name not in SERVER_ONLY):
+            raise ValueError(f"--serve-args: {flag!r} is no `seqpar serve` engine flag "
+                             f"(EngineArgs fields: {', '.join(sorted(fields))})")
+        has_value = (not negated and i + 1 < len(serve_args)
+                     and not serve_args[i + 1].startswith("--"))
+        value = serve_args[i + 1] if has_value else None
+        i += 2 if has_value else 1
+        if name in SERVER_ONLY:
+            continue
+        if value is None:  # a switch: --overlap, --compile, --no-enable-prefix-caching
+            out[name] = not negated
+        else:
+            kind = hints[name]
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            out[name] = None if value == "None" else base(value)
+    return out
+
+
 def offline_throughput(model: str, sp: str, serve_args: list[str], prompts, output_len) -> dict:
     """The same requests through LLM.generate in this process: output tokens per second."""
     from seqpar import LLM, SamplingParams
-    from seqpar.cli import _llm_kwargs, build_parser
-    args = build_parser().parse_args(["serve", model, "--sp", sp, *serve_args])
-    args.model = args.model_tag
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    with LLM(**_llm_kwargs(args), seed=args.seed) as llm:
+    with LLM(**engine_options(model, sp, serve_args)) as llm:
         llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
         # Driven from a thread of its own, as the server drives its engine: on a busy CPU,
         # OpenMP's spinning workers slow the main thread's steps many times over (unless
