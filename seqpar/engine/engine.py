@@ -266,9 +266,10 @@ class Engine:
             outs.append(self._append(seq, token, logprob))
             if outs[-1].finished:
                 break
-        # The last token appended is not in the KV cache (the next step feeds it); the accepted
-        # drafts before it are. A finished request's blocks are released after this.
-        keep = start + min(accepted, len(outs))
+        # The accepted drafts' KV stays, but never the last token's: the next step feeds it (it is
+        # the target's own token, or an accepted draft when a grammar ended on it). A finished
+        # request's blocks are released after this.
+        keep = min(start + accepted, seq.num_tokens - 1)
         blocks.rollback(seq, keep)
         if not seq.finished:
             self.scheduler.writer.rollback(seq.key, keep, len(seq.block_table))
