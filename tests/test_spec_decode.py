@@ -586,3 +586,31 @@ def test_sampled_tokens_follow_the_target_distribution(tiny, tiny_root):
         assert pair in pairs, f"drew {pair}, outside the top-{top_k} support"
         counts[pair] = counts.get(pair, 0) + 1
     assert_fits(np.array([counts.get(p, 0) for p in pairs]), np.array(list(pairs.values())))
+
+
+def test_logprobs_of_verified_tokens_equal_hf(tiny):
+    """Tokens a verification step kept carry their logprobs (row j of the sequence's k + 1 logit
+    rows scores its j-th kept token): the chosen tokens' equal HF's, and each entry holds the
+    asked top-2 plus the chosen token."""
+    model_dir = tiny("qwen2")
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    with LLM(str(model_dir), threads_per_rank=1, max_model_len=64,
+             speculative_config=NGRAM) as llm:
+        outputs = llm.generate(PROMPTS, params)
+        assert llm.spec_stats()["num_accepted_tokens"] > 0
+    for out, (tokens, logprobs) in zip(outputs, hf_reference(model_dir, PROMPTS, 10)):
+        assert out.token_ids == tokens
+        assert len(out.logprobs) == len(tokens)
+        for token, entry, expected in zip(tokens, out.logprobs, logprobs):
+            assert abs(entry[token] - expected) < 1e-4 and 2 <= len(entry) <= 3
+
+
+def test_step_delta_carries_drafts_and_rollbacks():
+    from seqpar.worker.plan import StepDelta
+
+    delta = StepDelta(7, 123, True, False, rollback=[(4, 17), (9, 3)], dropped=[2],
+                      keys=[4, 5], num_tokens=[4, 1], num_logit_rows=[4, 1],
+                      new_blocks=[[11], []], new_tokens=[[1, 2, 3], [8]], num_drafts=[3, 0])
+    again = StepDelta.decode(delta.encode())
+    assert (again.rollback, again.num_drafts, again.dropped, again.new_tokens) == (
+        [(4, 17), (9, 3)], [3, 0], [2], [[1, 2, 3], [8]])
