@@ -5,8 +5,8 @@ Modules: suite (runs the modes), catalog (which models), results (tables, plots,
 markdown (the results page). `seqpar bench engine` (engine.py): the serving engine core against
 HF, the machine's bandwidth and matmul rate, prefix-cache TTFT and the KV formula (issue 11), with
 llama.cpp and vLLM's CPU engine as peers in processes of their own (peers.py); `seqpar bench serve`
-(serve.py): `seqpar serve` over HTTP; `seqpar bench gpu-check` (gpu_check.py): the CUDA smoke
-checks.
+(serve.py): `seqpar serve` over HTTP; `seqpar bench spec` (spec.py): speculative decoding off /
+n-gram / draft at batch 1; `seqpar bench gpu-check` (gpu_check.py): the CUDA smoke checks.
 
 A package beside the engine, not inside it: nothing in `seqpar` imports it (`seqpar bench` and
 `seqpar plan` import it on use). It drives the engine through LLM / SamplingParams / EngineArgs'
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "serve":
         from seqpar_bench.serve import main as serve_main
         return serve_main(argv[1:])
+    if argv and argv[0] == "spec":
+        from seqpar_bench.spec import main as spec_main
+        return spec_main(argv[1:])
     if argv and argv[0] == "gpu-check":
         from seqpar_bench.gpu_check import main as gpu_check_main
         return gpu_check_main(argv[1:])

@@ -39,7 +39,8 @@ def test_sp_prefill_uses_reduce_scatter_and_all_gather_only(llm2):
     # QKV and gate_up all-gather [T_pad, H] per layer; then one gather of the sampled rows (K=1 per rank).
     assert stats["all_gather"] == {"calls": 2 * layers + 1,
                                    "bytes": 2 * layers * padded * hidden * 4 + n * 1 * hidden * 4}
-    assert stats["steps"] == {"sp": 1, "tp": 0, "padded_tokens": padded - t}
+    assert stats["steps"] == {"sp": 1, "tp": 0, "sp_verify": 0, "tp_verify": 0,
+                              "padded_tokens": padded - t}
 
 
 def test_tp_prefill_uses_all_reduce_only(llm2):
@@ -47,7 +48,8 @@ def test_tp_prefill_uses_all_reduce_only(llm2):
     stats = prefill_stats(llm2, "off", t)
     assert stats["reduce_scatter"]["calls"] == 0 and stats["all_gather"]["calls"] == 0
     assert stats["all_reduce"] == {"calls": 1 + 2 * layers, "bytes": (1 + 2 * layers) * t * hidden * 4}
-    assert stats["steps"] == {"sp": 0, "tp": 1, "padded_tokens": 0}
+    assert stats["steps"] == {"sp": 0, "tp": 1, "sp_verify": 0, "tp_verify": 0,
+                              "padded_tokens": 0}
 
 
 def test_auto_policy_decides_by_threshold():
@@ -74,7 +76,8 @@ def test_auto_keeps_decode_on_tp_below_threshold(llm2):
         stats = llm2.comm_stats()
     finally:
         llm2.policy.mode, llm2.policy.threshold = saved
-    assert stats["steps"] == {"sp": 1, "tp": 4, "padded_tokens": 1}
+    assert stats["steps"] == {"sp": 1, "tp": 4, "sp_verify": 0, "tp_verify": 0,
+                              "padded_tokens": 1}
     layers = 2  # the prefill step alone reduce-scatters: embedding + 2 per layer
     assert stats["reduce_scatter"]["calls"] == 1 + 2 * layers
 

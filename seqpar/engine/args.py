@@ -103,15 +103,15 @@ class EngineArgs:
             thresholds = _thresholds(cluster, cfg, mode)
             if cfg.num_blocks is None:  # profiled by the ranks (CUDA without a budget)
                 cfg = replace(cfg, num_blocks=cluster.worker.runner.num_blocks)
-        policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0], overlap=self.overlap,
-                          overlap_threshold=thresholds[1])
-        return Engine(cfg, cluster, policy, tokenizer, eos_ids)
+            policy = SPPolicy(mode, self.tensor_parallel_size, thresholds[0],
+                              overlap=self.overlap, overlap_threshold=thresholds[1])
+            # Inside the guard: a draft model that fails to load closes the ranks.
+            return Engine(cfg, cluster, policy, tokenizer, eos_ids, spec)
 
 
 def _check_speculative(spec: SpeculativeConfig, cfg: EngineConfig) -> None:
     """Validate `spec` against the target engine (and read the draft's config.json) before any
-    rank starts; then refuse it: the engine does not schedule verification steps yet, and a
-    setting that silently did nothing would be worse than an error."""
+    rank starts."""
     draft = None
     if spec.method == "draft_model":
         try:
@@ -119,8 +119,6 @@ def _check_speculative(spec: SpeculativeConfig, cfg: EngineConfig) -> None:
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"speculative_config: draft model {spec.model}: {e}") from None
     spec.check_target(cfg.model, cfg.max_model_len, cfg.max_num_batched_tokens, draft)
-    raise ValueError("speculative_config: the settings are valid, but this engine does not run "
-                     "verification steps yet (issue 22)")
 
 
 def _thresholds(cluster: Cluster, cfg: EngineConfig, mode: str) -> tuple[int | None, int | None]:

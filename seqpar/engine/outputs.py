@@ -18,7 +18,7 @@ class DeltaOutput:
     """What one step added to one request."""
     request_id: str
     token_ids: list[int]
-    """The tokens generated in this step (one per step today)."""
+    """The tokens generated in this step (one; or those a verification step kept)."""
     text: str
     """The text they add: incrementally detokenized, a stop string cut off; while a stop string
     may be forming, the characters that could begin it are held back to a later delta."""
@@ -36,6 +36,17 @@ class DeltaOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @staticmethod
+    def merge(deltas: list["DeltaOutput"]) -> "DeltaOutput":
+        """One delta for consecutive deltas of a request (a verification step's tokens)."""
+        if len(deltas) == 1:
+            return deltas[0]
+        first, last = deltas[0], deltas[-1]
+        logprobs = None if first.logprobs is None else [x for d in deltas for x in d.logprobs]
+        return DeltaOutput(first.request_id, [t for d in deltas for t in d.token_ids],
+                           "".join(d.text for d in deltas), last.finish_reason, logprobs,
+                           first.prompt_logprobs, last.num_cached_tokens)
 
 
 @dataclass

@@ -34,6 +34,10 @@ class Scheduler:
         self.preemptions = 0
         self.writer = StepWriter()
         """What the ranks hold of each request; writes each step's delta."""
+        self.lookahead = 0
+        """Speculative decoding's k: budget each decoding sequence keeps for its drafts, so that
+        whether a request verifies drafts does not depend on the prompts sharing its steps (a
+        seeded request draws the same tokens in any batch, KV pressure aside)."""
         self._draining: list[Sequence] = []
         """Finished sequences whose blocks a step in flight still writes."""
 
@@ -71,6 +75,8 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+            if seq.scheduled + n == seq.num_tokens and seq.num_output_tokens:  # decoding
+                budget -= min(budget, self.lookahead)
         # New requests only while every running sequence got its blocks: admitting one would
         # take blocks an older sequence waits for.
         while (not starved and self.waiting and budget > 0 and len(self.running) < self.max_seqs
@@ -115,10 +121,12 @@ class Scheduler:
         self.preemptions += 1
 
     def write_step(self, seqs: list[Sequence], counts: list[int], logit_rows: list[int],
-                   sp: bool, overlap: bool = False) -> StepDelta:
+                   sp: bool, overlap: bool = False, drafts: list[list[int]] | None = None
+                   ) -> StepDelta:
         """The delta of the step running `counts` more tokens of each of `seqs`, the last
-        logit_rows[i] rows of each with logits; hands those tokens over."""
-        delta = self.writer.write(seqs, counts, logit_rows, sp, sp and overlap)
+        logit_rows[i] rows of each with logits, drafts[i] the draft tokens ending seqs[i]'s
+        chunk (verification); hands those tokens over."""
+        delta = self.writer.write(seqs, counts, logit_rows, sp, sp and overlap, drafts)
         for seq, n in zip(seqs, counts):
             seq.scheduled += n
         return delta

@@ -51,6 +51,14 @@ class BatchState:
             raise ChecksumMismatch(f"step message {delta.step} arrived where {self.step} was "
                                    "expected: a step was missed")
         self.step += 1
+        for key, keep in delta.rollback:  # before the drops: a request may end right after
+            held = self.requests.get(key)
+            if held is None or not keep <= held.computed:
+                raise ChecksumMismatch(f"step {delta.step} rolls request {key} back to {keep} "
+                                       "tokens, more than this rank computed (or not held here)")
+            del held.token_ids[keep:]
+            del held.block_ids[-(-keep // self.block_size):]
+            held.computed = keep
         for key in delta.dropped:
             held = self.requests.pop(key, None)
             if held is None:
@@ -110,7 +118,8 @@ class BatchState:
                                             max(ends), decodes, self.device)
         plan = StepPlan(delta.sp, torch.tensor(ids, device=self.device), starts,
                         delta.num_tokens, delta.num_logit_rows, None, self.world_size,
-                        self.block_size, delta.sp and delta.overlap, delta.keys, draws)
+                        self.block_size, delta.sp and delta.overlap, delta.keys, draws,
+                        delta.num_drafts, delta.draft_probs)
         return plan.with_metadata(positions, meta)
 
     def _decode_metadata(self, keys: list[int], starts: list[int], ends: list[int],

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from seqpar.config import EngineConfig, round_up
 from seqpar.distributed.comm import Comm
@@ -28,8 +29,9 @@ TAG_HIDDEN, TAG_SAMPLED = 1, 2
 
 
 class Sampled:
-    """A step's drawn tokens on rank 0 ([D, 2 + 2K] float64, see pack_sampled; then the step's
-    prompt-logprob rows, pack_entries), maybe still arriving from the last stage."""
+    """A step's drawn tokens on rank 0 ([sum(1 + k_i), 2 + 2K] float64, see pack_sampled and
+    ModelRunner._sample; then the step's prompt-logprob rows, pack_entries), maybe still arriving
+    from the last stage."""
 
     def __init__(self, tensor: torch.Tensor | None, work=None):
         self.tensor, self.work = tensor, work
@@ -154,14 +156,14 @@ class ModelRunner:
         return None
 
     def _sample(self, logits: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """The sampler rank: logits [R, V] of the step's logit rows -> the drawn rows' tokens,
-        then the prompt-logprob rows, packed for rank 0 (pack_sampled)."""
+        """The sampler rank: logits [R, V] of the step's logit rows -> packed for rank 0: per
+        drawing sequence with k drafts (0 when it does not verify) 1 + k rows (pack_sampled's),
+        the tokens verification kept first, NaN rows after them; then the prompt-logprob rows
+        (pack_entries)."""
         keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
         prompt = self.prompt_rows(plan)
         width = self.top_logprobs(keys, prompt)
-        drawn = logits if len(keys) == logits.shape[0] else logits[plan.draw_rows]
-        packed = pack_sampled(self.sampler.sample(drawn, keys) if keys else None, len(keys),
-                              width)
+        packed = self._draw(logits, plan, keys, width)
         if not prompt:
             return packed
         offsets = [0]  # per sequence: its first row of the R logit rows
@@ -175,6 +177,48 @@ class ModelRunner:
             parts.append(pack_entries([e for e in entries if e is not None],
                                       prompt_ids[first_pos + 1:], k, width))
         return torch.cat(parts)
+
+    def _draw(self, logits: torch.Tensor, plan: StepPlan, keys: list[int],
+              width: int) -> torch.Tensor:
+        """The drawn sequences' rows of _sample: sampled, or verified where the step carries
+        drafts."""
+        if not any(plan.num_drafts):
+            if len(keys) < logits.shape[0]:  # some rows are not drawn from (prompts)
+                logits = logits[plan.draw_rows]
+            return pack_sampled(self.sampler.sample(logits, keys) if keys else None, len(keys),
+                                width)
+        drafts = [k for k, draw in zip(plan.num_drafts, plan.draws) if draw]
+        offsets = [0]  # per drawing sequence: its first row of the packed output
+        for k in drafts:
+            offsets.append(offsets[-1] + 1 + k)
+        packed = pack_sampled(None, offsets[-1], width)
+        plain = [i for i, k in enumerate(drafts) if k == 0]
+        if plain:
+            out = self.sampler.sample(logits[[plan.draw_rows[i] for i in plain]],
+                                      [keys[i] for i in plain])
+            packed[[offsets[i] for i in plain]] = pack_sampled(out, len(plain), width)
+        verifying = [i for i, k in enumerate(drafts) if k]
+        rows = [r for i in verifying for r in range(plan.draw_rows[i] - drafts[i],
+                                                    plan.draw_rows[i] + 1)]
+        vlogits = logits[rows]  # [sum(k_i + 1), V]: per sequence the rows after each draft
+        held = [self.batch.requests[keys[i]] for i in verifying]
+        lists = [h.token_ids[h.computed - drafts[i]:h.computed] for h, i in zip(held, verifying)]
+        q = None
+        if plan.draft_probs:  # sampled draft-model drafts (greedy ones and n-gram: one-hot)
+            q = [plan.draft_probs.get(keys[i]) for i in verifying]
+            q = [F.one_hot(torch.tensor(d), logits.shape[1]).float() if x is None else x
+                 for x, d in zip(q, lists)]
+        kept = self.sampler.verify(vlogits, [keys[i] for i in verifying], lists, q)
+        at = 0
+        for i, tokens in zip(verifying, kept):
+            n, first = len(tokens), offsets[i]
+            packed[first:first + n, 0] = torch.tensor(tokens, dtype=torch.float64)
+            asked = self.batch.requests[keys[i]].params.logprobs
+            if asked is not None:  # row j of the sequence scores its j-th kept token
+                out = logprob_rows(vlogits[at:at + n], tokens, width)
+                packed[first:first + n] = pack_sampled(out, n, width)
+            at += drafts[i] + 1
+        return packed
 
     def prompt_rows(self, plan: StepPlan) -> list[tuple[int, int, int, int]]:
         """The step's sequences with prompt-logprob rows: (index, first_pos, prompt tokens
@@ -199,7 +243,9 @@ class ModelRunner:
         running its first stage."""
         keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
         prompt = self.prompt_rows(plan)
-        rows = len(keys) + sum(scored for _, _, scored, _ in prompt)
+        rows = sum(1 + k for k, draw in zip(plan.num_drafts or [0] * len(plan.draws),
+                                            plan.draws) if draw)
+        rows += sum(scored for _, _, scored, _ in prompt)
         sampled = torch.empty(rows, 2 + 2 * self.top_logprobs(keys, prompt),
                               dtype=torch.float64)
         if sampled.shape[0] == 0:
@@ -253,18 +299,37 @@ def pack_entries(entries: list[dict[int, float]], targets: list[int], k: int,
     return packed
 
 
-def unpack_sampled(sampled: torch.Tensor, asked: list[int | None]
-                   ) -> list[tuple[int, dict[int, float] | None]]:
-    """Rank 0: pack_sampled's rows -> per drawn row (token, {token id: logprob} or None): the top
-    `asked` entries and the chosen token's; asked: per row, its request's logprobs setting."""
+def logprob_rows(logits: torch.Tensor, tokens: list[int], k: int) -> SamplerOutput:
+    """Verified tokens' logprobs: logits [n, V] (row j the target's after the j-th token before
+    it), tokens [n] -> SamplerOutput with each token's logprob and the K top (model distribution,
+    as Sampler.sample reports them)."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [n, V]
+    ids = torch.tensor(tokens, device=logits.device)
+    top = logprobs.topk(k, dim=-1) if k else None
+    return SamplerOutput(ids, logprobs.gather(1, ids[:, None])[:, 0],
+                         None if top is None else top.indices, None if top is None else top.values)
+
+
+def unpack_sampled(sampled: torch.Tensor, asked: list[int | None], drafts: list[int] | None = None
+                   ) -> list[list[tuple[int, dict[int, float] | None]]]:
+    """Rank 0: the packed rows -> per drawing sequence its tokens (one, or with drafts[i] > 0 the
+    1 to drafts[i] + 1 that verification kept), each (token, {token id: logprob} or None): the
+    top `asked` entries and the chosen token's; asked: per sequence, its logprobs setting."""
     k = (sampled.shape[1] - 2) // 2
-    results = []
-    for row, n in zip(sampled.tolist(), asked):
-        token = int(row[0])
-        if n is None:
-            results.append((token, None))
-            continue
-        entry = {int(t): v for t, v in zip(row[2:2 + n], row[2 + k:2 + k + n])}
-        entry[token] = row[1]
-        results.append((token, entry))
+    rows, results, at = sampled.tolist(), [], 0
+    for i, n in enumerate(asked):
+        size = 1 + (drafts[i] if drafts else 0)
+        tokens = []
+        for row in rows[at:at + size]:
+            if row[0] != row[0]:  # NaN: past the kept tokens
+                break
+            token = int(row[0])
+            entry = None
+            if n is not None:
+                entry = {int(t): v for t, v in zip(row[2:2 + n], row[2 + k:2 + k + n])}
+                entry[token] = row[1]
+            tokens.append((token, entry))
+        results.append(tokens)
+        at += size
     return results
+

@@ -5,23 +5,28 @@ block tables and progress. A request reaches the ranks once, when it is schedule
 after a preemption); each later step carries only what changed. One step's message, a StepDelta,
 encoded as one int64 tensor (`StepDelta.encode`, the control channel's payload):
 
-    header    [step, checksum, sp, overlap, n_dropped, n_released, n_new, n_scheduled]
+    header    [step, checksum, sp, overlap, n_rollback, n_dropped, n_released, n_new,
+              n_scheduled]
+    rollback  [n_rollback x 2] key, tokens kept: after a speculative verification the request
+              keeps that many of its token ids, computed tokens and the blocks holding them (the
+              rejected drafts' are dropped)
     dropped   [n_dropped] keys the ranks stop holding (finished, aborted or preempted; a
               preempted request comes back later as a new one, recomputed)
     released  [n_released] keys that ended for good: the sampler rank drops their state
     new       [n_new x 5] key, tokens known, prompt tokens, tokens computed, blocks; then their
               token ids and block ids, request after request
-    scheduled [n_scheduled x 5] key, num_tokens, num_logit_rows, new blocks, new token ids;
-              then the new block ids and new token ids, request after request
+    scheduled [n_scheduled x 6] key, num_tokens, num_logit_rows, drafts, new blocks, new token
+              ids; then the new block ids and new token ids, request after request
     params    [byte count, pickled list of the new requests' SamplingParams, 8-byte words]
               (only when n_new > 0)
 
-Applied in that order: drops, new requests, then each scheduled request appends its new blocks
+Applied in that order: rollbacks, drops, new requests, then each scheduled request appends its new blocks
 and token ids (the tokens rank 0 has and the ranks do not: decoded or draft tokens) and runs
 `num_tokens` tokens from its computed count. `num_logit_rows` m: the last m rows of its chunk get
 full-vocab logits on the sampler rank (1: a sampled row, 0: a mid-prompt chunk; more for
 verification or prompt logprobs). A row is drawn from (sampled) when the chunk reaches the last
-token the ranks know.
+token the ranks know. `drafts` k > 0: a verification step, the chunk's last k tokens are draft
+tokens and its last k + 1 logit rows go to Sampler.verify.
 
 Invariant 1 (every rank runs the same plan) holds by construction, and is checked: `step` counts
 the messages, and `checksum` is rank 0's digest of the batch after the step (every held key with
@@ -44,7 +49,7 @@ from seqpar.config import round_up
 from seqpar.layers.attention import AttentionMetadata, build_metadata
 
 CHECKSUM_MOD = (1 << 61) - 1
-HEADER, NEW_FIELDS, SCHED_FIELDS = 8, 5, 5
+HEADER, NEW_FIELDS, SCHED_FIELDS = 9, 5, 6
 
 
 def key_digest(key: int, computed: int) -> int:
@@ -83,6 +88,8 @@ class StepDelta:
     checksum: int
     sp: bool
     overlap: bool
+    rollback: list[tuple[int, int]] = field(default_factory=list)
+    """(key, tokens kept) per request whose last verification rejected drafts."""
     dropped: list[int] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
     new: list[NewRequest] = field(default_factory=list)
@@ -92,18 +99,24 @@ class StepDelta:
     num_logit_rows: list[int] = field(default_factory=list)
     new_blocks: list[list[int]] = field(default_factory=list)
     new_tokens: list[list[int]] = field(default_factory=list)
+    num_drafts: list[int] = field(default_factory=list)
+    """Per scheduled request: draft tokens ending its chunk (0: no verification)."""
+    draft_probs: dict[int, object] | None = None
+    """{key: q [k, V]} of sampled draft-model drafts, for the sampler rank when it is rank 0
+    (one pipeline stage): handed over in process, never encoded."""
 
     def encode(self) -> torch.Tensor:
-        meta = [self.step, self.checksum, int(self.sp), int(self.overlap), len(self.dropped),
-                len(self.released), len(self.new), len(self.keys), *self.dropped, *self.released]
+        meta = [self.step, self.checksum, int(self.sp), int(self.overlap), len(self.rollback),
+                len(self.dropped), len(self.released), len(self.new), len(self.keys),
+                *(x for pair in self.rollback for x in pair), *self.dropped, *self.released]
         for r in self.new:
             meta += [r.key, len(r.token_ids), r.num_prompt_tokens, r.computed, len(r.block_ids)]
         for r in self.new:
             meta += r.token_ids
             meta += r.block_ids
-        for row in zip(self.keys, self.num_tokens, self.num_logit_rows, self.new_blocks,
-                       self.new_tokens):
-            meta += [*row[:3], len(row[3]), len(row[4])]
+        for row in zip(self.keys, self.num_tokens, self.num_logit_rows, self.num_drafts,
+                       self.new_blocks, self.new_tokens):
+            meta += [*row[:4], len(row[4]), len(row[5])]
         for blocks, tokens in zip(self.new_blocks, self.new_tokens):
             meta += blocks
             meta += tokens
@@ -118,8 +131,10 @@ class StepDelta:
     @classmethod
     def decode(cls, data: torch.Tensor) -> "StepDelta":
         values = data.tolist()
-        step, checksum, sp, overlap, n_drop, n_rel, n_new, n_sched = values[:HEADER]
+        step, checksum, sp, overlap, n_back, n_drop, n_rel, n_new, n_sched = values[:HEADER]
         at = HEADER
+        rollback = [tuple(values[at + 2 * i:at + 2 * i + 2]) for i in range(n_back)]
+        at += 2 * n_back
         dropped, released = values[at:at + n_drop], values[at + n_drop:at + n_drop + n_rel]
         at += n_drop + n_rel
         heads = [values[at + i * NEW_FIELDS:at + (i + 1) * NEW_FIELDS] for i in range(n_new)]
@@ -132,8 +147,9 @@ class StepDelta:
             new.append(NewRequest(key, tokens, n_prompt, computed, blocks, None))
         rows = [values[at + i * SCHED_FIELDS:at + (i + 1) * SCHED_FIELDS] for i in range(n_sched)]
         at += n_sched * SCHED_FIELDS
-        delta = cls(step, checksum, bool(sp), bool(overlap), dropped, released, new,
-                    [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+        delta = cls(step, checksum, bool(sp), bool(overlap), rollback, dropped, released, new,
+                    [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                    num_drafts=[r[3] for r in rows])
         for *_, n_blocks, n_tokens in rows:
             delta.new_blocks.append(values[at:at + n_blocks])
             delta.new_tokens.append(values[at + n_blocks:at + n_blocks + n_tokens])
@@ -175,6 +191,7 @@ class StepWriter:
         self.checksum = 0
         self._dropped: list[int] = []
         self._released: list[int] = []
+        self._rollback: list[tuple[int, int]] = []
 
     def drop(self, key: int) -> None:
         """The ranks stop holding a request (preempted: its state there restarts when it does)."""
@@ -182,6 +199,16 @@ class StepWriter:
         if held is not None:
             self.checksum = (self.checksum - key_digest(key, held.computed)) % CHECKSUM_MOD
             self._dropped.append(key)
+
+    def rollback(self, key: int, keep: int, blocks: int) -> None:
+        """After a verification: the ranks keep `keep` of the request's tokens (computed and
+        known) and its first `blocks` blocks (BlockManager.rollback's, rank 0's side)."""
+        held = self.held[key]
+        self.checksum = (self.checksum - key_digest(key, held.computed)
+                         + key_digest(key, keep)) % CHECKSUM_MOD
+        held.known = held.computed = keep
+        held.blocks = blocks
+        self._rollback.append((key, keep))
 
     def finish(self, key: int) -> None:
         """A request ended for good."""
@@ -191,26 +218,30 @@ class StepWriter:
             self._released.append(key)
 
     def write(self, seqs, counts: list[int], logit_rows: list[int], sp: bool,
-              overlap: bool) -> StepDelta:
+              overlap: bool, drafts: list[list[int]] | None = None) -> StepDelta:
         """The step running counts[i] tokens of seqs[i] from its `scheduled` count, the last
-        logit_rows[i] rows of each with logits."""
-        delta = StepDelta(self.step, 0, sp, overlap, self._dropped, self._released)
-        self._dropped, self._released = [], []
+        logit_rows[i] rows of each with logits; drafts[i]: draft tokens that follow seqs[i]'s
+        tokens (the last of its chunk) to verify."""
+        delta = StepDelta(self.step, 0, sp, overlap, self._rollback, self._dropped,
+                          self._released)
+        self._dropped, self._released, self._rollback = [], [], []
         self.step += 1
-        for seq, n, m in zip(seqs, counts, logit_rows):
+        for i, (seq, n, m) in enumerate(zip(seqs, counts, logit_rows)):
             key, end = seq.key, seq.scheduled + n
+            draft = drafts[i] if drafts else []
+            ids = seq.token_ids + draft if draft else seq.token_ids
             held = self.held.get(key)
             if held is None:
-                delta.new.append(NewRequest(key, list(seq.token_ids), seq.num_prompt_tokens,
+                delta.new.append(NewRequest(key, list(ids), seq.num_prompt_tokens,
                                             seq.scheduled, list(seq.block_table), seq.params))
-                held = self.held[key] = _Held(seq.num_tokens, len(seq.block_table), seq.scheduled)
+                held = self.held[key] = _Held(len(ids), len(seq.block_table), seq.scheduled)
                 self.sent.add(key)
                 self.checksum = (self.checksum + key_digest(key, held.computed)) % CHECKSUM_MOD
                 delta.new_blocks.append([])
                 delta.new_tokens.append([])
             else:
                 delta.new_blocks.append(seq.block_table[held.blocks:])
-                delta.new_tokens.append(seq.token_ids[held.known:end])
+                delta.new_tokens.append(ids[held.known:end])
                 held.blocks, held.known = len(seq.block_table), max(held.known, end)
             if held.computed != seq.scheduled:
                 raise RuntimeError(f"request {key}: the ranks computed {held.computed} tokens, "
@@ -221,6 +252,7 @@ class StepWriter:
             delta.keys.append(key)
             delta.num_tokens.append(n)
             delta.num_logit_rows.append(m)
+            delta.num_drafts.append(len(draft))
         delta.checksum = self.checksum
         return delta
 
@@ -257,6 +289,10 @@ class StepPlan:
     """Per sequence: its request's key (empty in plans built by hand, which sample nothing)."""
     draws: list[bool] = field(default_factory=list)
     """Per sequence: whether the sampler draws its next token from its last logit row."""
+    num_drafts: list[int] = field(default_factory=list)
+    """Per sequence: draft tokens ending its chunk, verified from its last k + 1 logit rows."""
+    draft_probs: dict[int, object] | None = None
+    """StepDelta.draft_probs (rank 0 only)."""
 
     def with_metadata(self, positions: torch.Tensor, meta: AttentionMetadata) -> "StepPlan":
         """Hand over the step's positions [T] and attention metadata made elsewhere (the batch
