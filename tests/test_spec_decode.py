@@ -112,12 +112,15 @@ def test_cli_flag(tiny, capsys):
 # ---- the n-gram proposer ----------------------------------------------------------------------
 
 def brute_force_lookup(tokens, k, low, high):
-    """The longest suffix of n in [low, high] tokens that occurred before, most recent occurrence:
-    the k tokens after it."""
+    """The longest suffix of n in [low, high] tokens that occurred before: the k tokens after its
+    most recent occurrence that k tokens follow, else after its earliest occurrence."""
     for n in range(high, low - 1, -1):
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if n < len(tokens) and tokens[start:start + n] == tokens[len(tokens) - n:]:
-                return tokens[start + n:start + n + k]
+        starts = [start for start in range(len(tokens) - n - 1, -1, -1)
+                  if n < len(tokens) and tokens[start:start + n] == tokens[len(tokens) - n:]]
+        if starts:
+            full = [start for start in starts if start + n + k <= len(tokens)]
+            start = full[0] if full else starts[-1]
+            return tokens[start + n:start + n + k]
     return []
 
 
@@ -156,6 +159,11 @@ def test_ngram_examples():
     assert p.propose([1, 2, 3, 4]) == []  # no suffix seen before
     assert p.propose([5, 1, 9, 5]) == []  # a 1-token match is below prompt_lookup_min
     assert p.propose([3, 3, 3, 3]) == [3]  # the match may run into the suffix itself
+    # A run of one token: the most recent match with 3 tokens after it (start 2), not the last
+    # one (start 4, one token after it).
+    assert p.propose([3] * 8) == [3, 3, 3]
+    # "1 2" at starts 0 and 2: the most recent, at 2, has two tokens after it; the one at 0 three.
+    assert NgramProposer(3, 2, 2).propose([1, 2, 1, 2, 1, 2]) == [1, 2, 1]
 
 
 # ---- the block manager's side of a verification step --------------------------------------------

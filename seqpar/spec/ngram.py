@@ -1,5 +1,6 @@
 """Prompt-lookup proposals: the tokens that followed the most recent earlier occurrence of a
-sequence's own last n tokens (n from prompt_lookup_max down to prompt_lookup_min), no second model.
+sequence's own last n tokens (n from prompt_lookup_max down to prompt_lookup_min) that k tokens
+follow (else the earliest occurrence), no second model.
 
 One numpy pass per sequence: the positions whose token equals the last token are the candidate
 match ends; each candidate's match length is grown backwards, one vectorized comparison per
@@ -47,7 +48,12 @@ class NgramProposer:
         best = min(int(length.max()), self.max_n)
         if best < self.min_n:
             return []
-        j = int(ends[np.flatnonzero(length >= best)[-1]])  # the most recent of the longest
+        # The most recent of the longest matches that k tokens follow; else the earliest (the
+        # most that follow): in a run of one repeated token the most recent match sits at the
+        # end and only one token follows it, the earliest has the whole run after it.
+        longest = ends[length >= best]
+        full = longest[longest + k < n_all]
+        j = int(full[-1]) if full.size else int(longest[0])
         return tokens[j + 1:j + 1 + k].tolist()
 
     def _array(self, key: int, token_ids: list[int]) -> np.ndarray:
