@@ -9,6 +9,7 @@ stream: on an SP step its token shard, [T_pad / N, H] each; on a TP step the ful
 from __future__ import annotations
 
 import contextlib
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -166,9 +167,7 @@ class ModelRunner:
         packed = self._draw(logits, plan, keys, width)
         if not prompt:
             return packed
-        offsets = [0]  # per sequence: its first row of the R logit rows
-        for m in plan.logit_rows:
-            offsets.append(offsets[-1] + m)
+        offsets = [0, *accumulate(plan.logit_rows)]  # per sequence: its first of the R rows
         parts = [packed]
         for i, first_pos, _, k in prompt:
             entries = self.sampler.prompt_logprobs(logits[offsets[i]:offsets[i + 1]],
@@ -187,10 +186,8 @@ class ModelRunner:
                 logits = logits[plan.draw_rows]
             return pack_sampled(self.sampler.sample(logits, keys) if keys else None, len(keys),
                                 width)
-        drafts = [k for k, draw in zip(plan.num_drafts, plan.draws) if draw]
-        offsets = [0]  # per drawing sequence: its first row of the packed output
-        for k in drafts:
-            offsets.append(offsets[-1] + 1 + k)
+        drafts = plan.drawn_drafts
+        offsets = [0, *accumulate(1 + k for k in drafts)]  # per drawing sequence: first row
         packed = pack_sampled(None, offsets[-1], width)
         plain = [i for i, k in enumerate(drafts) if k == 0]
         if plain:
@@ -243,9 +240,7 @@ class ModelRunner:
         running its first stage."""
         keys = [k for k, draw in zip(plan.keys, plan.draws) if draw]
         prompt = self.prompt_rows(plan)
-        rows = sum(1 + k for k, draw in zip(plan.num_drafts or [0] * len(plan.draws),
-                                            plan.draws) if draw)
-        rows += sum(scored for _, _, scored, _ in prompt)
+        rows = sum(1 + k for k in plan.drawn_drafts) + sum(scored for _, _, scored, _ in prompt)
         sampled = torch.empty(rows, 2 + 2 * self.top_logprobs(keys, prompt),
                               dtype=torch.float64)
         if sampled.shape[0] == 0:

@@ -366,6 +366,13 @@ class StepPlan:
         return rows
 
     @cached_property
+    def drawn_drafts(self) -> list[int]:
+        """Per drawing sequence: its draft count k (0: sampled, not verified); rank 0 gets
+        1 + k packed rows from each."""
+        drafts = self.num_drafts or [0] * len(self.draws)  # plans built by hand carry none
+        return [k for k, draw in zip(drafts, self.draws) if draw]
+
+    @cached_property
     def _sp_ownership(self):
         # On an SP step rank r holds rows [r * T_pad / N, (r + 1) * T_pad / N). K = the most logit
         # rows any rank owns; each rank contributes K rows (padding with its row 0) to one gather.
