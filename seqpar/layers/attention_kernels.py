@@ -7,7 +7,8 @@
 - seqpar's own (seqpar/csrc/paged_attention.cpp), built for this host on first use: any head size,
   the plain [num_blocks, block_size, kv_heads, D] layout.
 
-The own kernel is compiled with -march=native, so one build must never run on another kind of CPU:
+seqpar's own CPU kernels (every seqpar/csrc/*.cpp: this attention, the GGUF block matmuls of
+layers/quant.py) are one library, torch.ops.seqpar_kernels, built and loaded here. It is compiled with -march=native, so one build must never run on another kind of CPU:
 its build directory is named by a hash of the source, the torch version and the CPU's flags, so a
 checkout whose machine changed (the same disk on another host) builds afresh instead of reusing a
 binary with instructions the new CPU lacks. bf16 is widened to float32 in the kernel, so hosts
@@ -118,8 +119,8 @@ def vllm_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 # ---- seqpar's own kernel ------------------------------------------------------------------------
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "paged_attention.cpp"
-NAME = "seqpar_paged_attention"
+SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.cpp"))
+NAME = "seqpar_kernels"
 
 _state: dict = {}
 """'loaded': True once the library is in this process; 'error': why it could not be built."""
@@ -138,17 +139,18 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """Where this host's build lives: $SEQPAR_KERNEL_CACHE or ~/.cache/seqpar/kernels, one folder
-    per (source, torch, CPU flags)."""
+    per (sources, torch, CPU flags)."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__, platform.machine(), _cpu_flags()):
+    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__, platform.machine(),
+                 _cpu_flags()):
         key.update(part if isinstance(part, bytes) else part.encode())
     default = Path.home() / ".cache" / "seqpar" / "kernels"
     root = Path(os.environ.get("SEQPAR_KERNEL_CACHE", default))
-    return root / f"paged_attention_{key.hexdigest()[:16]}"
+    return root / f"seqpar_kernels_{key.hexdigest()[:16]}"
 
 
 def load() -> None:
-    """Builds the own kernel (the first time on this host) and registers
+    """Builds seqpar's own kernels (the first time on this host) and registers
     torch.ops.seqpar_kernels; raises with the compiler's message when it cannot be built."""
     if _state.get("loaded"):
         return
@@ -158,7 +160,7 @@ def load() -> None:
     where.mkdir(parents=True, exist_ok=True)
     # -fopenmp: at::parallel_for's OpenMP body is compiled into the kernel; the library links
     # libgomp.so.1 by name, which resolves to the copy torch has already loaded (one thread pool).
-    cpp_extension.load(name=NAME, sources=[str(SOURCE)], build_directory=str(where),
+    cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(where),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False)
     _state["loaded"] = True
