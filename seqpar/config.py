@@ -443,6 +443,15 @@ def _say_once(key: str, message: str, level=logging.INFO) -> None:
         log.log(level, message)
 
 
+def raw_blocks_only(kept: dict[str, str]) -> bool:
+    """Whether every quantized tensor a GGUF file keeps (name -> type) is multiplied in its own
+    blocks by gguf_mm (layers/quant.py GGUFBlocks), whose activations are float32 as llama.cpp's;
+    torch's int4 kernel, which the other types take, is fast in bfloat16 only."""
+    from seqpar.layers.quant import raw_kernel_available
+    from seqpar.loader.ggml_blocks import RAW_TYPES
+    return bool(kept) and set(kept.values()) <= RAW_TYPES and raw_kernel_available()
+
+
 def resolve_quantization(cfg: "EngineConfig") -> str:
     """quantization -> "gguf", "int8", "int4" or "none", or a ValueError naming what does not fit
     (before any rank starts).
@@ -459,7 +468,7 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
         from seqpar.loader.ggml_blocks import KERNEL_TYPES
         from seqpar.loader.gguf import tensor_types
         types = tensor_types(cfg.gguf_file)
-        kept = {n: t for n, t in types.items() if t in KERNEL_TYPES}
+    kept = cfg.gguf_kept_types()
     if mode == "gguf" and cfg.gguf_file is None:
         raise ValueError(f"quantization='gguf' needs a .gguf model; {cfg.model_dir} is an HF "
                          "directory (use int8, int4 or none)")
@@ -468,7 +477,8 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
             return "none"
         why = ("device " + cfg.device if not cfg.device.startswith("cpu") else
                "compile=True" if cfg.compile else
-               f"dtype {cfg.dtype}" if cfg.dtype != "bfloat16" else None)
+               f"dtype {cfg.dtype}" if cfg.dtype != "bfloat16" and not raw_blocks_only(kept)
+               else None)
         if why:
             _say_once(f"auto-{why}", f"seqpar: quantization auto: {why} has no packed-weight "
                       f"kernels here (CPU bfloat16, eager); {cfg.gguf_file.name} runs dequantized")
@@ -481,7 +491,7 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
                          "needs quantization='none'")
     if cfg.compile:
         raise ValueError(f"compile=True runs dense weights only; quantization={mode!r} runs eager")
-    if cfg.dtype != "bfloat16":
+    if cfg.dtype != "bfloat16" and not (mode == "gguf" and raw_blocks_only(kept)):
         _say_once(f"dtype-{cfg.dtype}", f"seqpar: quantization={mode!r} with dtype {cfg.dtype}: "
                   "torch's int8 / int4 CPU kernels are vectorized for bfloat16 only (float32 "
                   "measured 30-100x slower than dense); dtype='bfloat16' runs them fast",
@@ -584,6 +594,12 @@ class EngineConfig:
             _say_once("dtype-auto-quant", f"seqpar: dtype auto with quantization="
                       f"{self.quantization!r}: activations in bfloat16, where the kernels are fast")
             resolve("dtype", "bfloat16")
+        if (asked == "auto" and self.quantization == "gguf" and self.dtype != "float32"
+                and raw_blocks_only(self.gguf_kept_types())):
+            # gguf_mm quantizes float32 activations as llama.cpp does: auto runs them unrounded.
+            _say_once("dtype-auto-gguf", "seqpar: dtype auto with the GGUF file's own blocks: "
+                      "activations in float32, as llama.cpp computes them")
+            resolve("dtype", "float32")
         if self.compile and self.model.is_moe:  # the compiled forward has no MoE block yet
             raise ValueError(f"compile=True does not support mixture-of-experts models "
                              f"({self.model.model_type}, {self.model.num_experts} experts); "
@@ -604,6 +620,15 @@ class EngineConfig:
             budget = min(budget, useful // self.block_size * self.kv_block_bytes)
         if budget is not None:
             resolve("num_blocks", self.check_num_blocks(budget // self.kv_block_bytes))
+
+    def gguf_kept_types(self) -> dict[str, str]:
+        """The GGUF file's tensors with a kernel, kept quantized under "gguf" (HF name -> type);
+        {} without a GGUF file."""
+        if self.gguf_file is None:
+            return {}
+        from seqpar.loader.ggml_blocks import KERNEL_TYPES
+        from seqpar.loader.gguf import tensor_types
+        return {n: t for n, t in tensor_types(self.gguf_file).items() if t in KERNEL_TYPES}
 
     @property
     def torch_dtype(self) -> torch.dtype:

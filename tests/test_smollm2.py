@@ -37,9 +37,10 @@ def hf_answer():
 
 @pytest.mark.parametrize("tp,sp", [(1, "off"), (3, "on")])
 def test_smollm2_says_paris(hf_answer, tp, sp):
-    # float32 to compare with HF's float32 to 2e-4 (the default, auto, runs bf16 on this CPU).
+    # Dense float32 to compare with HF's float32 to 2e-4 (the default, auto, multiplies the file's
+    # blocks with 8-bit activations, as llama.cpp does: tests/test_quant.py).
     with LLM("smollm2", tensor_parallel_size=tp, sequence_parallel=sp, dtype="float32",
-             threads_per_rank=1) as llm:
+             quantization="none", threads_per_rank=1) as llm:
         out = llm.chat(QUESTION, GREEDY)[0]
         assert "Paris" in out.text
         tokens, logprobs = hf_answer

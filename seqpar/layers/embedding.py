@@ -11,8 +11,8 @@ from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
 from seqpar.layers.linear import check_shape, dense_linear
-from seqpar.layers.quant import PackedInt4, merge_rows, requantize
-from seqpar.loader.ggml_blocks import Affine
+from seqpar.layers.quant import GGUFBlocks, PackedInt4, merge_rows, requantize, storage_format
+from seqpar.loader.ggml_blocks import Affine, Blocks
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -52,8 +52,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the sampled rows only: [S, H] -> [S, V] on rank 0 (None elsewhere).
 
     Under any quantization the head, the largest matmul of a decode step, multiplies a quantized
-    copy of its rows (layers/quant.py PackedInt4): the GGUF file's own blocks when their type has
-    a kernel (SmolLM2's Q8_0: exact), else its dense rows requantized to 8 bits per group of 32;
+    copy of its rows (layers/quant.py): the GGUF file's own blocks when their type has a kernel
+    (SmolLM2's Q8_0: multiplied as llama.cpp does by GGUFBlocks; other types' values exactly by
+    PackedInt4), else its dense rows requantized to 8 bits per group of 32;
     the dense rows stay for the embedding lookup they may be tied to. Measured at 1 row on
     SmolLM2's [576 -> 49152] head, 1 thread: dense bf16 3.5 ms, the 8-bit copy 1.6 ms (torch's
     int8 per-channel kernel 1.7 ms)."""
@@ -71,7 +72,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.source_types: set[str] = set()
 
     def planned_storage(self, quantization: str, types: set[str]) -> str:
-        return "dense" if quantization == "none" else "int4x2"
+        if quantization == "none":
+            return "dense"
+        raw = storage_format(quantization, types) if quantization == "gguf" else None
+        return raw if raw in ("q4_1", "q8_0") else "int4x2"
 
     @property
     def storage(self) -> str:
@@ -82,6 +86,14 @@ class ParallelLMHead(VocabParallelEmbedding):
             return
         w = self.weight
         blocks = w.__dict__.get("gguf_blocks") if quantization == "gguf" else None
+        if isinstance(blocks, Blocks):
+            if self.planned_storage(quantization, {blocks.type_name}) != "int4x2":
+                # the padded vocab rows: zero bytes, d = 0
+                raw = np.zeros((w.shape[0], blocks.raw.shape[1]), np.uint8)
+                raw[:blocks.rows] = blocks.raw
+                self.qweight = GGUFBlocks(Blocks(raw, blocks.type_name), w.device)
+                return
+            blocks = blocks.affine()
         if blocks is None:
             blocks = requantize(w, 8)
         elif blocks.q.shape[0] < w.shape[0]:  # the padded vocab rows: zero weights

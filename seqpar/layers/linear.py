@@ -18,6 +18,7 @@ quantized to int8 / int4), when `weight` becomes None.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
-from seqpar.layers.quant import (GROUP, Int8PerChannel, PackedInt4, merge_rows, requantize,
-                                 storage_format)
+from seqpar.layers.quant import (GROUP, GGUFBlocks, Int8PerChannel, PackedInt4, merge_rows,
+                                 requantize, storage_format)
+from seqpar.loader.ggml_blocks import Blocks
 
 
 class _ParallelLinear(nn.Module):
@@ -89,11 +91,20 @@ class _ParallelLinear(nn.Module):
         param.data[dst_start:dst_start + part.shape[0]].copy_(part)
 
     def finish_loading(self, quantization: str) -> None:
-        """Give the loaded weight its final form: GGUF shards -> one PackedInt4 (all dense if any
-        part came dense: a fused layer of mixed types); a dense weight -> Int8PerChannel or
-        PackedInt4 under quantization "int8" / "int4"; else it stays dense."""
-        parts, self._parts = self._parts, []
+        """Give the loaded weight its final form: GGUF shards -> one GGUFBlocks (one type of
+        RAW_TYPES, their bytes as the file's) or one PackedInt4 (all dense if any part came dense:
+        a fused layer of mixed types); a dense weight -> Int8PerChannel or PackedInt4 under
+        quantization "int8" / "int4"; else it stays dense."""
+        parts, self._parts = sorted(self._parts, key=lambda p: p[0]), []
         w = self.weight
+        types = {a.type_name if isinstance(a, Blocks) else None for _, a in parts}
+        if parts and sum(_rows(a) for _, a in parts) == w.shape[0] and None not in types and \
+                self.planned_storage("gguf", types) in ("q4_1", "q8_0"):
+            raw = np.concatenate([a.raw for _, a in parts])  # row blocks in order: q, k, v
+            self.qweight = GGUFBlocks(Blocks(raw, parts[0][1].type_name), w.device)
+            self.weight = None
+            return
+        parts = [(start, a.affine() if isinstance(a, Blocks) else a) for start, a in parts]
         if parts and sum(a.q.shape[0] for _, a in parts) < w.shape[0]:
             for start, a in parts:
                 w.data[start:start + a.q.shape[0]].copy_(torch.from_numpy(a.values()))
@@ -107,6 +118,10 @@ class _ParallelLinear(nn.Module):
         else:
             return
         self.weight = None
+
+
+def _rows(part) -> int:
+    return part.rows if isinstance(part, Blocks) else part.q.shape[0]
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor,

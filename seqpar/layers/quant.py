@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from seqpar.config import QUANT_GROUP as GROUP
 from seqpar.layers import sp
-from seqpar.loader.ggml_blocks import Affine
+from seqpar.loader.ggml_blocks import Affine, Blocks
 
 _N_ALIGN = 16  # torch's int4 packing needs the output features in multiples of 16
 
@@ -103,6 +104,33 @@ class PackedInt4(nn.Module):
         return y if y.shape[1] == self.out_features else y[:, :self.out_features]
 
 
+class GGUFBlocks(nn.Module):
+    """W [out, in] as a GGUF file holds it, blocks of one type (GGUF_TYPES) multiplied by gguf_mm:
+    w uint8 [out, in / 32 * bytes per block], llama.cpp's block_q4_1 / block_q8_0 (the bytes of
+    the file, no more). forward: [M, in] in any float dtype -> [M, out] in x's dtype, computed
+    from float32 activations."""
+
+    sp_role = sp.TOKEN_WISE  # a linear layer's weight: its local matmul, row by row
+
+    def __init__(self, blocks: Blocks, device: torch.device):
+        super().__init__()
+        from seqpar.layers import attention_kernels
+        attention_kernels.load()  # registers torch.ops.seqpar_kernels (built by make install)
+        self.type_name = blocks.type_name
+        self.type_id = GGMLQuantizationType[self.type_name].value  # gguf_mm's type argument
+        size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.type_name]]
+        self.out_features, self.in_features = blocks.rows, blocks.raw.shape[1] // nbytes * size
+        self.register_buffer("w", torch.from_numpy(np.ascontiguousarray(blocks.raw)).to(device))
+
+    @property
+    def format(self) -> str:
+        return self.type_name.lower()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.seqpar_kernels.gguf_mm(x.float().contiguous(), self.w, self.type_id)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 class Int8PerChannel(nn.Module):
     """W [out, in] as int8 with one scale per output feature (symmetric, max |w| / 127)."""
 
@@ -124,17 +152,27 @@ class Int8PerChannel(nn.Module):
 
 KERNELS = {"dense": "F.linear", "int4": "torch._weight_int4pack_mm_for_cpu",
            "int4x2": "torch._weight_int4pack_mm_for_cpu on [x, x]",
-           "int8": "torch._weight_int8pack_mm"}
+           "int8": "torch._weight_int8pack_mm", "q4_1": "seqpar_kernels.gguf_mm (Q4_1 x Q8_1)",
+           "q8_0": "seqpar_kernels.gguf_mm (Q8_0 x Q8_0)"}
 """Storage format -> the kernel that multiplies it (every row count: see the module docstring)."""
+
+
+def raw_kernel_available() -> bool:
+    """Whether gguf_mm runs here (seqpar's own CPU kernels built); else RAW_TYPES go through
+    PackedInt4 too, said once by the build's warning."""
+    from seqpar.layers import attention_kernels
+    return attention_kernels.available()
 
 
 def storage_format(mode: str, types: set[str]) -> str:
     """The format a linear layer's weight takes: mode is the resolved quantization, types the
     checkpoint types of its parts ("Q4_1", "Q6_K", "F32", ...). Mirrors finish_loading."""
-    from seqpar.loader.ggml_blocks import KERNEL_TYPES, bits_of
+    from seqpar.loader.ggml_blocks import KERNEL_TYPES, RAW_TYPES, bits_of
     if mode == "gguf":
         if not types <= KERNEL_TYPES:
             return "dense"  # a part without a kernel (or a float part): the layer runs dense
+        if len(types) == 1 and types <= RAW_TYPES and raw_kernel_available():
+            return next(iter(types)).lower()
         return "int4" if max(bits_of(t) for t in types) <= 4 else "int4x2"
     return {"int8": "int8", "int4": "int4"}.get(mode, "dense")
 
@@ -143,6 +181,9 @@ def storage_bytes(fmt: str, out_features: int, in_features: int, dtype: torch.dt
     """Bytes one rank holds for a [out, in] weight shard in format `fmt` (what the live buffers
     take: tests check the two agree)."""
     size = dtype.itemsize
+    if fmt in ("q4_1", "q8_0"):
+        return out_features * GGML_QUANT_SIZES[GGMLQuantizationType[fmt.upper()]][1] * (
+            in_features // 32)
     if fmt == "dense":
         return out_features * in_features * size
     if fmt == "int8":
@@ -164,7 +205,7 @@ def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
     rows: dict[tuple, dict] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, (PackedInt4, Int8PerChannel)):
+        if isinstance(module, (PackedInt4, Int8PerChannel, GGUFBlocks)):
             continue  # counted with the layer that holds it
         own = list(module.parameters(recurse=False))
         params = [p for p in own if id(p) not in seen]

@@ -45,6 +45,20 @@ class Affine:
         return (q * self.scale[..., None] + self.min[..., None]).reshape(self.q.shape)
 
 
+@dataclass
+class Blocks:
+    """Whole blocks of one RAW_TYPES type as the file holds them: raw [R, blocks * bytes] uint8."""
+    raw: np.ndarray
+    type_name: str
+
+    @property
+    def rows(self) -> int:
+        return self.raw.shape[0]
+
+    def affine(self) -> Affine:
+        return decode(self.raw, self.type_name)
+
+
 def _f16(raw: np.ndarray) -> np.ndarray:
     """[..., 2] uint8 little-endian float16 -> [...] float32."""
     return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
@@ -138,6 +152,9 @@ _DECODERS = {
     T.Q5_K: (_q5_k, 5, 32), T.Q6_K: (_q6_k, 6, 16),
 }
 KERNEL_TYPES = frozenset(t.name for t in _DECODERS)
+RAW_TYPES = frozenset({"Q4_1", "Q8_0"})
+"""Types multiplied in the file's own blocks (layers/quant.py GGUFBlocks, llama.cpp's arithmetic);
+the other KERNEL_TYPES are decoded into Affine integers for torch's int4 kernel."""
 """GGUF tensor types that stay quantized (quantization="auto" / "gguf"); any other quantized
 type is dequantized at load, with a warning naming it."""
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})

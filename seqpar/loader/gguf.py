@@ -23,7 +23,8 @@ import torch
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from seqpar.loader.ggml_blocks import FLOAT_TYPES, KERNEL_TYPES, Affine, block_size, decode
+from seqpar.loader.ggml_blocks import (FLOAT_TYPES, KERNEL_TYPES, RAW_TYPES, Affine, Blocks,
+                                       block_size, decode)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -77,7 +78,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 class GGUFTensor:
     """One GGUF tensor under its HF name, sliced like a safetensors slice: `t[rows]` or
     `t[rows, cols]` -> float32 torch tensor of just those rows and columns (dequantized), and,
-    for a type with a kernel, `t.quantized(rows, cols)` -> an Affine of the same part (None
+    for a type with a kernel, `t.quantized(rows, cols)` -> the same part as Blocks (RAW_TYPES: the
+    file's bytes) or an Affine (None
     otherwise). Rows are HF rows: attn_q / attn_k rows are unpermuted per head, so a slice of
     them must hold whole heads."""
 
@@ -101,14 +103,20 @@ class GGUFTensor:
     def _hf_order(self, a: np.ndarray) -> np.ndarray:
         return a if self._head_dim is None else _unpermute(a, a.shape[0] // self._head_dim)
 
-    def _quantized(self, rows: slice, cols: slice) -> Affine:
+    def _quantized(self, rows: slice, cols: slice) -> Affine | Blocks:
         rows = self._rows(rows)
         start, stop, _ = cols.indices(self._shape[-1])
-        # Decode the whole blocks covering the columns, then keep the columns asked for.
+        # The whole blocks covering the columns; an Affine keeps the columns asked for.
         per_block = block_size(self.type)
         first, last = start // per_block, -(-stop // per_block)
         nbytes = self._data.shape[1] // (self._shape[-1] // per_block)
-        a = decode(self._data[rows.start:rows.stop, first * nbytes:last * nbytes], self.type)
+        raw = self._data[rows.start:rows.stop, first * nbytes:last * nbytes]
+        if self.type in RAW_TYPES:
+            if start % per_block or stop % per_block:
+                raise ValueError(f"columns {start}-{stop} cut a quantization block of "
+                                 f"{per_block}")
+            return Blocks(self._hf_order(np.ascontiguousarray(raw)), self.type)
+        a = decode(raw, self.type)
         lo, hi = start - first * per_block, stop - first * per_block
         if lo % a.group or hi % a.group:
             raise ValueError(f"columns {start}-{stop} cut a quantization group of {a.group}")
@@ -121,7 +129,8 @@ class GGUFTensor:
         if len(self._shape) == 1:
             return torch.from_numpy(np.array(self._data[rows], dtype=np.float32))
         if self.quantized is not None:
-            return torch.from_numpy(self.quantized(rows, cols).values())
+            part = self.quantized(rows, cols)
+            return torch.from_numpy((part.affine() if isinstance(part, Blocks) else part).values())
         rows = self._rows(rows)
         part = self._data[rows.start:rows.stop]
         if self.type not in FLOAT_TYPES:  # whole rows: any type's blocks lie within a row
