@@ -443,13 +443,19 @@ def _say_once(key: str, message: str, level=logging.INFO) -> None:
         log.log(level, message)
 
 
+def own_kernels() -> bool:
+    """Whether seqpar's own CPU kernels (gguf_mm, int8_mm: float32 or bfloat16 activations) are
+    built here."""
+    from seqpar.layers.quant import raw_kernel_available
+    return raw_kernel_available()
+
+
 def raw_blocks_only(kept: dict[str, str]) -> bool:
     """Whether every quantized tensor a GGUF file keeps (name -> type) is multiplied in its own
     blocks by gguf_mm (layers/quant.py GGUFBlocks), whose activations are float32 as llama.cpp's;
     torch's int4 kernel, which the other types take, is fast in bfloat16 only."""
-    from seqpar.layers.quant import raw_kernel_available
     from seqpar.loader.ggml_blocks import RAW_TYPES
-    return bool(kept) and set(kept.values()) <= RAW_TYPES and raw_kernel_available()
+    return bool(kept) and set(kept.values()) <= RAW_TYPES and own_kernels()
 
 
 def resolve_quantization(cfg: "EngineConfig") -> str:
@@ -491,10 +497,12 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
                          "needs quantization='none'")
     if cfg.compile:
         raise ValueError(f"compile=True runs dense weights only; quantization={mode!r} runs eager")
-    if cfg.dtype != "bfloat16" and not (mode == "gguf" and raw_blocks_only(kept)):
+    own = (mode == "gguf" and raw_blocks_only(kept)) or (mode == "int8" and own_kernels())
+    if cfg.dtype != "bfloat16" and not own:
         _say_once(f"dtype-{cfg.dtype}", f"seqpar: quantization={mode!r} with dtype {cfg.dtype}: "
-                  "torch's int8 / int4 CPU kernels are vectorized for bfloat16 only (float32 "
-                  "measured 30-100x slower than dense); dtype='bfloat16' runs them fast",
+                  "torch's int4 CPU kernel (and its int8 one, where seqpar's own are not built) is "
+                  "vectorized for bfloat16 only (float32 measured 30-100x slower than dense); "
+                  "dtype='bfloat16' runs it fast",
                   logging.WARNING)
     m = cfg.model
     if mode == "gguf":
@@ -588,9 +596,9 @@ class EngineConfig:
                              f"{self.gpu_memory_utilization}")
         self.parallel.check_model(self.model)
         resolve("quantization", resolve_quantization(self))
-        if (asked == "auto" and self.quantization in ("int8", "int4") and self.dtype == "float32"
+        if (asked == "auto" and self.quantization == "int4" and self.dtype == "float32"
                 and self.device.startswith("cpu") and cpu_has_native_bf16()):
-            # The packed kernels are fast in bfloat16 only: auto picks it for them.
+            # torch's int4 kernel is fast in bfloat16 only: auto picks it for it.
             _say_once("dtype-auto-quant", f"seqpar: dtype auto with quantization="
                       f"{self.quantization!r}: activations in bfloat16, where the kernels are fast")
             resolve("dtype", "bfloat16")

@@ -1,23 +1,31 @@
-"""Quantized weight-only storage for a linear layer's local shard, and its matmul.
+"""Quantized storage for a linear layer's local shard, and its matmul.
 
 A linear layer holds this rank's shard of W [out, in] either dense (an nn.Parameter in the compute
-dtype, F.linear) or as one of two formats that torch's own CPU kernels multiply directly,
-activations staying in the compute dtype:
+dtype, F.linear) or in one of these formats, each with the kernel that multiplies it:
 
+- GGUFBlocks: a GGUF file's Q4_1 / Q8_0 blocks as the file holds them, multiplied by seqpar's own
+  `gguf_mm` (seqpar/csrc/gguf_matmul.cpp) with llama.cpp's arithmetic: each activation row is
+  rounded to 8-bit blocks of 32 (llama.cpp's Q8_1 / Q8_0), then exact integer dot products. The
+  default model's weights (Q4_1 layers, a Q8_0 embedding) run this way, activations float32.
 - PackedInt4: torch's int4 weight-only kernel (`_convert_weight_to_int4pack_for_cpu`,
   `_weight_int4pack_mm_for_cpu`): 4-bit q with w = (q - 8) * scale + zero per group of GROUP
-  input features. GGUF's 4-bit types map onto it exactly (Q4_1: scale d, zero m + 8 d), and so
-  does quantization="int4". Weights of 5 to 8 bits (Q5_K, Q8_0, ...) are split into two 4-bit
-  planes, q - 2^(bits-1) = lo + 16 hi, laid side by side along the input: y = [x, x] @
-  [W_lo, W_hi]^T is one kernel call on twice the input features, the same values exactly.
-- Int8PerChannel: torch's int8 weight-only kernel (`_weight_int8pack_mm`), one scale per output
-  feature: quantization="int8".
+  input features. The other GGUF types map onto it exactly (Q4_0: scale d, zero 0; Q4_K: per
+  sub-block), and so does quantization="int4". Weights of 5 to 8 bits (Q5_K, Q6_K, ...) are split
+  into two 4-bit planes, q - 2^(bits-1) = lo + 16 hi, laid side by side along the input:
+  y = [x, x] @ [W_lo, W_hi]^T is one kernel call on twice the input features, the same values.
+  Activations stay in the compute dtype.
+- Int8PerChannel: int8 with one scale per output feature (quantization="int8"), multiplied by
+  seqpar's own `int8_mm` (seqpar/csrc/int8_matmul.cpp): weights widened to float32, activations
+  as they are.
 
 Measured on the AVX-512 (avx512_bf16, no AMX) host with torch 2.13, 2 threads, SmolLM2's shapes:
-both kernels are vectorized for bfloat16 activations only (float32 runs 30-100x slower than dense
-float32), so config.py's auto keeps them to bfloat16. They beat dense bf16 F.linear 2-10x at 1-4
-rows, tie at about 16 and lose 2-4x at 256-2048 rows; no dense copy is kept (it would undo the
-memory saving), so every row count runs the packed kernel.
+torch's packed kernels are vectorized for bfloat16 activations only (float32 runs 30-100x slower
+than dense float32), so config.py's auto keeps PackedInt4 to bfloat16. They beat dense bf16
+F.linear 2-10x at 1-4 rows, tie at about 16 and lose 2-4x at 256-2048 rows; no dense copy is kept
+(it would undo the memory saving), so every row count runs the same kernel. seqpar's own kernels
+(AMX host, one thread, SmolLM2's 30 layers at one row, CPU time): gguf_mm 11.3 ms against 14.8
+for the same weights in PackedInt4; int8_mm 14.3 ms against torch._weight_int8pack_mm's 19.7 and
+dense float32's 34.3; at 128 rows int8_mm 290 ms, torch's 390, dense float32 246.
 """
 from __future__ import annotations
 
@@ -132,7 +140,10 @@ class GGUFBlocks(nn.Module):
 
 
 class Int8PerChannel(nn.Module):
-    """W [out, in] as int8 with one scale per output feature (symmetric, max |w| / 127)."""
+    """W [out, in] as int8 with one float32 scale per output feature (symmetric, max |w| / 127),
+    multiplied by seqpar_kernels.int8_mm (seqpar/csrc/int8_matmul.cpp: weights widened to float32,
+    activations as they are), or by torch._weight_int8pack_mm where seqpar's kernels could not be
+    built."""
 
     sp_role = sp.TOKEN_WISE  # a linear layer's weight: its local matmul, row by row
 
@@ -142,24 +153,27 @@ class Int8PerChannel(nn.Module):
         w = w.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N]
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("scales", scale)
+        self.own = raw_kernel_available()
 
     format = "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+        if self.own:
+            return torch.ops.seqpar_kernels.int8_mm(x, self.qweight, self.scales)
+        return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales.to(x.dtype))
 
 
 KERNELS = {"dense": "F.linear", "int4": "torch._weight_int4pack_mm_for_cpu",
            "int4x2": "torch._weight_int4pack_mm_for_cpu on [x, x]",
-           "int8": "torch._weight_int8pack_mm", "q4_1": "seqpar_kernels.gguf_mm (Q4_1 x Q8_1)",
+           "int8": "seqpar_kernels.int8_mm", "q4_1": "seqpar_kernels.gguf_mm (Q4_1 x Q8_1)",
            "q8_0": "seqpar_kernels.gguf_mm (Q8_0 x Q8_0)"}
 """Storage format -> the kernel that multiplies it (every row count: see the module docstring)."""
 
 
 def raw_kernel_available() -> bool:
-    """Whether gguf_mm runs here (seqpar's own CPU kernels built); else RAW_TYPES go through
-    PackedInt4 too, said once by the build's warning."""
+    """Whether seqpar's own CPU kernels (gguf_mm, int8_mm) run here; else RAW_TYPES go through
+    PackedInt4 and int8 through torch's kernel, said once by the build's warning."""
     from seqpar.layers import attention_kernels
     return attention_kernels.available()
 
@@ -187,7 +201,7 @@ def storage_bytes(fmt: str, out_features: int, in_features: int, dtype: torch.dt
     if fmt == "dense":
         return out_features * in_features * size
     if fmt == "int8":
-        return out_features * in_features + out_features * size
+        return out_features * in_features + out_features * 4  # float32 scales
     k = in_features * (2 if fmt == "int4x2" else 1)
     n = out_features + -out_features % _N_ALIGN
     return n * k // 2 + (k // GROUP) * n * 2 * size
