@@ -134,6 +134,20 @@ class GGUFBlocks(nn.Module):
     def format(self) -> str:
         return self.type_name.lower()
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of W, dequantized -> [T, in] float32: the values the gguf library's
+        dequantize gives (an embedding lookup: llama.cpp's get_rows)."""
+        size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.type_name]]
+        b = self.w[ids].view(len(ids), -1, nbytes)  # [T, blocks, bytes]
+        d = b[..., 0:2].contiguous().view(torch.float16).float()  # [T, blocks, 1]
+        if self.type_name == "Q8_0":
+            w = b[..., 2:].contiguous().view(torch.int8).float() * d
+        else:  # Q4_1: d q + m, q the low then the high nibbles of 16 bytes
+            qs = b[..., 4:]
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+            w = q * d + b[..., 2:4].contiguous().view(torch.float16).float()
+        return w.view(len(ids), -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.seqpar_kernels.gguf_mm(x.float().contiguous(), self.w, self.type_id)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -183,7 +197,7 @@ def storage_format(mode: str, types: set[str]) -> str:
     checkpoint types of its parts ("Q4_1", "Q6_K", "F32", ...). Mirrors finish_loading."""
     from seqpar.loader.ggml_blocks import KERNEL_TYPES, RAW_TYPES, bits_of
     if mode == "gguf":
-        if not types <= KERNEL_TYPES:
+        if not types or not types <= KERNEL_TYPES:
             return "dense"  # a part without a kernel (or a float part): the layer runs dense
         if len(types) == 1 and types <= RAW_TYPES and raw_kernel_available():
             return next(iter(types)).lower()
@@ -215,9 +229,11 @@ def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
     loaded model (sources None), or predicted for a model built on the meta device from sources
     (module name -> checkpoint types) and the resolved quantization mode. A module that
     multiplies by a quantized weight says how through `storage` / `planned_storage(mode, types)`
-    and `source_types` (the parallel linear layers, the LM head)."""
+    and `source_types` (the parallel linear layers, the LM head; an embedding that looks its rows
+    up in GGUF blocks too, `looks_up`, whose blocks a tied LM head shares)."""
     rows: dict[tuple, dict] = {}
     seen: set[int] = set()
+    names = {id(m): n for n, m in model.named_modules()}
     for name, module in model.named_modules():
         if isinstance(module, (PackedInt4, Int8PerChannel, GGUFBlocks)):
             continue  # counted with the layer that holds it
@@ -233,17 +249,24 @@ def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
             kernel, nbytes = type(module).__name__ + dtype, sum(_nbytes(p) for p in params)
         elif sources is None:
             fmt, types = module.storage, module.source_types
-            nbytes = sum(_nbytes(p) for p in params) + (
-                0 if module.qweight is None else sum(_nbytes(b) for b in module.qweight.buffers()))
+            buffers = [] if module.qweight is None else [
+                b for b in module.qweight.buffers() if id(b) not in seen]
+            seen.update(id(b) for b in buffers)
+            nbytes = sum(_nbytes(p) for p in params) + sum(_nbytes(b) for b in buffers)
         else:
-            types = sources.get(name, set())
+            tied = getattr(module, "tied_to", None)  # a tied LM head: loaded as the embedding
+            types = sources.get(names.get(id(tied), name), set())
             fmt = module.planned_storage(mode, types)
             out_f, in_f = module.weight.shape
-            extra = storage_bytes(fmt, out_f, in_f, module.weight.dtype) if fmt != "dense" else 0
+            shared = fmt in ("q4_1", "q8_0") and getattr(module, "tied_to", None) is not None
+            extra = 0 if fmt == "dense" or shared else storage_bytes(fmt, out_f, in_f,
+                                                                     module.weight.dtype)
             nbytes = extra + sum(_nbytes(p) for p in params
                                  if fmt == "dense" or p is not module.weight or
                                  getattr(module, "keeps_dense_weight", False))
-        if matmul:
+        if matmul and getattr(module, "looks_up", False):
+            kernel = type(module).__name__ + (dtype if fmt == "dense" else f" (rows of {fmt})")
+        elif matmul:
             kernel = KERNELS[fmt] + (dtype if fmt == "dense" else "")
         key = (name.split(".")[-1] or "model", "+".join(sorted(types)) or "-", fmt, kernel)
         row = rows.setdefault(key, {"name": key[0], "type": key[1], "format": fmt,
