@@ -390,10 +390,12 @@ def measure_quantized(s: EngineSettings, run: Run, c: dict, gen, src: Path, mode
     same file (Q4_1 for the default model), and int8 beside seqpar float32 and --dtype (dense)
     on the same weights: batch-1 decode and the longest prefill; weight bytes per rank."""
     f32 = replace(s, dtype="float32")
-    run.start("seqpar q=auto", lambda: seqpar_host(str(src), s.dtype, s.threads, max_model_len,
+    # quantization auto and int8 at their own default dtype (auto: float32 for the GGUF's own
+    # blocks, the checkpoint's for int8), as a user runs them
+    run.start("seqpar q=auto", lambda: seqpar_host(str(src), "auto", s.threads, max_model_len,
                                                    batched, None, "auto"))
-    run.start("seqpar int8", lambda: seqpar_host(str(model_dir), s.dtype, s.threads, max_model_len,
-                                                 batched, None, "int8"))
+    run.start("seqpar int8", lambda: seqpar_host(str(model_dir), "auto", s.threads,
+                                                 max_model_len, batched, None, "int8"))
     run.start("seqpar float32", lambda: seqpar_host(str(model_dir), "float32", s.threads,
                                                     max_model_len, batched,
                                                     kv_budget(c, f32, max_model_len)))
