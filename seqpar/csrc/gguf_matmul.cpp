@@ -12,13 +12,14 @@
 // in float32. Only the order of the float additions differs from llama.cpp's (a few units in the
 // last place).
 //
-// A task computes a tile of MR activation rows x NR weight rows, so that each weight block is
-// unpacked once for MR rows and each activation block loaded once for NR weights (many rows, a
-// prefill, gain most); threads split the weight rows.
+// A tile of MR activation rows x NR weight rows (tiles.h) unpacks each weight block once for MR
+// rows and loads each activation block once for NR weights (many rows, a prefill, gain most).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "tiles.h"
 
 #include <algorithm>
 #include <cmath>
@@ -260,25 +261,10 @@ at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& w, int64_t type) {
                                type);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  // Activation rows MC at a time: their blocks (16 rows of K = 576: 18 KB) stay in L1 while a
-  // thread walks its weight rows (measured at 128 rows: 5% faster than 64 rows at a time).
-  constexpr int64_t MC = 16;
-  const int64_t tiles = (N + NR - 1) / NR;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t mc = 0; mc < M; mc += MC) {
-      const int64_t mhi = std::min(M, mc + MC);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n0 = t * NR;
-        if (n0 + NR > N) {  // the last weight rows, one at a time
-          for (int64_t n = n0; n < N; ++n)
-            for (int64_t i = mc; i < mhi; ++i) tile<1, 1>(type, a, wp, nb, i, n, yp, N);
-          continue;
-        }
-        int64_t i = mc;
-        for (; i + MR <= mhi; i += MR) tile<MR, NR>(type, a, wp, nb, i, n0, yp, N);
-        for (; i < mhi; ++i) tile<1, NR>(type, a, wp, nb, i, n0, yp, N);
-      }
-    }
+  // 16 activation rows at a time: their blocks (16 rows of K = 576: 18 KB) stay in L1 (measured
+  // at 128 rows: 5% faster than 64 at a time).
+  for_each_tile<MR, NR, 16>(M, N, [&]<int64_t TM, int64_t TN>(int64_t m0, int64_t n0) {
+    tile<TM, TN>(type, a, wp, nb, m0, n0, yp, N);
   });
   return y;
 }

@@ -9,10 +9,12 @@
 // from memory in a few ms; this reads each weight once per tile of MR rows, widening 16 (AVX-512)
 // or 8 (AVX2) at a time.
 //
-// A task computes MR activation rows x NR weight rows; threads split the weight rows.
+// A tile is MR activation rows x NR weight rows (tiles.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "tiles.h"
 
 #include <algorithm>
 #include <vector>
@@ -105,24 +107,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
     const int8_t* qp = q.data_ptr<int8_t>();
     const float* sp = scale.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    // Activation rows MC at a time: 16 rows of K = 576 (36 KB) stay in L1 while a thread walks
-    // its weight rows (measured at 128 rows: 8% faster than 64 rows at a time).
-    constexpr int64_t MC = 16;
-    at::parallel_for(0, (N + NR - 1) / NR, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t mc = 0; mc < M; mc += MC) {
-        const int64_t mhi = std::min(M, mc + MC);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n0 = t * NR;
-          if (n0 + NR > N) {  // the last weight rows, one at a time
-            for (int64_t n = n0; n < N; ++n)
-              for (int64_t i = mc; i < mhi; ++i) tile<1, 1>(xp, qp, sp, K, i, n, yp, N);
-            continue;
-          }
-          int64_t i = mc;
-          for (; i + MR <= mhi; i += MR) tile<MR, NR>(xp, qp, sp, K, i, n0, yp, N);
-          for (; i < mhi; ++i) tile<1, NR>(xp, qp, sp, K, i, n0, yp, N);
-        }
-      }
+    // 16 activation rows at a time: 16 rows of K = 576 (36 KB) stay in L1 (measured at 128
+    // rows: 8% faster than 64 at a time).
+    for_each_tile<MR, NR, 16>(M, N, [&]<int64_t TM, int64_t TN>(int64_t m0, int64_t n0) {
+      tile<TM, TN>(xp, qp, sp, K, m0, n0, yp, N);
     });
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());

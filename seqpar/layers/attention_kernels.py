@@ -119,7 +119,9 @@ def vllm_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 # ---- seqpar's own kernel ------------------------------------------------------------------------
 
-SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.cpp"))
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))
 NAME = "seqpar_kernels"
 
 _state: dict = {}
@@ -141,8 +143,8 @@ def build_dir() -> Path:
     """Where this host's build lives: $SEQPAR_KERNEL_CACHE or ~/.cache/seqpar/kernels, one folder
     per (sources, torch, CPU flags)."""
     key = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__, platform.machine(),
-                 _cpu_flags()):
+    for part in (*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__,
+                 platform.machine(), _cpu_flags()):
         key.update(part if isinstance(part, bytes) else part.encode())
     default = Path.home() / ".cache" / "seqpar" / "kernels"
     root = Path(os.environ.get("SEQPAR_KERNEL_CACHE", default))
