@@ -190,6 +190,23 @@ def test_logprobs_and_greedy():
     assert plain.tokens.tolist() == [int(logits[2].argmax()), int(logits[0].argmax())]
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    """Greedy rows (sample and verify) pick the first token of the row's largest logit, as a
+    plain Python scan does, with ties far apart in a vocab-wide row and rows masked to -inf."""
+    V = 49152
+    logits = torch.zeros(4, V)
+    logits[0, [40000, 7, 30000]] = 2.0  # ties: the first in vocabulary order wins
+    logits[1, V - 1] = 1.0
+    logits[2] = float("-inf")
+    logits[2, [5000, 9000]] = -1.0
+    logits[3, 1:] = -3.0  # token 0 alone at the top
+    first = [max(range(V), key=lambda t, row=row.tolist(): (row[t], -t)) for row in logits]
+    sampler = Sampler()
+    sampler.add(0, SamplingParams(temperature=0))
+    assert sampler.sample(logits, [0] * 4).tokens.tolist() == first == [7, V - 1, 5000, 0]
+    assert sampler.verify(logits, [0], [[7, V - 1, 4]]) == [[7, V - 1, 5000]]
+
+
 def test_errors_name_the_problem():
     sampler = Sampler()
     sampler.add(1, SamplingParams())

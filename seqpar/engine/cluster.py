@@ -69,7 +69,8 @@ class Cluster:
     def run_step(self, delta: StepDelta) -> Sampled:
         """Start one step on every rank (each applies the delta to its batch state); rank 0's
         handle to its drawn tokens."""
-        self.channel.send(STEP, delta.encode())
+        if self.channel.downstream:  # one rank alone (tp = pp = 1): no message to encode
+            self.channel.send(STEP, delta.encode())
         return self.worker.runner.step(delta)
 
     def call(self, method: str, *args):

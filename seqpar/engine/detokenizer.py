@@ -26,6 +26,8 @@ class Detokenizer:
         piece = self.stream.step(self.backend, token)
         if piece:
             self.pending += piece
+            if not self.stop:
+                return False
             found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
             if found:
                 self.pending = self.pending[:min(found)]
@@ -35,7 +37,8 @@ class Detokenizer:
     def delta(self, finished: bool) -> str:
         """The text to hand out now: what is pending, less (while running) a tail that may be the
         beginning of a stop string."""
-        hold = 0 if finished or self.stopped else partial_suffix(self.pending, self.stop)
+        hold = (0 if finished or self.stopped or not self.stop
+                else partial_suffix(self.pending, self.stop))
         out = self.pending[:len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out

@@ -62,10 +62,11 @@ class Scheduler:
         ready.sort(key=lambda s: (s.scheduled < s.num_prompt_tokens, s.in_flight))
         starved = False
         limit = round_up(len(ready) + len(self.waiting), parts) // parts
+        preemptions = self.preemptions
         for seq in ready[:limit]:
             if budget == 0:
                 break
-            if seq not in self.running:
+            if self.preemptions != preemptions and seq not in self.running:
                 continue  # preempted below, for an older sequence of this step
             n = min(seq.num_tokens - seq.scheduled, budget)
             if not self._make_room(seq, n, taken=seqs):

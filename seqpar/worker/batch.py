@@ -74,7 +74,9 @@ class BatchState:
             self.block_table[row, :len(r.block_ids)] = torch.tensor(r.block_ids, dtype=torch.int32)
             self.requests[r.key] = HeldRequest(row, r.token_ids, r.num_prompt_tokens,
                                                list(r.block_ids), r.computed, r.params)
+        bs = self.block_size
         ids, starts, rows, draws, ends = [], [], [], [], []
+        slots = []  # per one-token sequence: its token's cache slot (a decode step's metadata)
         for key, n, m, blocks, tokens in zip(delta.keys, delta.num_tokens, delta.num_logit_rows,
                                              delta.new_blocks, delta.new_tokens):
             held = self.requests.get(key)
@@ -95,6 +97,8 @@ class BatchState:
                     f"step {delta.step}: request {key} runs tokens [{start}, {end}) but this rank "
                     f"has {len(held.token_ids)} token ids and {len(held.block_ids)} blocks")
             ids += held.token_ids[start:end]
+            if n == 1:
+                slots.append(held.block_ids[start // bs] * bs + start % bs)
             starts.append(start)
             ends.append(end)
             rows.append(held.row)
@@ -109,10 +113,10 @@ class BatchState:
             raise ValueError(f"step {delta.step} schedules no request")
         width = -(-max(ends) // self.block_size)
         tables = self.block_table[torch.tensor(rows), :width]  # [B, width] in row order
-        decodes = next((b for b, n in enumerate(delta.num_tokens) if n != 1), len(rows))
-        if decodes == len(rows):
-            meta, positions = self._decode_metadata(delta.keys, starts, ends, tables)
+        if len(slots) == len(rows):  # every sequence decodes one token
+            meta, positions = self._decode_metadata(slots, starts, ends, tables)
         else:
+            decodes = next(b for b, n in enumerate(delta.num_tokens) if n != 1)
             meta, positions = metadata_from(torch.tensor(starts), torch.tensor(delta.num_tokens),
                                             tables, self.block_size, max(delta.num_tokens),
                                             max(ends), decodes, self.device)
@@ -122,14 +126,13 @@ class BatchState:
                         delta.num_drafts, delta.draft_probs)
         return plan.with_metadata(positions, meta)
 
-    def _decode_metadata(self, keys: list[int], starts: list[int], ends: list[int],
+    def _decode_metadata(self, slots: list[int], starts: list[int], ends: list[int],
                          tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
         """A step of one token per sequence: positions are the starts and each slot one lookup
-        in the request's block list, on the host (cheaper than metadata_from's tensor ops for
-        the B rows of a decode step)."""
-        bs, dev = self.block_size, self.device
-        slots = [self.requests[k].block_ids[p // bs] * bs + p % bs for k, p in zip(keys, starts)]
-        b = len(keys)
+        in the request's block list, made on the host as apply goes (cheaper than
+        metadata_from's tensor ops for the B rows of a decode step)."""
+        dev = self.device
+        b = len(slots)
         meta = AttentionMetadata(torch.tensor(slots, device=dev),
                                  torch.arange(b + 1, dtype=torch.int32, device=dev),
                                  torch.tensor(ends, dtype=torch.int32, device=dev),
