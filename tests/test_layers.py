@@ -392,6 +392,116 @@ def test_rotary_llama3_matches_transformers():
     assert not torch.allclose(q_plain, q_out, atol=1e-3)
 
 
+# --- The eager CPU path's fused kernels (layers/token_ops.py) against torch / transformers ---------
+
+def _assert_rounding_apart(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got within float rounding of want: one step of a 16-bit dtype (a rounding that went the
+    other way), a few of float32 (several roundings, each of them a little off)."""
+    eps = torch.finfo(want.dtype).eps
+    steps = 4 if want.dtype == torch.float32 else 1
+    assert_close(got, want.detach(), rtol=steps * eps, atol=steps * eps * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_rms_norm_matches_transformers(dtype):
+    """RMSNorm's kernel (the residual add, then the norm, out written over x) against LlamaRMSNorm
+    on x + residual: rows of SmolLM2's width, a decode row and a batch, and a strided row view."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from seqpar.layers import token_ops
+
+    torch.manual_seed(0)
+    width = 576
+    ref = LlamaRMSNorm(width, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(ref.weight)
+    norm = RMSNorm(width, eps=1e-5, dtype=dtype)
+    norm.weight.data.copy_(ref.weight)
+    for rows in (1, 33):
+        x = torch.randn(rows, width, dtype=dtype) * 4
+        residual = torch.randn(rows, width, dtype=dtype)
+        assert token_ops.fused(x)
+        want_sum = x + residual
+        want = ref(want_sum)
+        out, summed = norm.add_norm_(x.clone(), residual, out=x)  # out over x, as the layer does
+        assert out is x and summed is residual
+        assert torch.equal(summed, want_sum)  # the add rounds once, as torch's
+        _assert_rounding_apart(out, want)  # the mean of squares sums in another order
+        _assert_rounding_apart(norm(want_sum), want)
+        y, h = norm(x, residual)
+        assert torch.equal(h, want_sum + x)
+        _assert_rounding_apart(y, ref(h))
+    wide = torch.randn(3, 2 * width, dtype=dtype)  # [3, width] rows 2 * width apart
+    _assert_rounding_apart(norm(wide[:, :width]), ref(wide[:, :width]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_in_place_matches_transformers(dtype):
+    """The rotary kernel, in place on q and k inside a fused qkv row as attention passes them,
+    against transformers' apply_rotary_pos_emb; v untouched."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    head_dim, hq, hkv, max_pos, t = 64, 4, 2, 4096, 5
+    cfg = LlamaConfig(hidden_size=hq * head_dim, num_attention_heads=hq, num_key_value_heads=hkv,
+                      head_dim=head_dim, max_position_embeddings=max_pos, rope_theta=10000.0)
+    torch.manual_seed(0)
+    positions = torch.randint(0, max_pos, (t,))
+    qkv = torch.randn(t, (hq + 2 * hkv) * head_dim, dtype=dtype)
+    heads = qkv.view(t, hq + 2 * hkv, head_dim)
+    q, k, v = (part.clone() for part in heads.split([hq, hkv, hkv], dim=1))
+    cos, sin = LlamaRotaryEmbedding(cfg)(q, positions[None])  # [1, T, D]
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    want = torch.cat([q_ref[0].transpose(0, 1), k_ref[0].transpose(0, 1)], dim=1)
+    got = RotaryEmbedding(head_dim, max_pos, 10000.0, None)(positions, heads[:, :hq + hkv],
+                                                            inplace=True)
+    assert got.data_ptr() == qkv.data_ptr()  # rotated where it lay
+    # transformers computes its cos / sin per call, seqpar tabulates them: float32 rounding apart
+    tol = 1e-5 if dtype == torch.float32 else 0.0
+    assert_close(got, want, atol=tol, rtol=tol)
+    assert torch.equal(heads[:, hq + hkv:], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_and_mul_matches_torch(dtype):
+    """silu(gate) * up written over gate by the kernel, against F.silu; the range's ends
+    included (exp overflows for gate < -88)."""
+    from seqpar.layers.token_ops import silu_and_mul
+
+    torch.manual_seed(0)
+    width = 1536
+    gate_up = torch.randn(3, 2 * width, dtype=dtype) * 4
+    gate_up[0, :8] = torch.tensor([-100.0, -88.5, -87.0, -20.0, 0.0, 20.0, 88.5, 100.0])
+    gate, up = gate_up.clone().chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = silu_and_mul(gate_up)
+    assert got.data_ptr() == gate_up.data_ptr() and got.shape == (3, width)  # over gate
+    _assert_rounding_apart(got, want)
+
+
+def test_token_ops_torch_path_without_kernels(monkeypatch):
+    """Where the kernels cannot be built, norm, rotary and silu-and-mul run their torch code, to
+    the same results."""
+    from seqpar.layers import attention_kernels, token_ops
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5, dtype=torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    rotary = RotaryEmbedding(64, 128, 10000.0, None)
+    x, residual = torch.randn(2, 3, 64, dtype=torch.bfloat16).unbind(0)
+    positions = torch.tensor([5, 90, 7])
+
+    def run():
+        heads = x.view(3, 1, 64).repeat(1, 2, 1)
+        return (*norm(x, residual), rotary(positions, heads, inplace=True),
+                token_ops.silu_and_mul(torch.cat([x, residual], dim=1)))
+
+    fused = run()
+    monkeypatch.setattr(attention_kernels, "available", lambda: False)
+    assert not token_ops.fused(x)
+    for got, want in zip(run(), fused):
+        _assert_rounding_apart(got, want)
+
+
 # --- Step plan (pure Python) ----------------------------------------------------------------------
 
 def _random_plan(rng: random.Random, n: int, sp: bool = True, block_size: int = 4) -> StepPlan:

@@ -32,12 +32,7 @@ from seqpar.config import ModelConfig, divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
 from seqpar.layers.linear import MergedColumnParallelLinear, RowParallelLinear, check_shape
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up written over gate: [R, 2W] -> a [R, W] view into it."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate, inplace=True).mul_(up)
+from seqpar.layers.token_ops import silu_and_mul
 
 
 class ReplicatedLinear(nn.Module):

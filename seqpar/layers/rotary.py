@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from seqpar.layers import sp
+from seqpar.layers import sp, token_ops
 
 
 def _llama3_scale(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -50,9 +50,17 @@ class RotaryEmbedding(nn.Module):
         finally:
             self._step = None
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None = None):
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None = None,
+                inplace: bool = False):
         """positions: [T]; q: [T, hq, D]; k: [T, hkv, D] -> rotated (q, k). Without k: q alone
-        rotated (q and k as one [T, hq + hkv, D] tensor: half the ops of two calls)."""
+        rotated (q and k as one [T, hq + hkv, D] tensor: half the ops of two calls).
+        inplace: q and k may be overwritten (a caller's temporaries); the eager CPU path then
+        rotates them in place with one kernel each (layers/token_ops.py). Use the return values."""
+        if (inplace and q.dim() == 3 and token_ops.fused(q) and positions.dtype == torch.int64
+                and (k is None or token_ops.fused(k))):
+            for x in (q,) if k is None else (q, k):
+                torch.ops.seqpar_kernels.rotary_embedding(x, positions, self.cos, self.sin)
+            return q if k is None else (q, k)
         cos, sin = self.tables(positions, q.dtype)
         if k is None:
             return rotate(q, cos, sin)

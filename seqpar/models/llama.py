@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from seqpar.config import ModelConfig
 from seqpar.distributed.comm import Comm
@@ -27,6 +26,7 @@ from seqpar.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear, check_shape, finish_loading)
 from seqpar.layers.norm import RMSNorm
 from seqpar.layers.rotary import RotaryEmbedding
+from seqpar.layers.token_ops import silu_and_mul
 from seqpar.loader.checkpoint import open_checkpoint
 
 
@@ -51,7 +51,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
         # [rows, H] -> [T_pad or T, (hq + 2 hkv) * D]; pad rows are dropped before attention.
-        qkv = self.qkv_proj(x, plan)[:plan.num_tokens]
+        qkv = self.qkv_proj(x, plan)
+        if qkv.shape[0] != plan.num_tokens:
+            qkv = qkv[:plan.num_tokens]
         return self.o_proj(self.attend(qkv, plan), plan)  # [T, hq * D] -> [rows, H]
 
     def attend(self, qkv: torch.Tensor, plan) -> torch.Tensor:
@@ -59,16 +61,17 @@ class LlamaAttention(nn.Module):
         qkv [T, (hq + 2 hkv) * D] -> [T, hq * D]. The compiled forward traces the split, norms and
         rotary with it and calls `self.attn` (the KV cache and SDPA) as an opaque op
         (compile/runner.py), so eager and compiled steps share all of it."""
-        t, d = qkv.shape[0], self.attn.head_dim
         hq, hkv = self.attn.num_heads, self.attn.num_kv_heads
-        v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+        heads = qkv.view(qkv.shape[0], hq + 2 * hkv, self.attn.head_dim)  # [T, hq + 2 hkv, D]
         if self.q_norm is None:
-            # q and k lie side by side in each row of qkv: rotated as one [T, hq + hkv, D].
-            qk = self.rotary(plan.positions, qkv[:, :(hq + hkv) * d].view(t, hq + hkv, d))
+            # q and k lie side by side in each row of qkv: rotated as one [T, hq + hkv, D]
+            # (in place, on the eager CPU path: qkv is this call's own).
+            qk = self.rotary(plan.positions, heads[:, :hq + hkv], inplace=True)
             q, k = qk.split([hq, hkv], dim=1)
+            v = heads[:, hq + hkv:]
         else:
-            q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
-            q, k = self.rotary(plan.positions, self.q_norm(q), self.k_norm(k))
+            q, k, v = heads.split([hq, hkv, hkv], dim=1)
+            q, k = self.rotary(plan.positions, self.q_norm(q), self.k_norm(k), inplace=True)
         return self.attn(q, k, v, plan)
 
 
@@ -93,8 +96,7 @@ class LlamaMLP(nn.Module):
     def _act(self, x: torch.Tensor, plan) -> torch.Tensor:
         """silu(gate) * up written over gate: [rows, H] -> [T', I/N], a view into gate_up
         [T', 2I/N], so no [T', I/N] temporaries sit next to it."""
-        gate, up = self.gate_up_proj(x, plan).chunk(2, dim=-1)
-        return F.silu(gate, inplace=True).mul_(up)
+        return silu_and_mul(self.gate_up_proj(x, plan))
 
 
 class LlamaDecoderLayer(nn.Module):
