@@ -249,7 +249,8 @@ def test_whole_model_logprobs_near_the_dense_model(tmp_path, mode, worst, mean):
             runs[q] = llm.generate(prompts, params)
             formats = {r["name"]: r["format"] for r in llm.weight_stats()}
     assert all(formats[p] == mode for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
-    assert formats["embed_tokens"] == "dense" and formats["lm_head"] == "int4x2"
+    assert formats["embed_tokens"] == "dense" and formats["lm_head"] == {"int8": "int8",
+                                                                         "int4": "int4x2"}[mode]
     diffs = _compare_logprobs(runs["none"], runs[mode])
     assert len(diffs) >= 3 * 5, len(diffs)  # at least the first step of every prompt
     assert max(diffs) < worst and np.mean(diffs) < mean, (max(diffs), np.mean(diffs))
@@ -396,8 +397,8 @@ few float32 units (test above), but llama.cpp rounds activations to 8 bits befor
 difference of one unit anywhere upstream (its float16 KV cache and attention, its own exp and
 norm code) flips some roundings, and those differences grow over 30 layers: measured on 148
 steps, teacher-forced, mean |logprob difference| 0.063 (llama.cpp against the exactly dequantized
-model: 0.067); the 6 steps where the picks differ had llama.cpp gaps of 0.036 to 0.34 and ours
-of 0.033 to 0.38."""
+model: 0.067); the steps where the picks differ had llama.cpp gaps of 0.018 to 0.34 and ours of
+0.006 to 0.38."""
 
 
 def test_smollm2_greedy_tokens_match_llama_cpp():
@@ -427,7 +428,9 @@ def test_smollm2_greedy_tokens_match_llama_cpp():
             if pick != ref:
                 differ.append((case["prompt"], i, gap, ours[pick] - ours[ref]))
     assert all(gap < NEAR_TIE and ours < NEAR_TIE for _, _, gap, ours in differ), differ
-    assert steps == 148 and len(differ) <= 8, (steps, differ)  # measured: 6 of 148
+    # Measured: 10 of 148 (6 before the token-wise glue ran fused kernels, whose float32 sums
+    # round differently by a unit; the exactly dequantized model, dense float32: 10).
+    assert steps == 148 and len(differ) <= 12, (steps, differ)
 
 
 def test_check_cli_takes_quantization(tmp_path, capsys):

@@ -1,5 +1,5 @@
 // Matmuls on GGUF's own quantized blocks of 32 (CPU), for layers/quant.py: y [M, N] = x [M, K] @
-// W^T for W [N, K] of type Q4_1 (w = d q + m, q 4-bit) or Q8_0 (w = d q, q int8), held exactly as
+// W^T (x of any float dtype, taken as float32; y in x's dtype) for W [N, K] of type Q4_1 (w = d q + m, q 4-bit) or Q8_0 (w = d q, q int8), held exactly as
 // the file holds it: w uint8 [N, K / 32 * bytes per block], llama.cpp's block_q4_1 (float16 d, m,
 // 16 bytes: element j < 16 in the low nibble of byte j, j + 16 in its high nibble) or block_q8_0
 // (float16 d, 32 int8). A thread reads each weight row as one stream, as many bytes as the file's.
@@ -246,18 +246,18 @@ inline void tile(int64_t type, const Acts& a, const uint8_t* w, int64_t nb, int6
 at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& w, int64_t type) {
   TORCH_CHECK(type == Q4_1 || type == Q8_0, "gguf_mm: no kernel for GGML type ", type,
               " (Q4_1 = 3, Q8_0 = 8)");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "gguf_mm: x must be a contiguous float32 [M, K], got ", x.scalar_type(), " ",
-              x.sizes());
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()),
+              "gguf_mm: x must be a floating [M, K], got ", x.scalar_type(), " ", x.sizes());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // x itself when it is already
   const int64_t M = x.size(0), K = x.size(1), nb = K / QK, bb = block_bytes(type);
   TORCH_CHECK(K % QK == 0, "gguf_mm: K = ", K, " is not a multiple of the block size 32");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
               w.size(1) == nb * bb, "gguf_mm: w must be contiguous uint8 [N, ", nb * bb, "] (",
               nb, " blocks of ", bb, " bytes), got ", w.scalar_type(), " ", w.sizes());
   const int64_t N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const Acts a = quantize_rows(x.data_ptr<float>(), M, K, type == Q4_1 ? (nb + 1) / 2 * 2 : nb,
+  at::Tensor y = at::empty({M, N}, xf.options());
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const Acts a = quantize_rows(xf.data_ptr<float>(), M, K, type == Q4_1 ? (nb + 1) / 2 * 2 : nb,
                                type);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
@@ -266,7 +266,7 @@ at::Tensor gguf_mm(const at::Tensor& x, const at::Tensor& w, int64_t type) {
   for_each_tile<MR, NR, 16>(M, N, [&]<int64_t TM, int64_t TN>(int64_t m0, int64_t n0) {
     tile<TM, TN>(type, a, wp, nb, m0, n0, yp, N);
   });
-  return y;
+  return y.to(x.scalar_type());  // y itself for float32 x
 }
 
 }  // namespace

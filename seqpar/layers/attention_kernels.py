@@ -176,9 +176,10 @@ def available() -> bool:
             load()
         except Exception as e:  # a compiler missing or failing: say so, serve on the torch path
             _state["error"] = f"{type(e).__name__}: {e}"
-            log.warning(f"seqpar: the CPU paged attention kernel could not be built "
-                        f"({_state['error']}); attention gathers the cache's blocks and runs "
-                        "SDPA instead (slower)")
+            log.warning(f"seqpar: seqpar's CPU kernels could not be built ({_state['error']}); "
+                        "attention gathers the cache's blocks and runs SDPA, GGUF Q4_1 / Q8_0 "
+                        "weights run torch's int4 kernel, int8 torch's int8 kernel and the "
+                        "token-wise glue torch ops instead (slower)")
     return bool(_state.get("loaded"))
 
 
