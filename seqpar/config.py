@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from seqpar.layers import attention_kernels
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SP_MODES = ("off", "on", "auto")
@@ -443,19 +445,12 @@ def _say_once(key: str, message: str, level=logging.INFO) -> None:
         log.log(level, message)
 
 
-def own_kernels() -> bool:
-    """Whether seqpar's own CPU kernels (gguf_mm, int8_mm: float32 or bfloat16 activations) are
-    built here."""
-    from seqpar.layers.quant import raw_kernel_available
-    return raw_kernel_available()
-
-
 def raw_blocks_only(kept: dict[str, str]) -> bool:
     """Whether every quantized tensor a GGUF file keeps (name -> type) is multiplied in its own
     blocks by gguf_mm (layers/quant.py GGUFBlocks), whose activations are float32 as llama.cpp's;
     torch's int4 kernel, which the other types take, is fast in bfloat16 only."""
     from seqpar.loader.ggml_blocks import RAW_TYPES
-    return bool(kept) and set(kept.values()) <= RAW_TYPES and own_kernels()
+    return bool(kept) and set(kept.values()) <= RAW_TYPES and attention_kernels.available()
 
 
 def resolve_quantization(cfg: "EngineConfig") -> str:
@@ -497,7 +492,9 @@ def resolve_quantization(cfg: "EngineConfig") -> str:
                          "needs quantization='none'")
     if cfg.compile:
         raise ValueError(f"compile=True runs dense weights only; quantization={mode!r} runs eager")
-    own = (mode == "gguf" and raw_blocks_only(kept)) or (mode == "int8" and own_kernels())
+    # seqpar's own kernels (gguf_mm, int8_mm) take float32 activations as well as bfloat16
+    own = (mode == "gguf" and raw_blocks_only(kept)) or (
+        mode == "int8" and attention_kernels.available())
     if cfg.dtype != "bfloat16" and not own:
         _say_once(f"dtype-{cfg.dtype}", f"seqpar: quantization={mode!r} with dtype {cfg.dtype}: "
                   "torch's int4 CPU kernel (and its int8 one, where seqpar's own are not built) is "

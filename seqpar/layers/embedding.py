@@ -11,8 +11,8 @@ from seqpar.config import round_up
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
 from seqpar.layers.linear import check_shape, dense_linear
-from seqpar.layers.quant import (GGUFBlocks, Int8PerChannel, PackedInt4, merge_rows, requantize,
-                                 storage_format)
+from seqpar.layers.quant import (RAW_FORMATS, GGUFBlocks, Int8PerChannel, PackedInt4, merge_rows,
+                                 requantize, storage_format)
 from seqpar.loader.ggml_blocks import Affine, Blocks
 
 
@@ -45,7 +45,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def planned_storage(self, quantization: str, types: set[str]) -> str:
         fmt = storage_format(quantization, types) if quantization == "gguf" else "dense"
-        return fmt if fmt in ("q4_1", "q8_0") else "dense"
+        return fmt if fmt in RAW_FORMATS else "dense"
 
     @property
     def storage(self) -> str:
@@ -129,7 +129,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         w = self.weight
         blocks = w.__dict__.get("gguf_blocks") if quantization == "gguf" else None
         if isinstance(blocks, Blocks):
-            if self.planned_storage(quantization, {blocks.type_name}) != "int4x2":
+            if self.planned_storage(quantization, {blocks.type_name}) in RAW_FORMATS:
                 self.qweight = GGUFBlocks(padded_rows(blocks, w.shape[0]), w.device)
                 return
             blocks = blocks.affine()

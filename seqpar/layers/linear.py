@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from seqpar.config import divide
 from seqpar.distributed.comm import Comm
 from seqpar.layers import sp
-from seqpar.layers.quant import (GROUP, GGUFBlocks, Int8PerChannel, PackedInt4, merge_rows,
-                                 requantize, storage_format)
+from seqpar.layers.quant import (GROUP, RAW_FORMATS, GGUFBlocks, Int8PerChannel, PackedInt4,
+                                 merge_rows, requantize, storage_format)
 from seqpar.loader.ggml_blocks import Blocks
 
 
@@ -99,7 +99,7 @@ class _ParallelLinear(nn.Module):
         w = self.weight
         types = {a.type_name if isinstance(a, Blocks) else None for _, a in parts}
         if parts and sum(_rows(a) for _, a in parts) == w.shape[0] and None not in types and \
-                self.planned_storage("gguf", types) in ("q4_1", "q8_0"):
+                self.planned_storage("gguf", types) in RAW_FORMATS:
             raw = np.concatenate([a.raw for _, a in parts])  # row blocks in order: q, k, v
             self.qweight = GGUFBlocks(Blocks(raw, parts[0][1].type_name), w.device)
             self.weight = None

@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from seqpar.config import QUANT_GROUP as GROUP
-from seqpar.layers import sp
-from seqpar.loader.ggml_blocks import Affine, Blocks
+from seqpar.layers import attention_kernels, sp
+from seqpar.loader.ggml_blocks import RAW_TYPES, Affine, Blocks
 
 _N_ALIGN = 16  # torch's int4 packing needs the output features in multiples of 16
+RAW_FORMATS = frozenset(t.lower() for t in RAW_TYPES)
+"""Storage formats of GGUFBlocks: "q4_1", "q8_0"."""
 
 
 def requantize(w: torch.Tensor, bits: int, group: int = GROUP) -> Affine:
@@ -122,12 +124,13 @@ class GGUFBlocks(nn.Module):
 
     def __init__(self, blocks: Blocks, device: torch.device):
         super().__init__()
-        from seqpar.layers import attention_kernels
         attention_kernels.load()  # registers torch.ops.seqpar_kernels (built by make install)
         self.type_name = blocks.type_name
-        self.type_id = GGMLQuantizationType[self.type_name].value  # gguf_mm's type argument
-        size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.type_name]]
-        self.out_features, self.in_features = blocks.rows, blocks.raw.shape[1] // nbytes * size
+        qtype = GGMLQuantizationType[self.type_name]
+        self.type_id = qtype.value  # gguf_mm's type argument
+        size, self.block_bytes = GGML_QUANT_SIZES[qtype]
+        self.out_features = blocks.rows
+        self.in_features = blocks.raw.shape[1] // self.block_bytes * size
         self.register_buffer("w", torch.from_numpy(np.ascontiguousarray(blocks.raw)).to(device))
 
     @property
@@ -137,8 +140,7 @@ class GGUFBlocks(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [T] of W, dequantized -> [T, in] float32: the values the gguf library's
         dequantize gives (an embedding lookup: llama.cpp's get_rows)."""
-        size, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.type_name]]
-        b = self.w[ids].view(len(ids), -1, nbytes)  # [T, blocks, bytes]
+        b = self.w[ids].view(len(ids), -1, self.block_bytes)  # [T, blocks, bytes]
         d = b[..., 0:2].contiguous().view(torch.float16).float()  # [T, blocks, 1]
         if self.type_name == "Q8_0":
             w = b[..., 2:].contiguous().view(torch.int8).float() * d
@@ -168,7 +170,7 @@ class Int8PerChannel(nn.Module):
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N]
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scales", scale)
-        self.own = raw_kernel_available()
+        self.own = attention_kernels.available()
 
     format = "int8"
 
@@ -185,21 +187,15 @@ KERNELS = {"dense": "F.linear", "int4": "torch._weight_int4pack_mm_for_cpu",
 """Storage format -> the kernel that multiplies it (every row count: see the module docstring)."""
 
 
-def raw_kernel_available() -> bool:
-    """Whether seqpar's own CPU kernels (gguf_mm, int8_mm) run here; else RAW_TYPES go through
-    PackedInt4 and int8 through torch's kernel, said once by the build's warning."""
-    from seqpar.layers import attention_kernels
-    return attention_kernels.available()
-
-
 def storage_format(mode: str, types: set[str]) -> str:
     """The format a linear layer's weight takes: mode is the resolved quantization, types the
     checkpoint types of its parts ("Q4_1", "Q6_K", "F32", ...). Mirrors finish_loading."""
-    from seqpar.loader.ggml_blocks import KERNEL_TYPES, RAW_TYPES, bits_of
+    from seqpar.loader.ggml_blocks import KERNEL_TYPES, bits_of
     if mode == "gguf":
         if not types or not types <= KERNEL_TYPES:
             return "dense"  # a part without a kernel (or a float part): the layer runs dense
-        if len(types) == 1 and types <= RAW_TYPES and raw_kernel_available():
+        # RAW_TYPES in their own blocks where seqpar's kernels are built, else in PackedInt4
+        if len(types) == 1 and types <= RAW_TYPES and attention_kernels.available():
             return next(iter(types)).lower()
         return "int4" if max(bits_of(t) for t in types) <= 4 else "int4x2"
     return {"int8": "int8", "int4": "int4"}.get(mode, "dense")
@@ -209,7 +205,7 @@ def storage_bytes(fmt: str, out_features: int, in_features: int, dtype: torch.dt
     """Bytes one rank holds for a [out, in] weight shard in format `fmt` (what the live buffers
     take: tests check the two agree)."""
     size = dtype.itemsize
-    if fmt in ("q4_1", "q8_0"):
+    if fmt in RAW_FORMATS:
         return out_features * GGML_QUANT_SIZES[GGMLQuantizationType[fmt.upper()]][1] * (
             in_features // 32)
     if fmt == "dense":
@@ -258,7 +254,7 @@ def weight_rows(model: nn.Module, sources: dict[str, set[str]] | None = None,
             types = sources.get(names.get(id(tied), name), set())
             fmt = module.planned_storage(mode, types)
             out_f, in_f = module.weight.shape
-            shared = fmt in ("q4_1", "q8_0") and getattr(module, "tied_to", None) is not None
+            shared = fmt in RAW_FORMATS and tied is not None  # the embedding counted them
             extra = 0 if fmt == "dense" or shared else storage_bytes(fmt, out_f, in_f,
                                                                      module.weight.dtype)
             nbytes = extra + sum(_nbytes(p) for p in params
