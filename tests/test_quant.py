@@ -97,6 +97,19 @@ def test_gguf_blocks_compute_llama_cpps_arithmetic(type_name, m, n, k):
                                atol=0.02 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_rows_equal_the_gguf_librarys_values(type_name):
+    """The embedding lookup in a GGUF's own blocks (GGUFBlocks.rows, as llama.cpp's get_rows):
+    exactly the gguf library's dequantized rows, in any order and repeated."""
+    from seqpar.layers.quant import GGUFBlocks
+    from seqpar.loader.ggml_blocks import Blocks
+    raw = random_blocks(type_name, 11, 96, np.random.default_rng(7))
+    ids = torch.tensor([3, 0, 10, 3])
+    got = GGUFBlocks(Blocks(raw, type_name), torch.device("cpu")).rows(ids)
+    values = gguf.quants.dequantize(raw, T[type_name])
+    np.testing.assert_array_equal(got.numpy(), values[ids.numpy()])
+
+
 GGML_MM = Path(__file__).with_name("data") / "ggml_mul_mat.json"
 
 
